@@ -1,1 +1,80 @@
-fn main() {}
+//! `stardust`: the one binary of the Stardust compute network.
+//!
+//! Configuration is read here and only here (flags and `STARDUST_*` environment variables);
+//! the libraries take typed configs.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod keys;
+mod run;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Stardust: a federated compute network. Contribute idle compute, run verified jobs.
+#[derive(Debug, Parser)]
+#[command(name = "stardust", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STARDUST_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `stardust_sandbox=debug`.
+    #[arg(long, global = true, default_value = "warn", env = "STARDUST_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a WebAssembly module locally under exactly the sandbox nodes use.
+    Run(run::Args),
+    /// Manage identity keys.
+    #[command(subcommand)]
+    Keys(keys::Command),
+    /// Measure performance (results belong in docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(bench::Command),
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid --log filter {filter:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, &cli.log) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Run(args) => run::main(args),
+        Command::Keys(cmd) => keys::main(cmd),
+        Command::Bench(cmd) => bench::main(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

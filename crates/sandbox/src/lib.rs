@@ -617,20 +617,27 @@ fn classify(end: End) -> (Status, Option<TrapKind>, Option<i32>, Option<String>)
 }
 
 fn invalid(detail: String) -> RunOutput {
-    let output = Vec::new();
-    RunOutput {
-        report: RunReport {
-            status: Status::InvalidModule,
-            trap: None,
-            exit_code: None,
-            fuel_used: 0,
-            output: ContentId::of(&output),
-            output_len: 0,
-            wall_ms: 0,
-            detail: Some(detail),
-        },
-        output,
-        stderr: Vec::new(),
+    RunOutput::invalid(detail)
+}
+
+impl RunOutput {
+    /// The output of a module that could not be run: `invalid_module` with `detail`.
+    pub fn invalid(detail: String) -> Self {
+        let output = Vec::new();
+        Self {
+            report: RunReport {
+                status: Status::InvalidModule,
+                trap: None,
+                exit_code: None,
+                fuel_used: 0,
+                output: ContentId::of(&output),
+                output_len: 0,
+                wall_ms: 0,
+                detail: Some(detail),
+            },
+            output,
+            stderr: Vec::new(),
+        }
     }
 }
 
