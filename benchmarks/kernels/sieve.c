@@ -11,10 +11,10 @@ int main(int argc, char **argv) {
     for (int r = 0; r < reps; r++) {
         memset(composite, 0, n + 1);
         count = 0;
-        for (long i = 2; i <= n; i++) {
+        for (long long i = 2; i <= n; i++) {
             if (composite[i]) continue;
             count++;
-            for (long j = i * i; j <= n; j += i) composite[j] = 1;
+            for (long long j = i * i; j <= n; j += i) composite[j] = 1;
         }
     }
     printf("sieve n=%d primes=%ld\n", n, count);
