@@ -340,3 +340,21 @@ fn memory_cache_is_bounded() {
     }
     assert_eq!(s.cache.lock().expect("lock").entries.len(), 2);
 }
+
+/// The vectors of docs/protocol.md, section 9, that the sandbox defines.
+#[test]
+fn protocol_vectors() {
+    let doc = include_str!("../../../docs/protocol.md");
+    let vector = |name: &str| {
+        let prefix = format!("{name}: ");
+        doc.lines().find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string)).expect("vector in docs")
+    };
+    let mut r = wasi::SplitMix64::new(7);
+    let outputs: Vec<String> = (0..3).map(|_| r.next_u64().to_string()).collect();
+    assert_eq!(outputs.join(" "), vector("splitmix64(seed 7), first three outputs"));
+    let mut buf = [0u8; 11];
+    wasi::SplitMix64::new(7).fill(&mut buf);
+    let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, vector("random_get(seed 7, 11 bytes)"));
+    assert_eq!(vector("fuel_used(worked example of section 6)"), "73");
+}
