@@ -24,7 +24,8 @@ fn run_json(program: &str, extra: &[&str]) -> (Output, Value) {
         .expect("spawn stardust");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default();
-    let json: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line {last:?} is not JSON: {e}"));
+    let json: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line {last:?} is not JSON: {e}"));
     (out, json)
 }
 
@@ -34,10 +35,18 @@ fn every_test_program_gets_its_outcome() {
         ("hello.wasm", &[], "ok"),
         ("exit_code.wasm", &[], "exit_nonzero"),
         ("infinite_loop.wasm", &["--fuel", "2000000"], "out_of_fuel"),
-        ("infinite_loop.wasm", &["--timeout", "300ms", "--fuel", "9007199254740991"], "deadline_exceeded"),
+        (
+            "infinite_loop.wasm",
+            &["--timeout", "300ms", "--fuel", "9007199254740991"],
+            "deadline_exceeded",
+        ),
         ("memory_bomb.wasm", &["--memory", "16MiB"], "out_of_memory"),
         ("deep_recursion.wasm", &[], "trap"),
-        ("output_flood.wasm", &["--max-output", "4KiB"], "output_too_large"),
+        (
+            "output_flood.wasm",
+            &["--max-output", "4KiB"],
+            "output_too_large",
+        ),
         ("escape.wasm", &[], "ok"),
         ("clock_random.wasm", &[], "ok"),
         ("divide_by_zero.wasm", &[], "trap"),
@@ -49,8 +58,20 @@ fn every_test_program_gets_its_outcome() {
     for (program, extra, expected) in cases {
         let (out, json) = run_json(program, extra);
         assert_eq!(json["status"], *expected, "{program}: {json}");
-        assert_eq!(out.status.success(), *expected == "ok", "{program}: exit status {:?}", out.status);
-        for field in ["exit_code", "fuel_used", "scu", "output_hash", "output_len", "wall_ms"] {
+        assert_eq!(
+            out.status.success(),
+            *expected == "ok",
+            "{program}: exit status {:?}",
+            out.status
+        );
+        for field in [
+            "exit_code",
+            "fuel_used",
+            "scu",
+            "output_hash",
+            "output_len",
+            "wall_ms",
+        ] {
             assert!(json.get(field).is_some(), "{program}: no {field} in {json}");
         }
     }
@@ -67,13 +88,24 @@ fn details_of_outcomes() {
     let (out, json) = run_json("output_flood.wasm", &["--max-output", "4KiB"]);
     assert_eq!(json["output_len"], 4096);
     // The guest's 4096 bytes, then a newline, then the JSON line.
-    assert_eq!(out.stdout.len(), 4096 + 1 + serde_json::to_string(&json).expect("json").len() + 1);
+    assert_eq!(
+        out.stdout.len(),
+        4096 + 1 + serde_json::to_string(&json).expect("json").len() + 1
+    );
 }
 
 #[test]
 fn same_module_and_input_in_two_processes_agree() {
     let input = root().join("test-programs/hello.c");
-    let args = ["--input", input.to_str().expect("utf-8 path"), "--seed", "7", "--", "a", "b"];
+    let args = [
+        "--input",
+        input.to_str().expect("utf-8 path"),
+        "--seed",
+        "7",
+        "--",
+        "a",
+        "b",
+    ];
     let (_, a) = run_json("hello.wasm", &args);
     let (_, b) = run_json("hello.wasm", &args);
     assert_eq!(a["status"], "ok");
@@ -98,9 +130,15 @@ fn output_file_and_plain_mode() {
         .expect("spawn");
     assert!(out.status.success());
     assert!(out.stdout.is_empty(), "guest output went to the file");
-    assert_eq!(std::fs::read_to_string(&out_file).expect("read"), "hello from task with 1 args: z\n");
+    assert_eq!(
+        std::fs::read_to_string(&out_file).expect("read"),
+        "hello from task with 1 args: z\n"
+    );
     // A failing run without --json says why on stderr.
-    let out = stardust().args(["run", "test-programs/unknown_import.wat"]).output().expect("spawn");
+    let out = stardust()
+        .args(["run", "test-programs/unknown_import.wat"])
+        .output()
+        .expect("spawn");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown import env.launch_missiles"));
 }
@@ -108,9 +146,18 @@ fn output_file_and_plain_mode() {
 #[test]
 fn bad_flags_get_clear_errors() {
     for (args, needle) in [
-        (vec!["run", "test-programs/hello.wasm", "--memory", "12XB"], "invalid size unit"),
-        (vec!["run", "test-programs/hello.wasm", "--timeout", "soon"], "invalid duration"),
-        (vec!["run", "test-programs/hello.wasm", "--fuel", "0"], "fuel"),
+        (
+            vec!["run", "test-programs/hello.wasm", "--memory", "12XB"],
+            "invalid size unit",
+        ),
+        (
+            vec!["run", "test-programs/hello.wasm", "--timeout", "soon"],
+            "invalid duration",
+        ),
+        (
+            vec!["run", "test-programs/hello.wasm", "--fuel", "0"],
+            "fuel",
+        ),
         (vec!["run", "no/such/module.wasm"], "cannot read module"),
     ] {
         let out = stardust().args(&args).output().expect("spawn");
@@ -124,20 +171,36 @@ fn bad_flags_get_clear_errors() {
 fn keys_new_show_and_permission_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("id.key");
-    let new = stardust().args(["keys", "new", "--key"]).arg(&key).output().expect("spawn");
+    let new = stardust()
+        .args(["keys", "new", "--key"])
+        .arg(&key)
+        .output()
+        .expect("spawn");
     assert!(new.status.success());
     let id = String::from_utf8_lossy(&new.stdout).trim().to_string();
     assert_eq!(id.len(), 64);
-    let show = stardust().args(["keys", "show", "--json", "--key"]).arg(&key).output().expect("spawn");
+    let show = stardust()
+        .args(["keys", "show", "--json", "--key"])
+        .arg(&key)
+        .output()
+        .expect("spawn");
     let json: Value = serde_json::from_slice(&show.stdout).expect("json");
     assert_eq!(json["id"], id);
-    let again = stardust().args(["keys", "new", "--key"]).arg(&key).output().expect("spawn");
+    let again = stardust()
+        .args(["keys", "new", "--key"])
+        .arg(&key)
+        .output()
+        .expect("spawn");
     assert!(!again.status.success(), "never overwrites a key");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let open = stardust().args(["keys", "show", "--key"]).arg(&key).output().expect("spawn");
+        let open = stardust()
+            .args(["keys", "show", "--key"])
+            .arg(&key)
+            .output()
+            .expect("spawn");
         assert!(!open.status.success());
         assert!(String::from_utf8_lossy(&open.stderr).contains("readable by others"));
     }
@@ -145,12 +208,24 @@ fn keys_new_show_and_permission_check() {
 
 #[test]
 fn bench_sandbox_smoke() {
-    let out = stardust().args(["bench", "sandbox", "--quick", "--json"]).output().expect("spawn");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = stardust()
+        .args(["bench", "sandbox", "--quick", "--json"])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let json: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
+    let json: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
     assert_eq!(json["kernels"].as_array().map(Vec::len), Some(4));
-    assert!(json["trivial"]["mean_us"].as_f64().is_some_and(|us| us > 0.0));
+    assert!(
+        json["trivial"]["mean_us"]
+            .as_f64()
+            .is_some_and(|us| us > 0.0)
+    );
     assert!(json["geomean_ratio"].as_f64().is_some_and(|r| r > 0.0));
 }
 
@@ -159,10 +234,14 @@ fn bench_sandbox_smoke() {
 /// fails.
 #[test]
 fn committed_wasm_matches_sources() {
-    let zig = Command::new("python3").args(["-m", "ziglang", "version"]).output();
+    let zig = Command::new("python3")
+        .args(["-m", "ziglang", "version"])
+        .output();
     if !zig.is_ok_and(|o| o.status.success()) {
         assert!(std::env::var_os("CI").is_none(), "zig is required under CI");
-        eprintln!("SKIPPED committed_wasm_matches_sources: zig not installed (python3 -m pip install ziglang==0.17.0)");
+        eprintln!(
+            "SKIPPED committed_wasm_matches_sources: zig not installed (python3 -m pip install ziglang==0.17.0)"
+        );
         return;
     }
     for dir in ["test-programs", "benchmarks/kernels"] {
@@ -172,6 +251,10 @@ fn committed_wasm_matches_sources() {
             .arg("--check")
             .output()
             .expect("spawn build script");
-        assert!(out.status.success(), "{dir}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -341,15 +341,42 @@ mod tests {
     #[test]
     fn limits_validation() {
         assert_eq!(Limits::default().validate(), Ok(()));
-        let mut l = Limits::default();
-        l.fuel = 0;
-        assert_eq!(l.validate().map_err(|e| e.name), Err("fuel"));
-        l = Limits::default();
-        l.memory_bytes = 1000;
-        assert_eq!(l.validate().map_err(|e| e.name), Err("memory_bytes"));
-        l = Limits::default();
-        l.memory_bytes = Limits::MAX_MEMORY_BYTES + 1;
-        assert!(l.validate().is_err());
+        let bad = |l: Limits| l.validate().map_err(|e| e.name);
+        assert_eq!(
+            bad(Limits {
+                fuel: 0,
+                ..Limits::default()
+            }),
+            Err("fuel")
+        );
+        assert_eq!(
+            bad(Limits {
+                memory_bytes: 1000,
+                ..Limits::default()
+            }),
+            Err("memory_bytes")
+        );
+        assert_eq!(
+            bad(Limits {
+                memory_bytes: Limits::MAX_MEMORY_BYTES + 1,
+                ..Limits::default()
+            }),
+            Err("memory_bytes")
+        );
+        assert_eq!(
+            bad(Limits {
+                wall_ms: 0,
+                ..Limits::default()
+            }),
+            Err("wall_ms")
+        );
+        assert_eq!(
+            bad(Limits {
+                output_bytes: Limits::MAX_OUTPUT_BYTES + 1,
+                ..Limits::default()
+            }),
+            Err("output_bytes")
+        );
         assert_eq!(
             Limits {
                 memory_bytes: 3 * WASM_PAGE + 5,

@@ -20,12 +20,18 @@ fn hex(s: &str) -> Vec<u8> {
 #[test]
 fn identity_vector() {
     let secret: [u8; 32] = hex(vector("secret_key")).try_into().expect("32 bytes");
-    assert_eq!(Identity::from_secret_bytes(&secret).id().to_string(), vector("node_id"));
+    assert_eq!(
+        Identity::from_secret_bytes(&secret).id().to_string(),
+        vector("node_id")
+    );
 }
 
 #[test]
 fn content_id_vector() {
-    assert_eq!(ContentId::of(b"stardust").to_string(), vector("content_id(\"stardust\")"));
+    assert_eq!(
+        ContentId::of(b"stardust").to_string(),
+        vector("content_id(\"stardust\")")
+    );
 }
 
 #[test]
@@ -34,7 +40,11 @@ fn envelope_vector() {
     let id = Identity::from_secret_bytes(&secret);
     let name = "envelope(context stardust/v1/node, body {\"type\":\"draining\"}, key above)";
     let expected = hex(vector(name));
-    assert_eq!(envelope::seal(&id, Context::Node, br#"{"type":"draining"}"#), expected);
-    let opened = envelope::open(&expected, Context::Node, envelope::DEFAULT_MAX_LEN).expect("verifies");
+    assert_eq!(
+        envelope::seal(&id, Context::Node, br#"{"type":"draining"}"#),
+        expected
+    );
+    let opened =
+        envelope::open(&expected, Context::Node, envelope::DEFAULT_MAX_LEN).expect("verifies");
     assert_eq!(opened.signer.to_string(), vector("node_id"));
 }

@@ -249,15 +249,15 @@ impl Lru {
             return;
         }
         self.clock += 1;
-        if self.entries.len() >= self.cap && !self.entries.contains_key(&p.id) {
-            if let Some(oldest) = self
+        if self.entries.len() >= self.cap
+            && !self.entries.contains_key(&p.id)
+            && let Some(oldest) = self
                 .entries
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(id, _)| *id)
-            {
-                self.entries.remove(&oldest);
-            }
+        {
+            self.entries.remove(&oldest);
         }
         self.entries.insert(p.id, (p, self.clock));
     }
@@ -358,8 +358,10 @@ impl Sandbox {
 
     fn compile_cached(&self, id: &ContentId, metered: &[u8]) -> Result<Module, LoadError> {
         let path = self.cache_path(id);
-        if let Some(path) = &path {
-            if path.exists() {
+        if let Some(path) = &path
+            && path.exists()
+        {
+            {
                 match deserialize(&self.engine, path) {
                     Ok(m) => return Ok(m),
                     Err(e) => {
@@ -370,10 +372,10 @@ impl Sandbox {
         }
         let module =
             Module::new(&self.engine, metered).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        if let Some(path) = &path {
-            if let Err(e) = store_compiled(&module, path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write the compiled module cache");
-            }
+        if let Some(path) = &path
+            && let Err(e) = store_compiled(&module, path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the compiled module cache");
         }
         Ok(module)
     }

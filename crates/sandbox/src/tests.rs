@@ -347,11 +347,16 @@ fn protocol_vectors() {
     let doc = include_str!("../../../docs/protocol.md");
     let vector = |name: &str| {
         let prefix = format!("{name}: ");
-        doc.lines().find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string)).expect("vector in docs")
+        doc.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
+            .expect("vector in docs")
     };
     let mut r = wasi::SplitMix64::new(7);
     let outputs: Vec<String> = (0..3).map(|_| r.next_u64().to_string()).collect();
-    assert_eq!(outputs.join(" "), vector("splitmix64(seed 7), first three outputs"));
+    assert_eq!(
+        outputs.join(" "),
+        vector("splitmix64(seed 7), first three outputs")
+    );
     let mut buf = [0u8; 11];
     wasi::SplitMix64::new(7).fill(&mut buf);
     let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
