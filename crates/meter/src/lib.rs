@@ -41,6 +41,7 @@ use wasm_encoder::{
 use wasmparser::{Operator, Parser, Payload, TypeRef, Validator, WasmFeatures};
 
 pub mod cost;
+pub mod nan;
 
 /// Export name of the fuel counter (mutable `i64` global).
 pub const FUEL_EXPORT: &str = "__stardust_fuel";
@@ -503,9 +504,23 @@ impl Reencode for Meter {
         let scratch32 = u32::try_from(first_scratch).map_err(|_| {
             ReencodeError::UserError(MeterError::Unsupported("too many locals".into()))
         })?;
-        let scratch64 = scratch32 + 1;
-        locals.push((1, ValType::I32));
-        locals.push((1, ValType::I64));
+        let scratch = Scratch {
+            i32: scratch32,
+            i64: scratch32 + 1,
+            f32: scratch32 + 2,
+            f64: scratch32 + 3,
+            v128: scratch32 + 4,
+        };
+        let scratch64 = scratch.i64;
+        for ty in [
+            ValType::I32,
+            ValType::I64,
+            ValType::F32,
+            ValType::F64,
+            ValType::V128,
+        ] {
+            locals.push((1, ty));
+        }
         let mut f = Function::new(locals);
 
         let mut reader = body.get_operators_reader()?;
@@ -527,7 +542,11 @@ impl Reencode for Meter {
         }
         let last = ops.len().saturating_sub(1);
         for (i, op) in ops.into_iter().enumerate() {
-            self.charge_dynamic(&mut f, &op, scratch32);
+            self.charge_dynamic(&mut f, &op, scratch.i32);
+            if let Some(c) = nan::before(&op) {
+                canonicalize(&mut f, c, &scratch);
+            }
+            let canon_after = nan::after(&op);
             let boundary = cost::ends_segment(&op);
             let is_loop = matches!(op, Operator::Loop { .. });
             match op {
@@ -543,6 +562,9 @@ impl Reencode for Meter {
                     f.instruction(&self.instruction(other)?);
                 }
             }
+            if let Some(c) = canon_after {
+                canonicalize(&mut f, c, &scratch);
+            }
             if boundary && i != last {
                 let next = cost_from[i + 1];
                 if next > 0 || is_loop {
@@ -552,6 +574,62 @@ impl Reencode for Meter {
         }
         code.function(&f);
         Ok(())
+    }
+}
+
+/// Scratch locals appended to every function.
+struct Scratch {
+    i32: u32,
+    i64: u32,
+    f32: u32,
+    f64: u32,
+    v128: u32,
+}
+
+/// Replaces a NaN on top of the stack by the canonical NaN (lane-wise for vectors).
+fn canonicalize(f: &mut Function, canon: nan::Canon, scratch: &Scratch) {
+    let mut sink = f.instructions();
+    match canon {
+        nan::Canon::F32 => {
+            // select(canonical, x, x != x)
+            sink.local_set(scratch.f32)
+                .f32_const(wasm_encoder::Ieee32::new(nan::F32_NAN))
+                .local_get(scratch.f32)
+                .local_get(scratch.f32)
+                .local_get(scratch.f32)
+                .f32_ne()
+                .select();
+        }
+        nan::Canon::F64 => {
+            sink.local_set(scratch.f64)
+                .f64_const(wasm_encoder::Ieee64::new(nan::F64_NAN))
+                .local_get(scratch.f64)
+                .local_get(scratch.f64)
+                .local_get(scratch.f64)
+                .f64_ne()
+                .select();
+        }
+        nan::Canon::F32x4 | nan::Canon::F64x2 => {
+            // bitselect(canonical, x, x != x), lane-wise
+            let splat = if canon == nan::Canon::F32x4 {
+                let l = u128::from(nan::F32_NAN);
+                l | l << 32 | l << 64 | l << 96
+            } else {
+                let l = u128::from(nan::F64_NAN);
+                l | l << 64
+            };
+            sink.local_set(scratch.v128)
+                .v128_const(splat as i128)
+                .local_get(scratch.v128)
+                .local_get(scratch.v128)
+                .local_get(scratch.v128);
+            if canon == nan::Canon::F32x4 {
+                sink.f32x4_ne();
+            } else {
+                sink.f64x2_ne();
+            }
+            sink.v128_bitselect();
+        }
     }
 }
 

@@ -11,7 +11,8 @@
 //! - Limits: metered fuel (the counter `stardust-meter` injects), a memory cap, a wall-clock
 //!   deadline (epoch interruption) and an output cap. Each ends a run with its own
 //!   [`Status`]; nothing a guest does makes the host panic or fail.
-//! - Determinism per wasmtime's recipe: NaN canonicalization, no threads, no relaxed SIMD;
+//! - Determinism per wasmtime's recipe: canonical NaNs (done by the metering rewrite, so a
+//!   browser's engine gets them too), no threads, no relaxed SIMD;
 //!   clocks and randomness derive from the task seed. The same module, input, args, seed and
 //!   limits give the same [`RunReport::fingerprint`] on every run and every machine.
 //! - Compiled modules are cached by content id, in memory (bounded) and optionally on disk;
@@ -269,7 +270,10 @@ impl Sandbox {
         let engine_err = |e: wasmtime::Error| NewError::Engine(e.to_string());
         let mut wc = wasmtime::Config::new();
         wc.cranelift_opt_level(OptLevel::Speed)
-            .cranelift_nan_canonicalization(true)
+            // NaNs are canonicalized by the metering rewrite where they become observable
+            // (stardust_meter::nan), which every engine honours; doing it again per
+            // arithmetic instruction here would only cost time.
+            .cranelift_nan_canonicalization(false)
             .relaxed_simd_deterministic(true)
             .wasm_relaxed_simd(false)
             // Threads are compiled out (wasmtime's `threads` feature is off).

@@ -235,6 +235,44 @@ fn nan_bits_are_canonical() {
 }
 
 #[test]
+fn nan_bits_are_canonical_through_stores_copysign_and_vectors() {
+    // 0/0 computed at run time (x86 produces the negative NaN 0xfff8...): stored directly,
+    // used as a copysign sign, and as vector lanes.
+    let wasm = wat::parse_str(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (global $z (mut f64) (f64.const 0))
+          (global $zf (mut f32) (f32.const 0))
+          (func (export "_start")
+            (f64.store (i32.const 16) (f64.div (global.get $z) (global.get $z)))
+            (f64.store (i32.const 24) (f64.copysign (f64.const 1) (f64.div (global.get $z) (global.get $z))))
+            (v128.store (i32.const 32)
+              (f32x4.div (f32x4.splat (global.get $zf)) (f32x4.splat (global.get $zf))))
+            (v128.store (i32.const 48) (f32x4.splat (f32.div (global.get $zf) (global.get $zf))))
+            (i32.store (i32.const 0) (i32.const 16))
+            (i32.store (i32.const 4) (i32.const 48))
+            (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
+    )
+    .expect("wat");
+    let task = Task {
+        input: Arc::from(&b""[..]),
+        args: &[],
+        seed: 0,
+        limits: limits(),
+    };
+    let out = sandbox().run_unmetered(&wasm, &task);
+    assert_eq!(out.report.status, Status::Ok);
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&0x7ff8_0000_0000_0000u64.to_le_bytes());
+    expected.extend_from_slice(&1.0f64.to_le_bytes());
+    for _ in 0..8 {
+        expected.extend_from_slice(&0x7fc0_0000u32.to_le_bytes());
+    }
+    assert_eq!(out.output, expected);
+}
+
+#[test]
 fn invalid_modules_are_reported_not_run() {
     for (name, needle) in [
         ("unknown_import.wat", "unknown import env.launch_missiles"),
