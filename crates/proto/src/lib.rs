@@ -11,6 +11,8 @@
 //!   domain-separation [`envelope::Context`].
 //! - [`task`]: task specs, limits, outcomes and run reports.
 //! - [`message`]: the node ↔ domain messages of protocol v1.
+//! - [`job`]: job specs and the expansion of parameter sweeps into tasks.
+//! - [`rand`]: SplitMix64, the protocol's deterministic generator.
 //! - [`scu`]: the Standard Compute Unit, defined from metered fuel.
 
 #![forbid(unsafe_code)]
@@ -19,7 +21,9 @@
 pub mod content;
 pub mod envelope;
 pub mod identity;
+pub mod job;
 pub mod message;
+pub mod rand;
 pub mod scu;
 pub mod task;
 

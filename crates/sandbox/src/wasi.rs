@@ -122,34 +122,7 @@ pub enum HostStop {
     OutputFull,
 }
 
-/// SplitMix64, the guest's deterministic random source (see `docs/protocol.md`).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64-bit output.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Fills `buf`: each output gives 8 little-endian bytes; a partial last word's unused
-    /// bytes are dropped.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let word = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-    }
-}
+pub use stardust_proto::rand::SplitMix64;
 
 /// Per-run host state.
 pub struct Host {
@@ -574,20 +547,6 @@ pub fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splitmix_reference_values() {
-        // Reference outputs of SplitMix64 seeded with 1234567 (Vigna's splitmix64.c).
-        let mut r = SplitMix64::new(1_234_567);
-        assert_eq!(r.next_u64(), 6_457_827_717_110_365_317);
-        assert_eq!(r.next_u64(), 3_203_168_211_198_807_973);
-        let mut a = SplitMix64::new(7);
-        let mut buf = [0u8; 11];
-        a.fill(&mut buf);
-        let mut b = SplitMix64::new(7);
-        assert_eq!(buf[..8], b.next_u64().to_le_bytes());
-        assert_eq!(buf[8..], b.next_u64().to_le_bytes()[..3]);
-    }
 
     #[test]
     fn every_function_has_a_distinct_name() {
