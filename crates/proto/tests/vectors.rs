@@ -1,4 +1,4 @@
-//! The test vectors of docs/protocol.md, section 10, recomputed from the code.
+//! The test vectors of docs/protocol.md, section 11, recomputed from the code.
 
 use stardust_proto::content::ContentId;
 use stardust_proto::envelope::{self, Context};

@@ -379,7 +379,7 @@ fn memory_cache_is_bounded() {
     assert_eq!(s.cache.lock().expect("lock").entries.len(), 2);
 }
 
-/// The vectors of docs/protocol.md, section 10, that the sandbox defines.
+/// The vectors of docs/protocol.md, section 11, that the sandbox defines.
 #[test]
 fn protocol_vectors() {
     let doc = include_str!("../../../docs/protocol.md");

@@ -1,0 +1,451 @@
+//! The Stardust credit ledger, as pure rules: no I/O. The domain persists the events; anyone
+//! holding them and the domain's public key can re-derive every balance and check every
+//! signature and link ([`verify`]).
+//!
+//! ```text
+//!  Event (JSON) ──seal with the domain key, context stardust/v1/ledger──▶ Record (bytes)
+//!  Record n carries blake3(Record n-1 bytes) as `prev`: a tamper-evident chain.
+//! ```
+//!
+//! - Double entry: every event moves an amount from one [`Account`] to another; credits
+//!   enter through the [`Account::Mint`] account and leave through [`Account::Burn`], which
+//!   alone may go negative. So `Σ balances (excluding mint and burn) = minted − burned` holds
+//!   by construction, and [`Ledger::check_invariants`] checks it anyway.
+//! - Amounts are integer micro-credits ([`Amount`]); never floats.
+//! - Every event has an id, so applying a copy twice is detected (groundwork for merging
+//!   ledgers between domains).
+//! - [`split`]: the settlement split of a verified task's price (80 % providers, 15 %
+//!   treasury, 5 % module author), exact to the micro-credit.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use stardust_proto::envelope::{self, Context};
+use stardust_proto::identity::{Identity, NodeId};
+use stardust_proto::task::JobId;
+
+/// Micro-credits (1 credit = 1,000,000).
+pub type Amount = u64;
+
+/// Micro-credits in one credit.
+pub const MICRO_PER_CREDIT: Amount = 1_000_000;
+
+/// An account. Serialized as a tagged JSON object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum Account {
+    /// Where minted credits come from (its balance is minus the total minted).
+    Mint,
+    /// Where burned credits go.
+    Burn,
+    /// The domain's treasury.
+    Treasury,
+    /// A provider node's operator.
+    Operator(NodeId),
+    /// A job submitter.
+    Submitter(NodeId),
+    /// A module author (the key that uploaded the module).
+    Author(NodeId),
+    /// The escrow of one job.
+    Escrow(JobId),
+    /// Stake a node holds to take tasks.
+    Stake(NodeId),
+}
+
+impl Account {
+    /// Whether the account may have a negative balance (only the mint).
+    pub fn may_go_negative(self) -> bool {
+        matches!(self, Account::Mint)
+    }
+}
+
+/// Why credits moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Reason {
+    /// Operator grant (`stardust ledger grant`).
+    Grant,
+    /// Welcome grant to a new submitter key.
+    Welcome,
+    /// A job's maximum price held at submission.
+    Escrow {
+        /// The job.
+        job: JobId,
+    },
+    /// Payment for one verified task.
+    Settle {
+        /// The task.
+        task: u64,
+    },
+    /// Unused escrow returned when a job ends.
+    Refund {
+        /// The job.
+        job: JobId,
+    },
+    /// Contribution bonus (minted).
+    Bonus,
+    /// Uptime reward (minted).
+    Uptime,
+    /// A node's stake deposit.
+    Stake,
+    /// Stake lost for a wrong result or a failed spot check.
+    Slash {
+        /// The task.
+        task: u64,
+    },
+}
+
+/// One movement of credits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Unique id (the domain assigns them; merging copies is idempotent by id).
+    pub id: String,
+    /// Position in the chain, from 0.
+    pub seq: u64,
+    /// BLAKE3 of the previous record's bytes, hex; all zeros for the first.
+    pub prev: String,
+    /// Unix time in milliseconds (informational; the caller supplies it).
+    pub at_ms: u64,
+    /// Debited account.
+    pub from: Account,
+    /// Credited account.
+    pub to: Account,
+    /// Amount, micro-credits, positive.
+    pub amount: Amount,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// The link value of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Why an event cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// Zero amount.
+    #[error("event {id}: amount must be positive")]
+    ZeroAmount {
+        /// The event.
+        id: String,
+    },
+    /// Would make a balance negative.
+    #[error("event {id}: {account:?} has {balance} µcredits, cannot pay {amount}")]
+    Insufficient {
+        /// The event.
+        id: String,
+        /// The account.
+        account: Account,
+        /// Its balance.
+        balance: Amount,
+        /// What was asked.
+        amount: Amount,
+    },
+    /// The same id twice.
+    #[error("event {id} was already applied")]
+    Duplicate {
+        /// The event.
+        id: String,
+    },
+    /// A transfer to itself.
+    #[error("event {id}: from and to are the same account")]
+    SelfTransfer {
+        /// The event.
+        id: String,
+    },
+    /// Credits only leave the mint and only enter the burn account.
+    #[error("event {id}: credits cannot flow into the mint or out of the burn account")]
+    WrongWay {
+        /// The event.
+        id: String,
+    },
+    /// Arithmetic overflow (amounts past 2^63).
+    #[error("event {id}: amount overflows")]
+    Overflow {
+        /// The event.
+        id: String,
+    },
+}
+
+/// Balances derived from events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    balances: BTreeMap<Account, i128>,
+    applied: BTreeSet<String>,
+    minted: u128,
+    burned: u128,
+    seq: u64,
+    head: String,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Self {
+            head: GENESIS.to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// The balance of `account` (negative only for the mint).
+    pub fn balance(&self, account: Account) -> i128 {
+        self.balances.get(&account).copied().unwrap_or(0)
+    }
+
+    /// Every non-zero balance.
+    pub fn balances(&self) -> impl Iterator<Item = (Account, i128)> + '_ {
+        self.balances
+            .iter()
+            .filter(|(_, b)| **b != 0)
+            .map(|(a, b)| (*a, *b))
+    }
+
+    /// Total minted so far.
+    pub fn minted(&self) -> u128 {
+        self.minted
+    }
+
+    /// Events applied.
+    pub fn len(&self) -> u64 {
+        self.seq
+    }
+
+    /// True before the first event.
+    pub fn is_empty(&self) -> bool {
+        self.seq == 0
+    }
+
+    /// Applies one event's movement (chain fields are checked by [`verify`]).
+    pub fn apply(&mut self, e: &Event) -> Result<(), ApplyError> {
+        if e.amount == 0 {
+            return Err(ApplyError::ZeroAmount { id: e.id.clone() });
+        }
+        if e.from == e.to {
+            return Err(ApplyError::SelfTransfer { id: e.id.clone() });
+        }
+        if e.to == Account::Mint || e.from == Account::Burn {
+            return Err(ApplyError::WrongWay { id: e.id.clone() });
+        }
+        if self.applied.contains(&e.id) {
+            return Err(ApplyError::Duplicate { id: e.id.clone() });
+        }
+        if e.amount > i64::MAX as u64 {
+            return Err(ApplyError::Overflow { id: e.id.clone() });
+        }
+        let from = self.balance(e.from);
+        let amount = i128::from(e.amount);
+        if !e.from.may_go_negative() && from < amount {
+            return Err(ApplyError::Insufficient {
+                id: e.id.clone(),
+                account: e.from,
+                balance: from.max(0) as u64,
+                amount: e.amount,
+            });
+        }
+        *self.balances.entry(e.from).or_default() -= amount;
+        *self.balances.entry(e.to).or_default() += amount;
+        if e.from == Account::Mint {
+            self.minted += u128::from(e.amount);
+        }
+        if e.to == Account::Burn {
+            self.burned += u128::from(e.amount);
+        }
+        self.applied.insert(e.id.clone());
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// Checks: no negative balance but the mint's; balances (mint and burn excluded) sum to
+    /// minted − burned. Returns a description of the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut sum: i128 = 0;
+        for (account, balance) in &self.balances {
+            if *balance < 0 && !account.may_go_negative() {
+                return Err(format!("{account:?} is negative: {balance}"));
+            }
+            if !matches!(account, Account::Mint | Account::Burn) {
+                sum += balance;
+            }
+        }
+        let expected = self.minted as i128 - self.burned as i128;
+        if sum != expected {
+            return Err(format!(
+                "balances sum to {sum}, minted − burned is {expected}"
+            ));
+        }
+        if self.balance(Account::Mint) != -(self.minted as i128) {
+            return Err("the mint's balance is not minus the minted total".into());
+        }
+        Ok(())
+    }
+}
+
+/// Seals `event` as a record signed by the domain.
+pub fn seal(domain: &Identity, event: &Event) -> Vec<u8> {
+    // Plain data: serialization cannot fail.
+    let body = serde_json::to_vec(event).unwrap_or_default();
+    envelope::seal(domain, Context::Ledger, &body)
+}
+
+/// The link to a record: BLAKE3 of its bytes, hex.
+pub fn link(record: &[u8]) -> String {
+    blake3::hash(record).to_hex().to_string()
+}
+
+/// What [`verify`] found wrong, naming the record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The record is not a valid ledger envelope (bad signature, wrong context, …).
+    #[error("record {index}: {reason}")]
+    Record {
+        /// Position of the record.
+        index: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Signed by a key other than the domain's.
+    #[error("record {index}: signed by {signer}, not by the domain")]
+    WrongSigner {
+        /// Position.
+        index: u64,
+        /// Who signed it.
+        signer: NodeId,
+    },
+    /// `seq` or `prev` do not continue the chain.
+    #[error("record {index} (event {id}): breaks the hash chain")]
+    Chain {
+        /// Position.
+        index: u64,
+        /// The event id.
+        id: String,
+    },
+    /// The movement is not allowed.
+    #[error("record {index}: {source}")]
+    Apply {
+        /// Position.
+        index: u64,
+        /// Why.
+        source: ApplyError,
+    },
+    /// A global invariant failed after this record.
+    #[error("record {index}: invariant violated: {reason}")]
+    Invariant {
+        /// Position.
+        index: u64,
+        /// What.
+        reason: String,
+    },
+}
+
+/// Verifies a chain of records signed by `domain` from the first, re-deriving every balance.
+pub fn verify<'a>(
+    domain: NodeId,
+    records: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Ledger, VerifyError> {
+    let mut ledger = Ledger::new();
+    for (index, record) in records.into_iter().enumerate() {
+        let index = index as u64;
+        let opened =
+            envelope::open(record, Context::Ledger, envelope::DEFAULT_MAX_LEN).map_err(|e| {
+                VerifyError::Record {
+                    index,
+                    reason: e.to_string(),
+                }
+            })?;
+        if opened.signer != domain {
+            return Err(VerifyError::WrongSigner {
+                index,
+                signer: opened.signer,
+            });
+        }
+        let event: Event =
+            serde_json::from_slice(opened.body).map_err(|e| VerifyError::Record {
+                index,
+                reason: format!("malformed event: {e}"),
+            })?;
+        if event.seq != ledger.seq || event.prev != ledger.head {
+            return Err(VerifyError::Chain {
+                index,
+                id: event.id,
+            });
+        }
+        ledger
+            .apply(&event)
+            .map_err(|source| VerifyError::Apply { index, source })?;
+        ledger
+            .check_invariants()
+            .map_err(|reason| VerifyError::Invariant { index, reason })?;
+        ledger.head = link(record);
+    }
+    Ok(ledger)
+}
+
+impl Ledger {
+    /// The link the next event must carry as `prev`, and its `seq`.
+    pub fn next(&self) -> (String, u64) {
+        (self.head.clone(), self.seq)
+    }
+
+    /// Applies an event that was just sealed as `record` (the writer's path: keeps the head
+    /// in step with [`verify`]).
+    pub fn append(&mut self, event: &Event, record: &[u8]) -> Result<(), ApplyError> {
+        self.apply(event)?;
+        self.head = link(record);
+        Ok(())
+    }
+}
+
+/// How a verified task's price is divided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Each provider's share, in the order given.
+    pub providers: Vec<Amount>,
+    /// The treasury's share (15 %, plus rounding remainders).
+    pub treasury: Amount,
+    /// The module author's share (5 %).
+    pub author: Amount,
+}
+
+/// Splits `price` among `providers` providers (80 %, equally), the treasury (15 %) and the
+/// author (5 %). Integer arithmetic, rounding down; every remainder goes to the treasury, so
+/// the parts always add up to `price` exactly.
+pub fn split(price: Amount, providers: usize) -> Split {
+    let author = price / 20;
+    let pool = price / 10 * 8 + (price % 10) * 8 / 10;
+    let each = if providers == 0 {
+        0
+    } else {
+        pool / providers as u64
+    };
+    let paid = each * providers as u64;
+    Split {
+        providers: vec![each; providers],
+        treasury: price - author - paid,
+        author,
+    }
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Account::Mint => f.write_str("mint"),
+            Account::Burn => f.write_str("burn"),
+            Account::Treasury => f.write_str("treasury"),
+            Account::Operator(id) => write!(f, "operator:{}", id.short()),
+            Account::Submitter(id) => write!(f, "submitter:{}", id.short()),
+            Account::Author(id) => write!(f, "author:{}", id.short()),
+            Account::Escrow(job) => write!(f, "escrow:{job}"),
+            Account::Stake(id) => write!(f, "stake:{}", id.short()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
