@@ -90,10 +90,15 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         limits,
     };
     let module_id = module.as_ref().ok().map(|m| ContentId::of(m));
-    let (out, metered_id) = match module
-        .map_err(|e| e.to_string())
-        .and_then(|m| stardust_meter::instrument(&m).map_err(|e| e.to_string()))
-    {
+    // A module fetched from a domain is already metered: run it as is.
+    let metered = module.map_err(|e| e.to_string()).and_then(|m| {
+        if stardust_meter::is_metered(&m) {
+            Ok(m)
+        } else {
+            stardust_meter::instrument(&m).map_err(|e| e.to_string())
+        }
+    });
+    let (out, metered_id) = match metered {
         Ok(metered) => (
             sandbox.run_bytes(&metered, &task),
             Some(ContentId::of(&metered)),

@@ -119,6 +119,31 @@ fn same_module_and_input_in_two_processes_agree() {
 }
 
 #[test]
+fn an_already_metered_module_runs_as_is_with_the_same_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let original = std::fs::read(root().join("test-programs/hello.wasm")).expect("read");
+    let metered = stardust_meter::instrument(&original).expect("meter");
+    let path = dir.path().join("metered.wasm");
+    std::fs::write(&path, &metered).expect("write");
+    let run = |module: &Path| {
+        let out = stardust()
+            .arg("run")
+            .arg(module)
+            .args(["--json", "--", "m"])
+            .output()
+            .expect("spawn");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<Value>(stdout.lines().last().unwrap_or_default()).expect("json")
+    };
+    let a = run(&root().join("test-programs/hello.wasm"));
+    let b = run(&path);
+    assert_eq!(b["status"], "ok", "{b}");
+    assert_eq!(a["fuel_used"], b["fuel_used"]);
+    assert_eq!(a["output_hash"], b["output_hash"]);
+    assert_eq!(a["metered_module"], b["metered_module"]);
+}
+
+#[test]
 fn output_file_and_plain_mode() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out_file = dir.path().join("out.txt");
