@@ -211,6 +211,15 @@ fn write_bytes(mem: &mut [u8], at: u32, bytes: &[u8]) -> Option<()> {
     Some(())
 }
 
+/// Writes `bytes` at `at` in guest memory: `SUCCESS`, or `EFAULT` when out of bounds.
+fn store(mem: &mut [u8], at: u32, bytes: &[u8]) -> i32 {
+    if write_bytes(mem, at, bytes).is_some() {
+        SUCCESS
+    } else {
+        EFAULT
+    }
+}
+
 /// The (pointer, length) pairs of an iovec array, bounds-checked.
 fn iovecs(mem: &[u8], iovs: u32, count: u32) -> Result<Vec<(usize, usize)>, i32> {
     if count > IOV_MAX {
@@ -376,13 +385,7 @@ fn clock_time_get(
     } else {
         elapsed
     };
-    Ok(
-        if write_bytes(mem, out as u32, &now.to_le_bytes()).is_some() {
-            SUCCESS
-        } else {
-            EFAULT
-        },
-    )
+    Ok(store(mem, out as u32, &now.to_le_bytes()))
 }
 
 fn clock_res_get(mut caller: Ctx<'_>, id: i32, out: i32) -> wasmtime::Result<i32> {
@@ -393,13 +396,7 @@ fn clock_res_get(mut caller: Ctx<'_>, id: i32, out: i32) -> wasmtime::Result<i32
     let Some((mem, _)) = split(&mut caller) else {
         return Ok(EFAULT);
     };
-    Ok(
-        if write_bytes(mem, out as u32, &CLOCK_STEP_NS.to_le_bytes()).is_some() {
-            SUCCESS
-        } else {
-            EFAULT
-        },
-    )
+    Ok(store(mem, out as u32, &CLOCK_STEP_NS.to_le_bytes()))
 }
 
 fn random_get(mut caller: Ctx<'_>, buf: i32, len: i32) -> wasmtime::Result<i32> {
@@ -431,11 +428,7 @@ fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, out: i32) -> wasmtime::Result<i32
     let mut stat = [0u8; 24];
     let rights: u64 = if fd == 0 { 1 << 1 } else { 1 << 6 }; // FD_READ / FD_WRITE
     stat[8..16].copy_from_slice(&rights.to_le_bytes());
-    Ok(if write_bytes(mem, out as u32, &stat).is_some() {
-        SUCCESS
-    } else {
-        EFAULT
-    })
+    Ok(store(mem, out as u32, &stat))
 }
 
 fn fd_filestat_get(mut caller: Ctx<'_>, fd: i32, out: i32) -> wasmtime::Result<i32> {
@@ -447,11 +440,7 @@ fn fd_filestat_get(mut caller: Ctx<'_>, fd: i32, out: i32) -> wasmtime::Result<i
         return Ok(EFAULT);
     };
     // struct filestat (64 bytes), all zero: filetype unknown, size 0.
-    Ok(if write_bytes(mem, out as u32, &[0u8; 64]).is_some() {
-        SUCCESS
-    } else {
-        EFAULT
-    })
+    Ok(store(mem, out as u32, &[0u8; 64]))
 }
 
 fn proc_exit(mut caller: Ctx<'_>, code: i32) -> wasmtime::Result<()> {
