@@ -75,8 +75,8 @@ pub struct JobSpec {
     /// Priority.
     #[serde(default)]
     pub priority: Priority,
-    /// Base of the task seeds.
-    #[serde(default)]
+    /// Base of the task seeds (a decimal string on the wire; small numbers are accepted).
+    #[serde(default, with = "crate::task::u64_string")]
     pub seed: u64,
 }
 
@@ -114,8 +114,8 @@ pub struct Sweep {
 pub struct RandomSearch {
     /// Draws per grid point.
     pub samples: u32,
-    /// Seed of the draws (SplitMix64).
-    #[serde(default)]
+    /// Seed of the draws (SplitMix64; a decimal string on the wire, small numbers accepted).
+    #[serde(default, with = "crate::task::u64_string")]
     pub seed: u64,
     /// The distributions, by parameter name.
     pub params: BTreeMap<String, Distribution>,

@@ -244,7 +244,8 @@ pub struct TaskSpec {
     pub args: Vec<String>,
     /// Resource limits.
     pub limits: Limits,
-    /// Seeds the guest's deterministic random source.
+    /// Seeds the guest's deterministic random source (a decimal string on the wire).
+    #[serde(with = "u64_string")]
     pub seed: u64,
 }
 
@@ -388,6 +389,35 @@ mod tests {
     }
 
     #[test]
+    fn seeds_travel_as_strings() {
+        let spec = TaskSpec {
+            task: 1,
+            job: 2,
+            module: ContentId::of(b"m"),
+            input: ContentId::of(b"i"),
+            args: vec![],
+            limits: Limits::default(),
+            seed: u64::MAX,
+        };
+        let json = serde_json::to_value(&spec).expect("ser");
+        assert_eq!(json["seed"], "18446744073709551615");
+        let back: TaskSpec = serde_json::from_value(json.clone()).expect("de");
+        assert_eq!(back.seed, u64::MAX);
+        let mut small = json.clone();
+        small["seed"] = serde_json::json!(42);
+        assert_eq!(
+            serde_json::from_value::<TaskSpec>(small).expect("de").seed,
+            42
+        );
+        let mut big = json;
+        big["seed"] = serde_json::json!(1u64 << 60);
+        assert!(
+            serde_json::from_value::<TaskSpec>(big).is_err(),
+            "unsafe number refused"
+        );
+    }
+
+    #[test]
     fn tiers() {
         let gib = 1u64 << 30;
         let hw = |cores, mem| Hardware {
@@ -405,5 +435,36 @@ mod tests {
             memory_bytes: 80 * gib,
         });
         assert_eq!(g.tier(), Tier::Large);
+    }
+}
+
+/// Serde for full-range `u64` values (seeds) as decimal strings, since JSON numbers are only
+/// exact up to 2^53 − 1 in most implementations. Numbers up to that bound are accepted on
+/// input too.
+pub mod u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the decimal string.
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// Reads a decimal string, or a number no larger than 2^53 − 1.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr<'a> {
+            Num(u64),
+            Str(std::borrow::Cow<'a, str>),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Num(n) if n <= super::MAX_SAFE_INTEGER => Ok(n),
+            Repr::Num(_) => Err(serde::de::Error::custom(
+                "seeds above 2^53 - 1 must be written as strings",
+            )),
+            Repr::Str(s) => s
+                .parse()
+                .map_err(|_| serde::de::Error::custom("seed: expected a decimal u64")),
+        }
     }
 }
