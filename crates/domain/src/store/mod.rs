@@ -1,0 +1,1159 @@
+//! Durable state of a domain: SQLite (embedded default, WAL) or PostgreSQL, one code path
+//! through sqlx's `Any` driver, one migration chain with per-backend SQL ([`schema`]).
+//!
+//! Every state transition is one transaction, so a `kill -9` at any moment leaves either the
+//! state before or the state after it: no task lost, no result recorded twice.
+//!
+//! Task states: `pending` (needs more replicas leased), `running` (enough replicas leased,
+//! waiting for results), `verified`, `failed` (dead letter, with a reason), `cancelled`.
+//! Lease states: `active`, `done` (result recorded), `expired`, `failed` (attempt did not
+//! produce a vote), `cancelled`.
+
+pub mod schema;
+
+use std::path::Path;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use stardust_proto::content::ContentId;
+use stardust_proto::identity::NodeId;
+use stardust_proto::job::{JobSpec, Trial};
+use stardust_proto::task::{
+    Hardware, JobId, LeaseId, Requirements, RunReport, TaskId, TaskSpec, Tier,
+};
+use stardust_scheduler::quorum::{self, Decision};
+
+/// Which database is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, embedded.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A storage failure. Database errors are logged by callers and never shown to clients.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A URL that names neither SQLite nor PostgreSQL.
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+    /// Stored data that does not parse (a bug or manual tampering).
+    #[error("corrupt stored {what}: {reason}")]
+    Corrupt {
+        /// Which record.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The database holds a newer schema than this binary knows.
+    #[error("database schema version {found} is newer than this binary's {known}")]
+    SchemaTooNew {
+        /// Stored version.
+        found: i64,
+        /// Latest known version.
+        known: i64,
+    },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn corrupt(what: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// Task counts of a job, by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    /// All tasks.
+    pub total: u64,
+    /// Waiting for replicas to be leased.
+    pub pending: u64,
+    /// Replicas leased, waiting for results.
+    pub running: u64,
+    /// Accepted by quorum.
+    pub verified: u64,
+    /// Dead-lettered.
+    pub failed: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    /// Id.
+    pub id: JobId,
+    /// Owner key.
+    pub owner: NodeId,
+    /// Name.
+    pub name: String,
+    /// The submitted spec.
+    pub spec: JobSpec,
+    /// The metered module the tasks run.
+    pub module: ContentId,
+    /// `queued`, `running`, `completed`, `failed` or `cancelled`.
+    pub state: String,
+    /// Submission time.
+    pub created_ms: i64,
+    /// When it ended.
+    pub finished_ms: Option<i64>,
+    /// Task counts.
+    pub counts: Counts,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TaskRow {
+    /// Id.
+    pub id: TaskId,
+    /// Position in its job.
+    pub index: u32,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// State.
+    pub state: String,
+    /// Replicas wanted now (grows on disagreement).
+    pub replicas: u32,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Why it failed or waits.
+    pub reason: Option<String>,
+    /// The accepted report.
+    pub report: Option<RunReport>,
+}
+
+/// A task that wants another replica, with what matching needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingTask {
+    /// What the node will run (module = metered id).
+    pub spec: TaskSpec,
+    /// What the node must offer.
+    pub requirements: Requirements,
+    /// Nodes holding an active or finished replica.
+    pub replicas_on: Vec<NodeId>,
+}
+
+/// A lease held by a node, as needed to resume it after a reconnect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveLease {
+    /// The lease.
+    pub lease: LeaseId,
+    /// What it runs.
+    pub spec: TaskSpec,
+    /// Its deadline.
+    pub deadline_ms: i64,
+}
+
+/// What recording a result did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Stored; the task is still waiting for other replicas.
+    Stored,
+    /// Stored, and the task was decided: verified.
+    Verified {
+        /// Nodes in the majority.
+        agree: Vec<NodeId>,
+        /// The losers.
+        disagree: Vec<NodeId>,
+    },
+    /// Stored; replicas disagree, more were requested.
+    MoreReplicas(u8),
+    /// Stored; the task failed (replicas never agreed, or too many failed attempts).
+    Failed(String),
+    /// The same result was already recorded (a replay after a reconnect): nothing changed.
+    Duplicate,
+}
+
+/// Why a result was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// No such lease, or not this node's, or no longer active.
+    #[error("lease {0} is not an active lease of this node")]
+    NotLeased(LeaseId),
+    /// The result names another task than the lease.
+    #[error("lease {lease} is for task {expected}, not {got}")]
+    WrongTask {
+        /// The lease.
+        lease: LeaseId,
+        /// Its task.
+        expected: TaskId,
+        /// The task the result names.
+        got: TaskId,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for RecordError {
+    fn from(e: sqlx::Error) -> Self {
+        RecordError::Store(StoreError::Db(e))
+    }
+}
+
+/// A result as a node submitted it.
+#[derive(Debug, Clone, Copy)]
+pub struct Submitted<'a> {
+    /// The lease it answers.
+    pub lease: LeaseId,
+    /// The node that sent it (the signer).
+    pub node: NodeId,
+    /// The task it names.
+    pub task: TaskId,
+    /// The report.
+    pub report: &'a RunReport,
+    /// The signed envelope as received, kept as evidence.
+    pub envelope: &'a [u8],
+}
+
+/// Retry and replication bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Failed attempts (expired leases, non-deterministic failures) before a task is
+    /// dead-lettered.
+    pub max_attempts: u32,
+    /// Most replicas of one task, extra ones on disagreement included.
+    pub max_replicas: u8,
+}
+
+/// A node as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRow {
+    /// Key.
+    pub id: NodeId,
+    /// Hardware report.
+    pub hardware: Hardware,
+    /// Tier.
+    pub tier: Tier,
+    /// Slots.
+    pub slots: u32,
+    /// Last heartbeat or hello.
+    pub last_seen_ms: i64,
+    /// Quorums it agreed with.
+    pub agreed: u64,
+    /// Quorums it lost.
+    pub disagreed: u64,
+}
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+fn id_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn parse<T: std::str::FromStr>(what: &'static str, s: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| corrupt(what, e))
+}
+
+fn json<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| corrupt(what, e))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    // Plain data: serialization cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database `DIR/stardust.db`.
+    pub async fn open_sqlite(dir: &Path) -> Result<Self> {
+        let path = dir.join("stardust.db");
+        Self::open(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// Opens a database by URL (`sqlite://PATH?mode=rwc` or `postgres://...`) and brings its
+    /// schema up to date.
+    pub async fn open(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.chars().take(40).collect()));
+        };
+        let pool = match backend {
+            // One connection: SQLite has one writer anyway, and this avoids SQLITE_BUSY.
+            Backend::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(1)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query("PRAGMA journal_mode = WAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = NORMAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA foreign_keys = ON")
+                                .execute(&mut *conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(url)
+                    .await?
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .connect(url)
+                    .await?
+            }
+        };
+        let store = Self { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The schema version after migrations.
+    pub async fn schema_version(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT MAX(version) AS v FROM schema_version")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("v")?.unwrap_or(0))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT PRIMARY KEY, name TEXT NOT NULL)")
+            .execute(&self.pool)
+            .await?;
+        let current = self.schema_version().await?;
+        let known = schema::MIGRATIONS.last().map_or(0, |m| m.version);
+        if current > known {
+            return Err(StoreError::SchemaTooNew {
+                found: current,
+                known,
+            });
+        }
+        for m in schema::MIGRATIONS.iter().filter(|m| m.version > current) {
+            let mut tx = self.pool.begin().await?;
+            let sql = match self.backend {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(stmt).execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO schema_version (version, name) VALUES ($1, $2)")
+                .bind(m.version)
+                .bind(m.name)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version = m.version, name = m.name, "database migrated");
+        }
+        Ok(())
+    }
+
+    // ---- blobs and modules -------------------------------------------------------------
+
+    /// Stores `bytes` under their content id (the caller has checked `id`). Returns whether
+    /// the blob is new.
+    pub async fn put_blob(&self, id: ContentId, bytes: &[u8], now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(bytes)
+        .bind(bytes.len() as i64)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The bytes of a blob.
+    pub async fn blob(&self, id: ContentId) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT bytes FROM blobs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get::<Vec<u8>, _>("bytes")).transpose()?)
+    }
+
+    /// Whether a blob is stored.
+    pub async fn has_blob(&self, id: ContentId) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 AS one FROM blobs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Records that `original` meters to `metered`, uploaded by `author` (first upload wins).
+    pub async fn put_module(
+        &self,
+        original: ContentId,
+        metered: ContentId,
+        author: NodeId,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO modules (id, metered, author, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
+            .bind(original.to_string())
+            .bind(metered.to_string())
+            .bind(author.to_string())
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The metered id and author of an uploaded module.
+    pub async fn module(&self, original: ContentId) -> Result<Option<(ContentId, NodeId)>> {
+        let row = sqlx::query("SELECT metered, author FROM modules WHERE id = $1")
+            .bind(original.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                parse("module", &r.try_get::<String, _>("metered")?)?,
+                parse("module author", &r.try_get::<String, _>("author")?)?,
+            ))
+        })
+        .transpose()
+    }
+
+    // ---- jobs and tasks ----------------------------------------------------------------
+
+    /// Creates a job and its tasks, atomically.
+    pub async fn create_job(
+        &self,
+        owner: NodeId,
+        spec: &JobSpec,
+        metered: ContentId,
+        trials: &[Trial],
+        now: i64,
+    ) -> Result<JobId> {
+        let mut tx = self.pool.begin().await?;
+        let priority = match spec.priority {
+            stardust_proto::job::Priority::Low => 0i64,
+            stardust_proto::job::Priority::Normal => 1,
+            stardust_proto::job::Priority::High => 2,
+        };
+        let deadline = spec
+            .deadline_s
+            .map(|s| now.saturating_add(id_i64(s).saturating_mul(1000)));
+        let row = sqlx::query(
+            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) RETURNING id",
+        )
+        .bind(owner.to_string())
+        .bind(spec.name.as_str())
+        .bind(to_json(spec))
+        .bind(metered.to_string())
+        .bind(priority)
+        .bind(i64::from(spec.redundancy))
+        .bind(now)
+        .bind(deadline)
+        .fetch_one(&mut *tx)
+        .await?;
+        let job: i64 = row.try_get("id")?;
+        for t in trials {
+            sqlx::query(
+                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts)
+                 VALUES ($1, $2, $3, $4, $5, 'pending', $6, 0)",
+            )
+            .bind(job)
+            .bind(i64::from(t.index))
+            .bind(to_json(&t.args))
+            .bind(t.input.to_string())
+            .bind(t.seed.to_string())
+            .bind(i64::from(spec.redundancy))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(job as JobId)
+    }
+
+    /// A job with its task counts.
+    pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
+        let Some(r) = sqlx::query("SELECT id, owner, name, spec, module, state, created_ms, finished_ms FROM jobs WHERE id = $1")
+            .bind(id_i64(id))
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let counts = self.counts(id).await?;
+        Ok(Some(JobRow {
+            id,
+            owner: parse("job owner", &r.try_get::<String, _>("owner")?)?,
+            name: r.try_get("name")?,
+            spec: json("job spec", &r.try_get::<String, _>("spec")?)?,
+            module: parse("job module", &r.try_get::<String, _>("module")?)?,
+            state: r.try_get("state")?,
+            created_ms: r.try_get("created_ms")?,
+            finished_ms: r.try_get("finished_ms")?,
+            counts,
+        }))
+    }
+
+    /// Task counts of a job.
+    pub async fn counts(&self, job: JobId) -> Result<Counts> {
+        let rows =
+            sqlx::query("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state")
+                .bind(id_i64(job))
+                .fetch_all(&self.pool)
+                .await?;
+        let mut c = Counts::default();
+        for r in rows {
+            let n = r.try_get::<i64, _>("n")? as u64;
+            c.total += n;
+            match r.try_get::<String, _>("state")?.as_str() {
+                "pending" => c.pending += n,
+                "running" => c.running += n,
+                "verified" => c.verified += n,
+                "failed" => c.failed += n,
+                "cancelled" => c.cancelled += n,
+                other => return Err(corrupt("task state", other)),
+            }
+        }
+        Ok(c)
+    }
+
+    /// Tasks of a job, in order, at most `limit` from `offset`.
+    pub async fn tasks(&self, job: JobId, offset: u32, limit: u32) -> Result<Vec<TaskRow>> {
+        let rows = sqlx::query(
+            "SELECT id, idx, args, state, replicas, attempts, reason, report FROM tasks
+             WHERE job_id = $1 ORDER BY idx LIMIT $2 OFFSET $3",
+        )
+        .bind(id_i64(job))
+        .bind(i64::from(limit))
+        .bind(i64::from(offset))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(task_row).collect()
+    }
+
+    /// Cancels a job: its unfinished tasks and their active leases. Returns the cancelled
+    /// leases (to tell their nodes), or `None` when the job does not exist.
+    pub async fn cancel_job(&self, job: JobId, now: i64) -> Result<Option<Vec<(LeaseId, NodeId)>>> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT state FROM jobs WHERE id = $1")
+            .bind(id_i64(job))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(exists) = exists else {
+            return Ok(None);
+        };
+        let state: String = exists.try_get("state")?;
+        if matches!(state.as_str(), "completed" | "failed" | "cancelled") {
+            return Ok(Some(Vec::new()));
+        }
+        let leases = sqlx::query(
+            "SELECT l.id, l.node FROM leases l JOIN tasks t ON t.id = l.task_id WHERE t.job_id = $1 AND l.state = 'active'",
+        )
+        .bind(id_i64(job))
+        .fetch_all(&mut *tx)
+        .await?;
+        let leases = leases
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>("id")? as LeaseId,
+                    parse("lease node", &r.try_get::<String, _>("node")?)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sqlx::query(
+            "UPDATE leases SET state = 'cancelled', finished_ms = $1
+             WHERE state = 'active' AND task_id IN (SELECT id FROM tasks WHERE job_id = $2)",
+        )
+        .bind(now)
+        .bind(id_i64(job))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE tasks SET state = 'cancelled', finished_ms = $1 WHERE job_id = $2 AND state IN ('pending', 'running')",
+        )
+        .bind(now)
+        .bind(id_i64(job))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE jobs SET state = 'cancelled', finished_ms = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id_i64(job))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(leases))
+    }
+
+    // ---- scheduling --------------------------------------------------------------------
+
+    /// Up to `limit` tasks that want another replica, highest priority and oldest first.
+    pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.spec FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.state = 'pending' ORDER BY j.priority DESC, t.job_id, t.idx LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let task: i64 = r.try_get("id")?;
+            let spec: JobSpec = json("job spec", &r.try_get::<String, _>("spec")?)?;
+            let holders = sqlx::query(
+                "SELECT node FROM leases WHERE task_id = $1 AND state IN ('active', 'done')",
+            )
+            .bind(task)
+            .fetch_all(&self.pool)
+            .await?;
+            let replicas_on = holders
+                .iter()
+                .map(|h| parse("lease node", &h.try_get::<String, _>("node")?))
+                .collect::<Result<Vec<NodeId>>>()?;
+            out.push(PendingTask {
+                spec: TaskSpec {
+                    task: task as TaskId,
+                    job: r.try_get::<i64, _>("job_id")? as JobId,
+                    module: parse("job module", &r.try_get::<String, _>("module")?)?,
+                    input: parse("task input", &r.try_get::<String, _>("input")?)?,
+                    args: json("task args", &r.try_get::<String, _>("args")?)?,
+                    limits: spec.limits,
+                    seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
+                },
+                requirements: spec.requirements,
+                replicas_on,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Leases one replica of `task` to `node`, if the task still wants one and the node
+    /// holds none of it. Atomic: concurrent callers never over-lease.
+    pub async fn create_lease(
+        &self,
+        task: TaskId,
+        node: NodeId,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<Option<LeaseId>> {
+        let mut tx = self.pool.begin().await?;
+        let t = sqlx::query("SELECT state, replicas, job_id FROM tasks WHERE id = $1")
+            .bind(id_i64(task))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(t) = t else { return Ok(None) };
+        if t.try_get::<String, _>("state")? != "pending" {
+            return Ok(None);
+        }
+        let replicas: i64 = t.try_get("replicas")?;
+        let job: i64 = t.try_get("job_id")?;
+        let held = sqlx::query(
+            "SELECT node FROM leases WHERE task_id = $1 AND state IN ('active', 'done')",
+        )
+        .bind(id_i64(task))
+        .fetch_all(&mut *tx)
+        .await?;
+        let node_s = node.to_string();
+        let mut count = 0i64;
+        for h in &held {
+            if h.try_get::<String, _>("node")? == node_s {
+                return Ok(None);
+            }
+            count += 1;
+        }
+        if count >= replicas {
+            return Ok(None);
+        }
+        let row = sqlx::query(
+            "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES ($1, $2, 'active', $3, $4) RETURNING id",
+        )
+        .bind(id_i64(task))
+        .bind(&node_s)
+        .bind(now)
+        .bind(now.saturating_add(lease_ms))
+        .fetch_one(&mut *tx)
+        .await?;
+        let lease: i64 = row.try_get("id")?;
+        if count + 1 >= replicas {
+            sqlx::query("UPDATE tasks SET state = 'running' WHERE id = $1")
+                .bind(id_i64(task))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE jobs SET state = 'running' WHERE id = $1 AND state = 'queued'")
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(lease as LeaseId))
+    }
+
+    /// Extends the deadlines of `node`'s active leases among `leases` to `deadline_ms`.
+    /// Returns how many were renewed.
+    pub async fn renew_leases(
+        &self,
+        node: NodeId,
+        leases: &[LeaseId],
+        deadline_ms: i64,
+    ) -> Result<u64> {
+        let mut renewed = 0;
+        let mut tx = self.pool.begin().await?;
+        for lease in leases {
+            renewed += sqlx::query("UPDATE leases SET deadline_ms = $1 WHERE id = $2 AND node = $3 AND state = 'active'")
+                .bind(deadline_ms)
+                .bind(id_i64(*lease))
+                .bind(node.to_string())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(renewed)
+    }
+
+    /// Gives every active lease `grace_ms` from `now`: called when the domain starts, since
+    /// nodes could not heartbeat while it was down.
+    pub async fn extend_all_leases(&self, now: i64, grace_ms: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE leases SET deadline_ms = $1 WHERE state = 'active' AND deadline_ms < $1",
+        )
+        .bind(now.saturating_add(grace_ms))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// The active leases of `node` (to resend after a reconnect).
+    pub async fn active_leases(&self, node: NodeId) -> Result<Vec<ActiveLease>> {
+        let rows = sqlx::query("SELECT id, task_id, deadline_ms FROM leases WHERE node = $1 AND state = 'active' ORDER BY id")
+            .bind(node.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let task: i64 = r.try_get("task_id")?;
+            if let Some(spec) = self.task_spec(task as TaskId).await? {
+                out.push(ActiveLease {
+                    lease: r.try_get::<i64, _>("id")? as LeaseId,
+                    spec,
+                    deadline_ms: r.try_get("deadline_ms")?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The spec a node runs for `task`.
+    pub async fn task_spec(&self, task: TaskId) -> Result<Option<TaskSpec>> {
+        let row = sqlx::query(
+            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.spec FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
+        )
+        .bind(id_i64(task))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let spec: JobSpec = json("job spec", &r.try_get::<String, _>("spec")?)?;
+            Ok(TaskSpec {
+                task,
+                job: r.try_get::<i64, _>("job_id")? as JobId,
+                module: parse("job module", &r.try_get::<String, _>("module")?)?,
+                input: parse("task input", &r.try_get::<String, _>("input")?)?,
+                args: json("task args", &r.try_get::<String, _>("args")?)?,
+                limits: spec.limits,
+                seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records `node`'s result for `lease`, exactly once, and decides the task by quorum
+    /// when enough results are in. `envelope` is the signed result as received (evidence).
+    pub async fn record_result(
+        &self,
+        result: Submitted<'_>,
+        retry: Retry,
+        now: i64,
+    ) -> std::result::Result<Recorded, RecordError> {
+        let Submitted {
+            lease,
+            node,
+            task,
+            report,
+            envelope,
+        } = result;
+        let Retry {
+            max_attempts,
+            max_replicas,
+        } = retry;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT task_id, node, state, report FROM leases WHERE id = $1")
+            .bind(id_i64(lease))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(RecordError::NotLeased(lease));
+        };
+        if row.try_get::<String, _>("node")? != node.to_string() {
+            return Err(RecordError::NotLeased(lease));
+        }
+        let lease_task = row.try_get::<i64, _>("task_id")? as TaskId;
+        if lease_task != task {
+            return Err(RecordError::WrongTask {
+                lease,
+                expected: lease_task,
+                got: task,
+            });
+        }
+        let state: String = row.try_get("state")?;
+        if state == "done" {
+            let stored: Option<String> = row.try_get("report")?;
+            return if stored.as_deref() == Some(to_json(report).as_str()) {
+                Ok(Recorded::Duplicate)
+            } else {
+                Err(RecordError::NotLeased(lease))
+            };
+        }
+        if state != "active" {
+            return Err(RecordError::NotLeased(lease));
+        }
+        let t = sqlx::query("SELECT state, replicas, attempts, job_id FROM tasks WHERE id = $1")
+            .bind(id_i64(task))
+            .fetch_one(&mut *tx)
+            .await?;
+        let job: i64 = t.try_get("job_id")?;
+        let replicas = t.try_get::<i64, _>("replicas")? as u8;
+        let attempts = t.try_get::<i64, _>("attempts")? as u32;
+
+        let outcome = if !report.status.is_deterministic() {
+            // Not a vote: the attempt failed; lease the replica again, or give up.
+            sqlx::query("UPDATE leases SET state = 'failed', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
+                .bind(to_json(report))
+                .bind(envelope)
+                .bind(now)
+                .bind(id_i64(lease))
+                .execute(&mut *tx)
+                .await?;
+            let reason = format!("attempt failed: {}", report.status);
+            Self::failed_attempt(&mut tx, task, attempts + 1, max_attempts, &reason, now).await?
+        } else {
+            sqlx::query("UPDATE leases SET state = 'done', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
+                .bind(to_json(report))
+                .bind(envelope)
+                .bind(now)
+                .bind(id_i64(lease))
+                .execute(&mut *tx)
+                .await?;
+            let done = sqlx::query(
+                "SELECT node, report FROM leases WHERE task_id = $1 AND state = 'done' ORDER BY id",
+            )
+            .bind(id_i64(task))
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut votes = Vec::with_capacity(done.len());
+            for d in &done {
+                let n: NodeId = parse("lease node", &d.try_get::<String, _>("node")?)?;
+                let r: RunReport = json(
+                    "lease report",
+                    &d.try_get::<Option<String>, _>("report")?
+                        .unwrap_or_default(),
+                )?;
+                votes.push((n, r.fingerprint()));
+            }
+            let policy = quorum::Policy {
+                redundancy: replicas,
+                max_replicas: max_replicas.max(replicas),
+            };
+            match quorum::decide(policy, &votes) {
+                Decision::Accepted {
+                    value,
+                    agree,
+                    disagree,
+                } => {
+                    let accepted = done
+                        .iter()
+                        .find_map(|d| {
+                            let r: RunReport = json(
+                                "lease report",
+                                &d.try_get::<Option<String>, _>("report").ok()??,
+                            )
+                            .ok()?;
+                            (r.fingerprint() == value).then_some(r)
+                        })
+                        .ok_or_else(|| corrupt("quorum", "accepted value has no report"))?;
+                    sqlx::query(
+                        "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3, finished_ms = $4 WHERE id = $5",
+                    )
+                    .bind(accepted.output.to_string())
+                    .bind(id_i64(accepted.fuel_used))
+                    .bind(to_json(&accepted))
+                    .bind(now)
+                    .bind(id_i64(task))
+                    .execute(&mut *tx)
+                    .await?;
+                    // Replicas still running are no longer needed.
+                    sqlx::query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
+                        .bind(now)
+                        .bind(id_i64(task))
+                        .execute(&mut *tx)
+                        .await?;
+                    for n in &agree {
+                        sqlx::query("UPDATE nodes SET agreed = agreed + 1 WHERE id = $1")
+                            .bind(n.to_string())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    for n in &disagree {
+                        sqlx::query("UPDATE nodes SET disagreed = disagreed + 1 WHERE id = $1")
+                            .bind(n.to_string())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Recorded::Verified { agree, disagree }
+                }
+                Decision::NeedMore(k) => {
+                    let active = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM leases WHERE task_id = $1 AND state = 'active'",
+                    )
+                    .bind(id_i64(task))
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get::<i64, _>("n")?;
+                    let wanted = (votes.len() as i64 + i64::from(k)).max(i64::from(replicas));
+                    let state = if (votes.len() as i64 + active) < wanted {
+                        "pending"
+                    } else {
+                        "running"
+                    };
+                    sqlx::query("UPDATE tasks SET replicas = $1, state = $2 WHERE id = $3")
+                        .bind(wanted)
+                        .bind(state)
+                        .bind(id_i64(task))
+                        .execute(&mut *tx)
+                        .await?;
+                    if wanted > i64::from(replicas) {
+                        Recorded::MoreReplicas(k)
+                    } else {
+                        Recorded::Stored
+                    }
+                }
+                Decision::Failed => {
+                    let reason = "replicas disagree".to_string();
+                    sqlx::query("UPDATE tasks SET state = 'failed', reason = $1, finished_ms = $2 WHERE id = $3")
+                        .bind(&reason)
+                        .bind(now)
+                        .bind(id_i64(task))
+                        .execute(&mut *tx)
+                        .await?;
+                    Recorded::Failed(reason)
+                }
+            }
+        };
+        Self::finish_job_if_done(&mut tx, job, now).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn failed_attempt(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        task: TaskId,
+        attempts: u32,
+        max_attempts: u32,
+        reason: &str,
+        now: i64,
+    ) -> Result<Recorded> {
+        if attempts >= max_attempts {
+            let reason = format!("{reason}; gave up after {attempts} failed attempts");
+            sqlx::query("UPDATE tasks SET state = 'failed', attempts = $1, reason = $2, finished_ms = $3 WHERE id = $4")
+                .bind(i64::from(attempts))
+                .bind(&reason)
+                .bind(now)
+                .bind(id_i64(task))
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
+                .bind(now)
+                .bind(id_i64(task))
+                .execute(&mut **tx)
+                .await?;
+            Ok(Recorded::Failed(reason))
+        } else {
+            sqlx::query("UPDATE tasks SET state = 'pending', attempts = $1, reason = $2 WHERE id = $3 AND state IN ('pending', 'running')")
+                .bind(i64::from(attempts))
+                .bind(reason)
+                .bind(id_i64(task))
+                .execute(&mut **tx)
+                .await?;
+            Ok(Recorded::Stored)
+        }
+    }
+
+    async fn finish_job_if_done(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        job: i64,
+        now: i64,
+    ) -> Result<()> {
+        let open = sqlx::query(
+            "SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state IN ('pending', 'running')",
+        )
+        .bind(job)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get::<i64, _>("n")?;
+        if open > 0 {
+            return Ok(());
+        }
+        let verified =
+            sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state = 'verified'")
+                .bind(job)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get::<i64, _>("n")?;
+        let state = if verified > 0 { "completed" } else { "failed" };
+        sqlx::query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
+            .bind(state)
+            .bind(now)
+            .bind(job)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Expires active leases whose deadline passed: each is a failed attempt of its task,
+    /// which goes back to `pending` or, past `max_attempts`, to `failed`. Returns the expired
+    /// leases.
+    pub async fn expire_leases(
+        &self,
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<Vec<(LeaseId, NodeId)>> {
+        let rows = sqlx::query("SELECT id, task_id, node FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY id LIMIT 1000")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut expired = Vec::with_capacity(rows.len());
+        for r in rows {
+            let lease: i64 = r.try_get("id")?;
+            let task: i64 = r.try_get("task_id")?;
+            let node: NodeId = parse("lease node", &r.try_get::<String, _>("node")?)?;
+            let mut tx = self.pool.begin().await?;
+            let changed = sqlx::query("UPDATE leases SET state = 'expired', finished_ms = $1 WHERE id = $2 AND state = 'active'")
+                .bind(now)
+                .bind(lease)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if changed == 1 {
+                let t = sqlx::query("SELECT attempts, job_id FROM tasks WHERE id = $1")
+                    .bind(task)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let attempts = t.try_get::<i64, _>("attempts")? as u32 + 1;
+                let job: i64 = t.try_get("job_id")?;
+                Self::failed_attempt(
+                    &mut tx,
+                    task as TaskId,
+                    attempts,
+                    max_attempts,
+                    "lease expired",
+                    now,
+                )
+                .await?;
+                Self::finish_job_if_done(&mut tx, job, now).await?;
+                expired.push((lease as LeaseId, node));
+            }
+            tx.commit().await?;
+        }
+        Ok(expired)
+    }
+
+    // ---- nodes ---------------------------------------------------------------------------
+
+    /// Records a node's hello.
+    pub async fn upsert_node(
+        &self,
+        id: NodeId,
+        hardware: &Hardware,
+        tier: Tier,
+        slots: u32,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO nodes (id, hardware, tier, slots, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $5)
+             ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware, tier = excluded.tier, slots = excluded.slots,
+             last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(id.to_string())
+        .bind(to_json(hardware))
+        .bind(to_json(&tier))
+        .bind(i64::from(slots))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a node seen (heartbeat).
+    pub async fn touch_node(&self, id: NodeId, now: i64) -> Result<()> {
+        sqlx::query("UPDATE nodes SET last_seen_ms = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every known node.
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let rows = sqlx::query("SELECT id, hardware, tier, slots, last_seen_ms, agreed, disagreed FROM nodes ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeRow {
+                    id: parse("node id", &r.try_get::<String, _>("id")?)?,
+                    hardware: json("node hardware", &r.try_get::<String, _>("hardware")?)?,
+                    tier: json("node tier", &r.try_get::<String, _>("tier")?)?,
+                    slots: r.try_get::<i64, _>("slots")? as u32,
+                    last_seen_ms: r.try_get("last_seen_ms")?,
+                    agreed: r.try_get::<i64, _>("agreed")? as u64,
+                    disagreed: r.try_get::<i64, _>("disagreed")? as u64,
+                })
+            })
+            .collect()
+    }
+}
+
+fn task_row(r: &AnyRow) -> Result<TaskRow> {
+    let report: Option<String> = r.try_get("report")?;
+    Ok(TaskRow {
+        id: r.try_get::<i64, _>("id")? as TaskId,
+        index: r.try_get::<i64, _>("idx")? as u32,
+        args: json("task args", &r.try_get::<String, _>("args")?)?,
+        state: r.try_get("state")?,
+        replicas: r.try_get::<i64, _>("replicas")? as u32,
+        attempts: r.try_get::<i64, _>("attempts")? as u32,
+        reason: r.try_get("reason")?,
+        report: report.map(|s| json("task report", &s)).transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+//! The schema, as a chain of migrations, one SQL text per backend for each step.
+//!
+//! Each step runs once, in a transaction, and bumps `schema_version`. Steps are never edited
+//! after they ship: a change is a new step at the end of [`MIGRATIONS`].
+
+/// One migration step.
+pub struct Migration {
+    /// Version reached after the step.
+    pub version: i64,
+    /// What the step does.
+    pub name: &'static str,
+    /// SQL for SQLite (statements separated by `;`).
+    pub sqlite: &'static str,
+    /// SQL for PostgreSQL.
+    pub postgres: &'static str,
+}
+
+/// The migration chain, oldest first.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "blobs, modules, jobs, tasks, leases, nodes",
+    sqlite: r#"
+CREATE TABLE blobs (
+    id TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE modules (
+    id TEXT PRIMARY KEY,
+    metered TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    module TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    redundancy INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    deadline_ms INTEGER,
+    finished_ms INTEGER
+);
+CREATE TABLE tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    idx INTEGER NOT NULL,
+    args TEXT NOT NULL,
+    input TEXT NOT NULL,
+    seed TEXT NOT NULL,
+    state TEXT NOT NULL,
+    replicas INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    output TEXT,
+    fuel INTEGER,
+    report TEXT,
+    finished_ms INTEGER,
+    UNIQUE (job_id, idx)
+);
+CREATE INDEX tasks_by_state ON tasks (state, job_id, idx);
+CREATE TABLE leases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id INTEGER NOT NULL REFERENCES tasks(id),
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    report TEXT,
+    envelope BLOB,
+    finished_ms INTEGER
+);
+CREATE INDEX leases_by_task ON leases (task_id, node);
+CREATE INDEX leases_by_state ON leases (state, deadline_ms);
+CREATE INDEX leases_by_node ON leases (node, state);
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    hardware TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    slots INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    agreed INTEGER NOT NULL DEFAULT 0,
+    disagreed INTEGER NOT NULL DEFAULT 0
+);
+"#,
+    postgres: r#"
+CREATE TABLE blobs (
+    id TEXT PRIMARY KEY,
+    bytes BYTEA NOT NULL,
+    size BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE modules (
+    id TEXT PRIMARY KEY,
+    metered TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE jobs (
+    id BIGSERIAL PRIMARY KEY,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    module TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority BIGINT NOT NULL,
+    redundancy BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    deadline_ms BIGINT,
+    finished_ms BIGINT
+);
+CREATE TABLE tasks (
+    id BIGSERIAL PRIMARY KEY,
+    job_id BIGINT NOT NULL REFERENCES jobs(id),
+    idx BIGINT NOT NULL,
+    args TEXT NOT NULL,
+    input TEXT NOT NULL,
+    seed TEXT NOT NULL,
+    state TEXT NOT NULL,
+    replicas BIGINT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    reason TEXT,
+    output TEXT,
+    fuel BIGINT,
+    report TEXT,
+    finished_ms BIGINT,
+    UNIQUE (job_id, idx)
+);
+CREATE INDEX tasks_by_state ON tasks (state, job_id, idx);
+CREATE TABLE leases (
+    id BIGSERIAL PRIMARY KEY,
+    task_id BIGINT NOT NULL REFERENCES tasks(id),
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    deadline_ms BIGINT NOT NULL,
+    report TEXT,
+    envelope BYTEA,
+    finished_ms BIGINT
+);
+CREATE INDEX leases_by_task ON leases (task_id, node);
+CREATE INDEX leases_by_state ON leases (state, deadline_ms);
+CREATE INDEX leases_by_node ON leases (node, state);
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    hardware TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    slots BIGINT NOT NULL,
+    first_seen_ms BIGINT NOT NULL,
+    last_seen_ms BIGINT NOT NULL,
+    agreed BIGINT NOT NULL DEFAULT 0,
+    disagreed BIGINT NOT NULL DEFAULT 0
+);
+"#,
+}];
