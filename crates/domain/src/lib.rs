@@ -1,10 +1,18 @@
 //! The Stardust domain coordinator: owns the lifecycle of jobs from submission to verified
 //! results.
 //!
+//! - [`Domain`]: the running service (REST API v1, node WebSocket sessions, dispatcher,
+//!   lease expiry), configured by [`Config`].
 //! - [`store`]: durable state on SQLite or PostgreSQL, one code path, every transition one
 //!   transaction.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod config;
+mod http;
+mod service;
 pub mod store;
+
+pub use config::Config;
+pub use service::{Domain, StartError, now_ms};

@@ -13,6 +13,7 @@
 //! - [`message`]: the node ↔ domain messages of protocol v1.
 //! - [`job`]: job specs and the expansion of parameter sweeps into tasks.
 //! - [`rand`]: SplitMix64, the protocol's deterministic generator.
+//! - [`request`]: signed REST requests.
 //! - [`scu`]: the Standard Compute Unit, defined from metered fuel.
 
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod identity;
 pub mod job;
 pub mod message;
 pub mod rand;
+pub mod request;
 pub mod scu;
 pub mod task;
 

@@ -707,23 +707,26 @@ impl Store {
     }
 
     /// Extends the deadlines of `node`'s active leases among `leases` to `deadline_ms`.
-    /// Returns how many were renewed.
+    /// Returns the leases renewed (the others are no longer this node's to run).
     pub async fn renew_leases(
         &self,
         node: NodeId,
         leases: &[LeaseId],
         deadline_ms: i64,
-    ) -> Result<u64> {
-        let mut renewed = 0;
+    ) -> Result<Vec<LeaseId>> {
+        let mut renewed = Vec::with_capacity(leases.len());
         let mut tx = self.pool.begin().await?;
         for lease in leases {
-            renewed += sqlx::query("UPDATE leases SET deadline_ms = $1 WHERE id = $2 AND node = $3 AND state = 'active'")
+            let n = sqlx::query("UPDATE leases SET deadline_ms = $1 WHERE id = $2 AND node = $3 AND state = 'active'")
                 .bind(deadline_ms)
                 .bind(id_i64(*lease))
                 .bind(node.to_string())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            if n == 1 {
+                renewed.push(*lease);
+            }
         }
         tx.commit().await?;
         Ok(renewed)

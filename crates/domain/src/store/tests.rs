@@ -393,14 +393,14 @@ async fn renewals_and_restart_grace_keep_leases_alive() {
                 .renew_leases(node(1), &[lease], 5_000)
                 .await
                 .expect("renew"),
-            1
+            vec![lease]
         );
         assert_eq!(
             store
                 .renew_leases(node(2), &[lease], 9_000)
                 .await
                 .expect("renew"),
-            0,
+            Vec::<LeaseId>::new(),
             "only the holder renews"
         );
         assert!(

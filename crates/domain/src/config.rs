@@ -1,0 +1,53 @@
+//! Domain settings. The binary fills this from flags, `STARDUST_*` variables and a TOML
+//! file; the library never reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything a domain needs to run. Defaults are listed per field.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:7700`.
+    pub listen: SocketAddr,
+    /// Data directory: the domain key (`domain.key`) and, without `database_url`, the SQLite
+    /// database.
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL; SQLite under `data_dir` when absent.
+    pub database_url: Option<String>,
+    /// A lease lapses this long after the last heartbeat that renewed it. Default 30 s.
+    pub lease_ms: i64,
+    /// How often nodes must heartbeat. Default 5 s.
+    pub heartbeat_ms: u64,
+    /// Failed attempts of a task before it is dead-lettered. Default 5.
+    pub max_attempts: u32,
+    /// Most replicas of one task, extra ones on disagreement included. Default 5.
+    pub max_replicas: u8,
+    /// Largest REST request body (blob uploads included). Default 64 MiB.
+    pub max_request_bytes: usize,
+    /// Largest WebSocket frame from a node. Default 16 MiB.
+    pub max_frame_bytes: usize,
+    /// Outgoing frames queued per node session before the session is dropped as too slow.
+    /// Default 1024.
+    pub session_queue: usize,
+    /// Tasks examined per dispatch round. Default 512.
+    pub dispatch_batch: u32,
+}
+
+impl Config {
+    /// Defaults, with the data directory given.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data_dir,
+            database_url: None,
+            lease_ms: 30_000,
+            heartbeat_ms: 5_000,
+            max_attempts: 5,
+            max_replicas: 5,
+            max_request_bytes: 64 << 20,
+            max_frame_bytes: 16 << 20,
+            session_queue: 1024,
+            dispatch_batch: 512,
+        }
+    }
+}

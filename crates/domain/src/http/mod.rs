@@ -1,0 +1,507 @@
+//! The domain's HTTP surface: REST API v1 and the node WebSocket (`session`).
+//!
+//! Every error is an [`ApiError`]: an HTTP status and a stable machine-readable `code`;
+//! internal errors are logged and never echoed to clients.
+
+mod session;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use stardust_proto::content::ContentId;
+use stardust_proto::identity::NodeId;
+use stardust_proto::job::JobSpec;
+use stardust_proto::message::DomainMessage;
+use stardust_proto::request;
+use stardust_scheduler::matching::{self, Need, NodeState, NodeView};
+
+use crate::service::{Shared, now_ms};
+use crate::store::{JobRow, StoreError};
+
+/// An error answer: status, stable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "storage error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the domain's log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.config.max_request_bytes;
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/blobs/{id}", put(put_blob).get(get_blob))
+        .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/tasks", get(list_tasks))
+        .route("/v1/jobs/{id}/results", get(results))
+        .route("/v1/jobs/{id}/why", get(why))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/connect", get(session::connect))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
+/// Checks a signed request and refuses replays; returns the client's key.
+async fn authenticate(
+    shared: &Shared,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<NodeId> {
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let now = now_ms();
+    let key = request::verify(
+        h(request::KEY_HEADER),
+        h(request::TIME_HEADER),
+        h(request::SIGNATURE_HEADER),
+        method.as_str(),
+        path,
+        body,
+        now,
+    )
+    .map_err(|e| {
+        shared.rejections.count("bad_request_signature");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    })?;
+    let sig = h(request::SIGNATURE_HEADER).unwrap_or_default();
+    if !shared.replay.lock().await.fresh(sig, now) {
+        shared.rejections.count("replayed_request");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "replay",
+            "this signed request was already used",
+        ));
+    }
+    Ok(key)
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "status": "ok",
+        "domain": shared.identity.id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol": stardust_proto::PROTOCOL_VERSION,
+        "rejected": shared.rejections.snapshot(),
+    }))
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
+fn parse_id(s: &str) -> ApiResult<ContentId> {
+    s.parse()
+        .map_err(|e: stardust_proto::content::ParseContentIdError| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_content_id", e.to_string())
+        })
+}
+
+async fn put_blob(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authenticate(&shared, &method, &uri, &headers, &body).await?;
+    let id = parse_id(&id)?;
+    if !id.matches(&body) {
+        shared.rejections.count("blob_hash_mismatch");
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "hash_mismatch",
+            format!("the bytes hash to {}, not {id}", ContentId::of(&body)),
+        ));
+    }
+    let created = shared.store.put_blob(id, &body, now_ms()).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(json!({ "id": id, "size": body.len() }))).into_response())
+}
+
+async fn get_blob(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    authenticate(&shared, &method, &uri, &headers, b"").await?;
+    let id = parse_id(&id)?;
+    let bytes = shared
+        .store
+        .blob(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("blob"))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn submit(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let owner = authenticate(&shared, &method, &uri, &headers, &body).await?;
+    let spec: JobSpec = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_job_spec",
+            format!("invalid job spec: {e}"),
+        )
+    })?;
+    let trials = spec.expand().map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_job",
+            e.to_string(),
+        )
+    })?;
+    let now = now_ms();
+    let mut inputs: Vec<ContentId> = trials.iter().map(|t| t.input).collect();
+    inputs.sort_unstable();
+    inputs.dedup();
+    for input in inputs {
+        if !shared.store.has_blob(input).await? {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_blob",
+                format!("input {input} is not uploaded (PUT /v1/blobs/{input})"),
+            ));
+        }
+    }
+    let metered = match shared.store.module(spec.module).await? {
+        Some((metered, _author)) => metered,
+        None => {
+            let wasm = shared.store.blob(spec.module).await?.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "missing_blob",
+                    format!(
+                        "module {} is not uploaded (PUT /v1/blobs/{})",
+                        spec.module, spec.module
+                    ),
+                )
+            })?;
+            let metered_bytes = stardust_meter::instrument(&wasm).map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_module",
+                    e.to_string(),
+                )
+            })?;
+            let metered = ContentId::of(&metered_bytes);
+            shared.store.put_blob(metered, &metered_bytes, now).await?;
+            shared
+                .store
+                .put_module(spec.module, metered, owner, now)
+                .await?;
+            metered
+        }
+    };
+    let job = shared
+        .store
+        .create_job(owner, &spec, metered, &trials, now)
+        .await?;
+    shared.wake.notify_one();
+    tracing::info!(job, tasks = trials.len(), owner = %owner.short(), "job submitted");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "job_id": job, "tasks": trials.len(), "module": metered })),
+    )
+        .into_response())
+}
+
+/// The job, if it exists and `client` owns it (others get 404: existence is not revealed).
+async fn owned_job(shared: &Shared, id: u64, client: NodeId) -> ApiResult<JobRow> {
+    match shared.store.job(id).await? {
+        Some(j) if j.owner == client => Ok(j),
+        _ => Err(ApiError::not_found("job")),
+    }
+}
+
+fn job_json(j: &JobRow) -> Value {
+    json!({
+        "job_id": j.id,
+        "name": j.name,
+        "state": j.state,
+        "tasks_total": j.counts.total,
+        "tasks_verified": j.counts.verified,
+        "tasks_failed": j.counts.failed,
+        "tasks_pending": j.counts.pending + j.counts.running,
+        "tasks_running": j.counts.running,
+        "tasks_cancelled": j.counts.cancelled,
+        "redundancy": j.spec.redundancy,
+        "created_ms": j.created_ms,
+        "finished_ms": j.finished_ms,
+    })
+}
+
+async fn get_job(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<axum::Json<Value>> {
+    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    Ok(axum::Json(job_json(&owned_job(&shared, id, client).await?)))
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    #[serde(default)]
+    offset: u32,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+fn default_limit() -> u32 {
+    1000
+}
+
+async fn list_tasks(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<u64>,
+    Query(page): Query<Page>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<axum::Json<Value>> {
+    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    owned_job(&shared, id, client).await?;
+    let tasks = shared
+        .store
+        .tasks(id, page.offset, page.limit.min(10_000))
+        .await?;
+    Ok(axum::Json(json!({ "tasks": tasks })))
+}
+
+/// Outputs up to this size are returned inline as text.
+const INLINE_OUTPUT: usize = 64 << 10;
+
+async fn results(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<u64>,
+    Query(page): Query<Page>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<axum::Json<Value>> {
+    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    owned_job(&shared, id, client).await?;
+    let tasks = shared
+        .store
+        .tasks(id, page.offset, page.limit.min(10_000))
+        .await?;
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let mut entry = json!({ "task": t.id, "index": t.index, "args": t.args, "state": t.state, "reason": t.reason });
+        if let Some(r) = &t.report {
+            entry["status"] = json!(r.status);
+            entry["exit_code"] = json!(r.exit_code);
+            entry["fuel_used"] = json!(r.fuel_used);
+            entry["output"] = json!(r.output);
+            entry["output_len"] = json!(r.output_len);
+            if (r.output_len as usize) <= INLINE_OUTPUT {
+                if let Some(bytes) = shared.store.blob(r.output).await? {
+                    if let Ok(text) = String::from_utf8(bytes) {
+                        entry["output_text"] = json!(text);
+                    }
+                }
+            }
+        }
+        out.push(entry);
+    }
+    Ok(axum::Json(json!({ "results": out })))
+}
+
+async fn why(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<axum::Json<Value>> {
+    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    let job = owned_job(&shared, id, client).await?;
+    let pending: Vec<_> = shared
+        .store
+        .pending_tasks(10_000)
+        .await?
+        .into_iter()
+        .filter(|p| p.spec.job == id)
+        .collect();
+    let views = node_views(&shared).await;
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    for p in &pending {
+        let need = Need {
+            requirements: &p.requirements,
+            limits: &p.spec.limits,
+            replicas_on: &p.replicas_on,
+        };
+        let why = match matching::pick(&need, &views) {
+            Ok(_) => "a node can take it: it will be leased in the next dispatch round".to_string(),
+            Err(why) => why.to_string(),
+        };
+        *reasons.entry(why).or_default() += 1;
+    }
+    let running = job.counts.running;
+    let explanations: Vec<Value> = reasons
+        .into_iter()
+        .map(|(why, tasks)| json!({ "tasks": tasks, "why": why }))
+        .collect();
+    Ok(axum::Json(json!({
+        "job_id": id,
+        "state": job.state,
+        "pending": pending.len(),
+        "running": running,
+        "explanations": explanations,
+    })))
+}
+
+async fn node_views(shared: &Shared) -> Vec<NodeView> {
+    let sessions = shared.sessions.lock().await;
+    sessions
+        .values()
+        .map(|s| NodeView {
+            id: s.node,
+            hardware: s.hardware.clone(),
+            tier: s.tier,
+            state: if s.draining {
+                NodeState::Draining
+            } else if s.paused {
+                NodeState::Paused
+            } else {
+                NodeState::Online
+            },
+            slots: s.slots,
+            running: s.running.len() as u32,
+            reputation: 0.5,
+            latency_ms: 1,
+        })
+        .collect()
+}
+
+async fn cancel(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<axum::Json<Value>> {
+    let client = authenticate(&shared, &method, &uri, &headers, &body).await?;
+    owned_job(&shared, id, client).await?;
+    let leases = shared
+        .store
+        .cancel_job(id, now_ms())
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?;
+    let mut by_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+    for (lease, node) in leases {
+        by_node.entry(node).or_default().push(lease);
+    }
+    for (node, leases) in by_node {
+        {
+            let mut sessions = shared.sessions.lock().await;
+            if let Some(s) = sessions.get_mut(&node) {
+                for l in &leases {
+                    s.running.remove(l);
+                }
+            }
+        }
+        shared.send(node, &DomainMessage::Cancel { leases }).await;
+    }
+    let job = owned_job(&shared, id, client).await?;
+    Ok(axum::Json(job_json(&job)))
+}
+
+async fn nodes(State(shared): State<Arc<Shared>>) -> ApiResult<axum::Json<Value>> {
+    let stored = shared.store.nodes().await?;
+    let sessions = shared.sessions.lock().await;
+    let list: Vec<Value> = stored
+        .iter()
+        .map(|n| {
+            let live = sessions.get(&n.id);
+            let state = match live {
+                None => "offline",
+                Some(s) if s.draining => "draining",
+                Some(s) if s.paused => "paused",
+                Some(_) => "online",
+            };
+            json!({
+                "id": n.id,
+                "tier": n.tier,
+                "hardware": n.hardware,
+                "slots": n.slots,
+                "state": state,
+                "running": live.map_or(0, |s| s.running.len()),
+                "last_seen_ms": n.last_seen_ms,
+                "agreed": n.agreed,
+                "disagreed": n.disagreed,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "nodes": list })))
+}

@@ -1,0 +1,397 @@
+//! A node's WebSocket session (`/v1/nodes/connect`).
+//!
+//! ```text
+//!  reader loop (this task)                       writer task
+//!   frames ──open/verify──▶ heartbeat / results ──▶ outbox (bounded) ──▶ socket
+//!                          dispatcher, expiry ────▶ outbox
+//! ```
+//!
+//! Every frame is a signed envelope (docs/protocol.md §5). A bad frame is answered with a
+//! `reject`, counted, and otherwise ignored: it never disturbs the session or anyone else.
+//! A session that sends too many bad frames is closed.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use stardust_proto::envelope::{self, Context};
+use stardust_proto::identity::NodeId;
+use stardust_proto::message::{
+    self, Assignment, DecodeError, DomainMessage, Hello, NodeMessage, Nonce, ResultBatch, encode,
+};
+use stardust_proto::task::{LeaseId, RunReport};
+use tokio::sync::mpsc;
+
+use crate::service::{Session, Shared, next_session, now_ms};
+use crate::store::{RecordError, Submitted};
+
+/// Bad frames tolerated per session before it is closed.
+const MAX_BAD_FRAMES: u32 = 64;
+/// How long a node has to answer the challenge.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most slots a node may declare.
+const MAX_SLOTS: u32 = 1024;
+
+pub(super) async fn connect(
+    ws: WebSocketUpgrade,
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+) -> Response {
+    let max = shared.config.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            run(socket, shared, addr).await;
+        })
+}
+
+fn reject(code: &str, message: impl Into<String>) -> DomainMessage {
+    DomainMessage::Reject {
+        code: code.to_string(),
+        message: message.into(),
+    }
+}
+
+async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
+    let (mut sink, mut stream) = socket.split();
+    let mut nonce = [0u8; 32];
+    if getrandom::fill(&mut nonce).is_err() {
+        tracing::error!("no randomness for the session challenge");
+        return;
+    }
+    let challenge = encode(
+        &shared.identity,
+        &DomainMessage::Challenge {
+            nonce: Nonce(nonce),
+            protocol: stardust_proto::PROTOCOL_VERSION,
+        },
+    );
+    if sink.send(Message::Binary(challenge.into())).await.is_err() {
+        return;
+    }
+    let max = shared.config.max_frame_bytes;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await;
+    let Ok(Some(Ok(Message::Binary(bytes)))) = first else {
+        shared.rejections.count("no_hello");
+        return;
+    };
+    let (node, hello) = match message::decode::<Hello>(&bytes, max) {
+        Ok(v) => v,
+        Err(e) => {
+            shared.rejections.count("bad_hello");
+            let _ = sink
+                .send(Message::Binary(
+                    encode(&shared.identity, &reject(e.code(), e.to_string())).into(),
+                ))
+                .await;
+            return;
+        }
+    };
+    if hello.nonce != Nonce(nonce) {
+        shared.rejections.count("replayed_hello");
+        let frame = encode(
+            &shared.identity,
+            &reject(
+                "replay",
+                "the hello does not answer this connection's challenge",
+            ),
+        );
+        let _ = sink.send(Message::Binary(frame.into())).await;
+        return;
+    }
+    if hello.slots == 0 || hello.slots > MAX_SLOTS {
+        let frame = encode(
+            &shared.identity,
+            &reject("bad_hello", format!("slots must be 1..={MAX_SLOTS}")),
+        );
+        let _ = sink.send(Message::Binary(frame.into())).await;
+        return;
+    }
+    let now = now_ms();
+    if let Err(e) = shared
+        .store
+        .upsert_node(node, &hello.hardware, hello.tier, hello.slots, now)
+        .await
+    {
+        tracing::error!(error = %e, "cannot record node");
+        return;
+    }
+
+    let (outbox, mut rx) = mpsc::channel::<Vec<u8>>(shared.config.session_queue);
+    let session_id = next_session(&shared);
+    let resumed = match shared.store.active_leases(node).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the node's leases");
+            return;
+        }
+    };
+    {
+        let mut sessions = shared.sessions.lock().await;
+        let running = resumed.iter().map(|l| (l.lease, now)).collect();
+        // A reconnect replaces the old session; its writer ends when its outbox drops.
+        sessions.insert(
+            node,
+            Session {
+                id: session_id,
+                node,
+                hardware: hello.hardware.clone(),
+                tier: hello.tier,
+                slots: hello.slots,
+                paused: false,
+                draining: false,
+                running,
+                outbox: outbox.clone(),
+            },
+        );
+    }
+    tracing::info!(node = %node.short(), %addr, slots = hello.slots, agent = %hello.agent, session = session_id, "node connected");
+    let welcome = encode(
+        &shared.identity,
+        &DomainMessage::Welcome {
+            session: session_id,
+            heartbeat_ms: shared.config.heartbeat_ms,
+        },
+    );
+    let _ = outbox.try_send(welcome);
+    if !resumed.is_empty() {
+        let tasks = resumed
+            .into_iter()
+            .map(|l| Assignment {
+                lease: l.lease,
+                spec: l.spec,
+                lease_ms: shared.config.lease_ms as u64,
+            })
+            .collect();
+        let _ = outbox.try_send(encode(&shared.identity, &DomainMessage::Assign { tasks }));
+    }
+    shared.wake.notify_one();
+
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.send(Message::Binary(frame.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut bad = 0u32;
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => {
+                let _ = outbox.try_send(encode(&shared.identity, &DomainMessage::Drain));
+                break;
+            }
+            f = stream.next() => f,
+        };
+        let bytes = match frame {
+            Some(Ok(Message::Binary(b))) => b,
+            Some(Ok(Message::Text(_))) => {
+                bad += 1;
+                shared.rejections.count("text_frame");
+                let _ = outbox.try_send(encode(
+                    &shared.identity,
+                    &reject("text_frame", "protocol v1 frames are binary envelopes"),
+                ));
+                if bad > MAX_BAD_FRAMES {
+                    break;
+                }
+                continue;
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        };
+        if let Err((code, msg)) = handle_frame(&shared, node, &bytes, &outbox).await {
+            bad += 1;
+            shared.rejections.count(code);
+            tracing::debug!(node = %node.short(), code, msg, "refused a frame");
+            let _ = outbox.try_send(encode(&shared.identity, &reject(code, msg)));
+            if bad > MAX_BAD_FRAMES {
+                tracing::warn!(node = %node.short(), "too many bad frames; closing the session");
+                break;
+            }
+        }
+    }
+    {
+        let mut sessions = shared.sessions.lock().await;
+        if sessions.get(&node).is_some_and(|s| s.id == session_id) {
+            sessions.remove(&node);
+        }
+    }
+    drop(outbox);
+    let _ = writer.await;
+    tracing::info!(node = %node.short(), session = session_id, "node disconnected");
+}
+
+type FrameResult = Result<(), (&'static str, String)>;
+
+fn decode_err(e: DecodeError) -> (&'static str, String) {
+    (e.code(), e.to_string())
+}
+
+async fn handle_frame(
+    shared: &Shared,
+    node: NodeId,
+    bytes: &[u8],
+    outbox: &mpsc::Sender<Vec<u8>>,
+) -> FrameResult {
+    let opened = envelope::open_any(bytes, shared.config.max_frame_bytes)
+        .map_err(|e| decode_err(e.into()))?;
+    if opened.signer != node {
+        return Err((
+            "wrong_signer",
+            "frames must be signed by the session's node key".into(),
+        ));
+    }
+    match opened.context {
+        Context::Node => {
+            let (_, msg) = message::decode::<NodeMessage>(bytes, shared.config.max_frame_bytes)
+                .map_err(decode_err)?;
+            match msg {
+                NodeMessage::Heartbeat {
+                    running,
+                    free_slots,
+                    ..
+                } => heartbeat(shared, node, &running, free_slots).await,
+                NodeMessage::Draining => {
+                    if let Some(s) = shared.sessions.lock().await.get_mut(&node) {
+                        s.draining = true;
+                    }
+                    Ok(())
+                }
+                _ => Err(("unexpected", "unknown node message".into())),
+            }
+        }
+        Context::Result => {
+            let (_, batch) = message::decode::<ResultBatch>(bytes, shared.config.max_frame_bytes)
+                .map_err(decode_err)?;
+            results(shared, node, bytes, batch, outbox).await
+        }
+        other => Err((
+            "wrong_context",
+            format!("{other} is not accepted on a node session"),
+        )),
+    }
+}
+
+async fn heartbeat(
+    shared: &Shared,
+    node: NodeId,
+    running: &[LeaseId],
+    free_slots: u32,
+) -> FrameResult {
+    let now = now_ms();
+    let renewed = shared
+        .store
+        .renew_leases(node, running, now + shared.config.lease_ms)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "renewing leases failed");
+            ("internal", "internal error".to_string())
+        })?;
+    let _ = shared.store.touch_node(node, now).await;
+    let renewed: HashSet<LeaseId> = renewed.into_iter().collect();
+    let recent = now - 2 * shared.config.heartbeat_ms as i64;
+    let mut wake = false;
+    if let Some(s) = shared.sessions.lock().await.get_mut(&node) {
+        // Keep what the node renewed, and what was assigned too recently to be in its list.
+        s.running
+            .retain(|lease, assigned| renewed.contains(lease) || *assigned > recent);
+        s.paused = free_slots == 0 && (s.running.len() as u32) < s.slots;
+        wake = s.free() > 0;
+    }
+    if wake {
+        shared.wake.notify_one();
+    }
+    Ok(())
+}
+
+async fn results(
+    shared: &Shared,
+    node: NodeId,
+    envelope: &[u8],
+    batch: ResultBatch,
+    outbox: &mpsc::Sender<Vec<u8>>,
+) -> FrameResult {
+    let now = now_ms();
+    let mut done = Vec::with_capacity(batch.results.len());
+    let mut refused = Vec::new();
+    for r in &batch.results {
+        if let Err(why) = check_output(shared, &r.report).await {
+            refused.push((r.lease, why));
+            continue;
+        }
+        let submitted = Submitted {
+            lease: r.lease,
+            node,
+            task: r.task,
+            report: &r.report,
+            envelope,
+        };
+        match shared
+            .store
+            .record_result(submitted, shared.retry(), now)
+            .await
+        {
+            Ok(outcome) => {
+                tracing::debug!(node = %node.short(), lease = r.lease, ?outcome, "result recorded");
+                done.push(r.lease);
+            }
+            Err(RecordError::Store(e)) => {
+                // Not acknowledged: the node keeps the result and sends it again.
+                tracing::error!(error = %e, "recording a result failed");
+            }
+            Err(e) => refused.push((r.lease, e.to_string())),
+        }
+    }
+    {
+        let mut sessions = shared.sessions.lock().await;
+        if let Some(s) = sessions.get_mut(&node) {
+            for l in done.iter().chain(refused.iter().map(|(l, _)| l)) {
+                s.running.remove(l);
+            }
+        }
+    }
+    let mut acked = done;
+    acked.extend(refused.iter().map(|(l, _)| *l));
+    if !acked.is_empty() {
+        let _ = outbox.try_send(encode(
+            &shared.identity,
+            &DomainMessage::Ack { leases: acked },
+        ));
+        shared.wake.notify_one();
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        let detail = refused
+            .iter()
+            .map(|(l, why)| format!("lease {l}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(("not_leased", detail))
+    }
+}
+
+/// A result must name output bytes the node uploaded first.
+async fn check_output(shared: &Shared, report: &RunReport) -> Result<(), String> {
+    match shared.store.has_blob(report.output).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "output {} was not uploaded before the result",
+            report.output
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "checking an output blob failed");
+            Err("internal error".into())
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The running domain: shared state, the dispatcher and the lease-expiry worker.
+//!
+//! ```text
+//!  REST handlers ──submit──▶ Store ◀──record──┐
+//!        │                     ▲              │
+//!        └──wake──▶ dispatcher ┘──assign──▶ node sessions (bounded outbox each)
+//!                   expiry ────expire──▶ Store, cancel ──▶ node sessions
+//! ```
+//!
+//! Each long-lived task owns its loop and stops when the shutdown signal fires
+//! (`select! { biased; shutdown first }`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use stardust_proto::identity::{Identity, NodeId};
+use stardust_proto::message::{Assignment, DomainMessage, encode};
+use stardust_proto::task::{Hardware, LeaseId, Tier};
+use stardust_scheduler::matching::{self, Need, NodeState, NodeView};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
+
+use crate::config::Config;
+use crate::store::{Retry, Store, StoreError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A connected node, as the dispatcher sees it.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub id: u64,
+    pub node: NodeId,
+    pub hardware: Hardware,
+    pub tier: Tier,
+    pub slots: u32,
+    /// The node's owner policy has paused it (it reported no free slot with fewer leases
+    /// than slots).
+    pub paused: bool,
+    pub draining: bool,
+    /// Leases this domain believes the node runs: added on assignment, removed on result,
+    /// expiry or cancel, and reconciled with each heartbeat.
+    pub running: HashMap<LeaseId, i64>,
+    pub outbox: mpsc::Sender<Vec<u8>>,
+}
+
+impl Session {
+    /// Slots the dispatcher may fill now.
+    pub fn free(&self) -> u32 {
+        if self.paused || self.draining {
+            0
+        } else {
+            self.slots.saturating_sub(self.running.len() as u32)
+        }
+    }
+}
+
+/// Signatures of recent REST requests, to refuse replays; bounded.
+#[derive(Debug, Default)]
+pub(crate) struct ReplayGuard {
+    seen: HashSet<String>,
+    order: VecDeque<(i64, String)>,
+}
+
+impl ReplayGuard {
+    const CAP: usize = 100_000;
+
+    /// Records `sig`; false when it was seen within the skew window.
+    pub fn fresh(&mut self, sig: &str, now: i64) -> bool {
+        let horizon = now - 2 * stardust_proto::request::MAX_SKEW_MS;
+        while let Some((t, _)) = self.order.front() {
+            if *t >= horizon && self.order.len() < Self::CAP {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        if !self.seen.insert(sig.to_string()) {
+            return false;
+        }
+        self.order.push_back((now, sig.to_string()));
+        true
+    }
+}
+
+/// Counters of refused input, by reason (exported as metrics later).
+#[derive(Debug, Default)]
+pub(crate) struct Rejections {
+    counts: std::sync::Mutex<HashMap<&'static str, u64>>,
+}
+
+impl Rejections {
+    pub fn count(&self, reason: &'static str) {
+        if let Ok(mut c) = self.counts.lock() {
+            *c.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn snapshot(&self) -> HashMap<&'static str, u64> {
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+/// State shared by handlers, sessions and workers.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub identity: Identity,
+    pub config: Config,
+    pub sessions: Mutex<HashMap<NodeId, Session>>,
+    pub wake: Notify,
+    pub replay: Mutex<ReplayGuard>,
+    pub rejections: Rejections,
+    pub next_session: AtomicU64,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub fn retry(&self) -> Retry {
+        Retry {
+            max_attempts: self.config.max_attempts,
+            max_replicas: self.config.max_replicas,
+        }
+    }
+
+    /// Sends a signed message to a node's session, if connected; drops the session when its
+    /// outbox is full (a node that does not read is not worth blocking for).
+    pub async fn send(&self, node: NodeId, message: &DomainMessage) {
+        let frame = encode(&self.identity, message);
+        let mut sessions = self.sessions.lock().await;
+        if let Some(s) = sessions.get(&node) {
+            if s.outbox.try_send(frame).is_err() {
+                tracing::warn!(node = %node.short(), "node outbox full or closed; dropping the session");
+                sessions.remove(&node);
+            }
+        }
+    }
+}
+
+/// Why the domain could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Storage failed to open or migrate.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The domain key could not be read or created.
+    #[error("domain key: {0}")]
+    Key(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running domain.
+pub struct Domain {
+    addr: SocketAddr,
+    id: NodeId,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Domain {
+    /// Opens storage, binds the listener and starts serving.
+    pub async fn start(config: Config, identity: Identity) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Key(e.to_string()))?;
+        let store = match &config.database_url {
+            Some(url) => Store::open(url).await?,
+            None => Store::open_sqlite(&config.data_dir).await?,
+        };
+        // Nodes could not heartbeat while the domain was down.
+        let extended = store.extend_all_leases(now_ms(), config.lease_ms).await?;
+        if extended > 0 {
+            tracing::info!(
+                leases = extended,
+                "gave active leases a fresh deadline after the restart"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let (stop, shutdown) = watch::channel(false);
+        let id = identity.id();
+        let shared = Arc::new(Shared {
+            store,
+            identity,
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            replay: Mutex::new(ReplayGuard::default()),
+            rejections: Rejections::default(),
+            next_session: AtomicU64::new(1),
+            shutdown: shutdown.clone(),
+        });
+        let router = crate::http::router(shared.clone());
+        let mut server_stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        let dispatcher = tokio::spawn(dispatch_loop(shared.clone()));
+        let expiry = tokio::spawn(expiry_loop(shared.clone()));
+        tracing::info!(%addr, domain = %id, "domain listening");
+        Ok(Self {
+            addr,
+            id,
+            stop,
+            tasks: vec![server, dispatcher, expiry],
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The domain's public key.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Asks every task to stop and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Leases pending tasks to connected nodes with free slots, in batches.
+async fn dispatch_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return,
+            () = shared.wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if let Err(e) = dispatch_round(&shared).await {
+            tracing::error!(error = %e, "dispatch round failed");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
+    let free: u32 = {
+        let sessions = shared.sessions.lock().await;
+        sessions.values().map(Session::free).sum()
+    };
+    if free == 0 {
+        return Ok(());
+    }
+    let pending = shared
+        .store
+        .pending_tasks(
+            shared
+                .config
+                .dispatch_batch
+                .min(free.saturating_mul(4).max(16)),
+        )
+        .await?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let mut batches: HashMap<NodeId, Vec<Assignment>> = HashMap::new();
+    let mut sessions = shared.sessions.lock().await;
+    for task in pending {
+        // Snapshot of candidate nodes with their current load.
+        let views: Vec<NodeView> = sessions
+            .values()
+            .map(|s| NodeView {
+                id: s.node,
+                hardware: s.hardware.clone(),
+                tier: s.tier,
+                state: if s.draining {
+                    NodeState::Draining
+                } else if s.paused {
+                    NodeState::Paused
+                } else {
+                    NodeState::Online
+                },
+                slots: s.slots,
+                running: s.running.len() as u32,
+                reputation: 0.5,
+                latency_ms: 1,
+            })
+            .collect();
+        let mut replicas_on = task.replicas_on.clone();
+        // A task may want more than one replica now: lease as many as fit.
+        loop {
+            let need = Need {
+                requirements: &task.requirements,
+                limits: &task.spec.limits,
+                replicas_on: &replicas_on,
+            };
+            let Ok(node) = matching::pick(&need, &views) else {
+                break;
+            };
+            let node = node.id;
+            // Re-check capacity against leases made earlier in this round.
+            let Some(s) = sessions.get_mut(&node) else {
+                break;
+            };
+            if s.free() == 0 {
+                replicas_on.push(node);
+                if views.iter().all(|v| replicas_on.contains(&v.id)) {
+                    break;
+                }
+                continue;
+            }
+            match shared
+                .store
+                .create_lease(task.spec.task, node, now, shared.config.lease_ms)
+                .await?
+            {
+                Some(lease) => {
+                    s.running.insert(lease, now);
+                    batches.entry(node).or_default().push(Assignment {
+                        lease,
+                        spec: task.spec.clone(),
+                        lease_ms: shared.config.lease_ms as u64,
+                    });
+                    replicas_on.push(node);
+                }
+                None => break,
+            }
+            if views.iter().all(|v| replicas_on.contains(&v.id)) {
+                break;
+            }
+        }
+    }
+    for (node, tasks) in batches {
+        let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
+        if let Some(s) = sessions.get(&node) {
+            if s.outbox.try_send(frame).is_err() {
+                tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
+                sessions.remove(&node);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Expires overdue leases and tells their nodes to stop them.
+async fn expiry_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        match shared
+            .store
+            .expire_leases(now_ms(), shared.config.max_attempts)
+            .await
+        {
+            Ok(expired) if !expired.is_empty() => {
+                tracing::info!(count = expired.len(), "leases expired");
+                let mut by_node: HashMap<NodeId, Vec<LeaseId>> = HashMap::new();
+                for (lease, node) in expired {
+                    by_node.entry(node).or_default().push(lease);
+                }
+                for (node, leases) in by_node {
+                    {
+                        let mut sessions = shared.sessions.lock().await;
+                        if let Some(s) = sessions.get_mut(&node) {
+                            for l in &leases {
+                                s.running.remove(l);
+                            }
+                        }
+                    }
+                    shared.send(node, &DomainMessage::Cancel { leases }).await;
+                }
+                shared.wake.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "lease expiry failed"),
+        }
+    }
+}
+
+pub(crate) fn next_session(shared: &Shared) -> u64 {
+    shared.next_session.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,170 @@
+//! Signed REST requests (context `stardust/v1/request`).
+//!
+//! A client signs each request with its key; the domain identifies clients by that key. The
+//! signature covers, as bytes:
+//!
+//! ```text
+//! "stardust/v1/request" 0x00 METHOD 0x0a PATH_AND_QUERY 0x0a TIME_MS 0x0a HEX(BLAKE3(BODY))
+//! ```
+//!
+//! and travels in three headers: [`KEY_HEADER`] (the NodeId), [`TIME_HEADER`] (Unix time in
+//! milliseconds, decimal) and [`SIGNATURE_HEADER`] (128 hex digits). The domain accepts a
+//! time within [`MAX_SKEW_MS`] of its clock and each signature once.
+
+use crate::envelope::Context;
+use crate::identity::{Identity, NodeId, VerifyError};
+
+/// Header carrying the signer's NodeId.
+pub const KEY_HEADER: &str = "x-stardust-key";
+/// Header carrying the signing time, Unix milliseconds.
+pub const TIME_HEADER: &str = "x-stardust-time";
+/// Header carrying the Ed25519 signature, hex.
+pub const SIGNATURE_HEADER: &str = "x-stardust-signature";
+/// Largest accepted difference between the signing time and the domain's clock.
+pub const MAX_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// The bytes a request signature covers.
+pub fn signing_bytes(method: &str, path_and_query: &str, time_ms: i64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + path_and_query.len());
+    out.extend_from_slice(Context::Request.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(path_and_query.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(time_ms.to_string().as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(blake3::hash(body).to_hex().as_bytes());
+    out
+}
+
+/// The three header values (key, time, signature) for a request.
+pub fn sign(
+    identity: &Identity,
+    method: &str,
+    path_and_query: &str,
+    time_ms: i64,
+    body: &[u8],
+) -> [String; 3] {
+    let sig = identity.sign(&signing_bytes(method, path_and_query, time_ms, body));
+    [
+        identity.id().to_string(),
+        time_ms.to_string(),
+        data_encoding::HEXLOWER.encode(&sig),
+    ]
+}
+
+/// Why a signed request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// A header is missing or malformed.
+    #[error("missing or malformed {0} header")]
+    Header(&'static str),
+    /// The time is too far from the domain's clock.
+    #[error(
+        "request time is {skew_ms} ms away from the domain's clock (at most {MAX_SKEW_MS} allowed)"
+    )]
+    Skew {
+        /// The difference.
+        skew_ms: i64,
+    },
+    /// The signature does not verify.
+    #[error("bad request signature")]
+    BadSignature,
+}
+
+/// Checks a request's headers against its method, path, body and the current time; returns
+/// the signer.
+pub fn verify(
+    key: Option<&str>,
+    time: Option<&str>,
+    signature: Option<&str>,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<NodeId, AuthError> {
+    let key: NodeId = key
+        .and_then(|k| k.parse().ok())
+        .ok_or(AuthError::Header(KEY_HEADER))?;
+    let time: i64 = time
+        .and_then(|t| t.parse().ok())
+        .ok_or(AuthError::Header(TIME_HEADER))?;
+    let sig: [u8; 64] = signature
+        .and_then(|s| data_encoding::HEXLOWER.decode(s.as_bytes()).ok())
+        .and_then(|b| b.try_into().ok())
+        .ok_or(AuthError::Header(SIGNATURE_HEADER))?;
+    let skew = (now_ms - time).abs();
+    if skew > MAX_SKEW_MS {
+        return Err(AuthError::Skew { skew_ms: skew });
+    }
+    key.verify(&signing_bytes(method, path_and_query, time, body), &sig)
+        .map_err(|e: VerifyError| match e {
+            VerifyError::BadPublicKey | VerifyError::BadSignature => AuthError::BadSignature,
+        })?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_then_verify_and_each_rejection() {
+        let id = Identity::from_secret_bytes(&[5; 32]);
+        let [k, t, s] = sign(&id, "POST", "/v1/jobs", 1_000_000, b"{}");
+        let ok = verify(
+            Some(&k),
+            Some(&t),
+            Some(&s),
+            "POST",
+            "/v1/jobs",
+            b"{}",
+            1_000_500,
+        );
+        assert_eq!(ok, Ok(id.id()));
+        let v =
+            |m: &str, p: &str, b: &[u8], now| verify(Some(&k), Some(&t), Some(&s), m, p, b, now);
+        assert_eq!(
+            v("GET", "/v1/jobs", b"{}", 1_000_000),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            v("POST", "/v1/jobs?x=1", b"{}", 1_000_000),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            v("POST", "/v1/jobs", b"{ }", 1_000_000),
+            Err(AuthError::BadSignature)
+        );
+        assert!(matches!(
+            v("POST", "/v1/jobs", b"{}", 1_000_000 + MAX_SKEW_MS + 1),
+            Err(AuthError::Skew { .. })
+        ));
+        assert_eq!(
+            verify(
+                None,
+                Some(&t),
+                Some(&s),
+                "POST",
+                "/v1/jobs",
+                b"{}",
+                1_000_000
+            ),
+            Err(AuthError::Header(KEY_HEADER))
+        );
+        assert_eq!(
+            verify(
+                Some(&k),
+                Some(&t),
+                Some("zz"),
+                "POST",
+                "/v1/jobs",
+                b"{}",
+                1_000_000
+            ),
+            Err(AuthError::Header(SIGNATURE_HEADER))
+        );
+    }
+}
