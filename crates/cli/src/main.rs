@@ -6,8 +6,13 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod client;
+mod domain;
+mod jobfile;
 mod keys;
+mod node;
 mod run;
+mod signals;
 mod units;
 
 use std::process::ExitCode;
@@ -36,6 +41,17 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a domain coordinator (REST API, node sessions, scheduling).
+    Domain(domain::Args),
+    /// Contribute this machine to a domain.
+    Node(node::Args),
+    /// Submit a job file (TOML or JSON).
+    Submit(client::SubmitArgs),
+    /// Inspect or cancel a job.
+    #[command(subcommand)]
+    Job(client::JobCommand),
+    /// List the domain's nodes.
+    Nodes(client::Conn),
     /// Run a WebAssembly module locally under exactly the sandbox nodes use.
     Run(run::Args),
     /// Manage identity keys.
@@ -66,6 +82,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
+        Command::Domain(args) => domain::main(args),
+        Command::Node(args) => node::main(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Job(cmd) => client::job(cmd),
+        Command::Nodes(conn) => client::nodes(conn),
         Command::Run(args) => run::main(args),
         Command::Keys(cmd) => keys::main(cmd),
         Command::Bench(cmd) => bench::main(cmd),

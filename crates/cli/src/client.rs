@@ -1,0 +1,247 @@
+//! Client commands: `submit`, `job status|results|why|cancel`, `nodes`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+/// Where the domain is and who we are.
+#[derive(Debug, clap::Args)]
+pub struct Conn {
+    /// The domain, http://HOST:PORT.
+    #[arg(long, env = "STARDUST_DOMAIN", default_value = "http://127.0.0.1:7700")]
+    domain: String,
+    /// The client key file (created on first use).
+    #[arg(long, env = "STARDUST_KEY")]
+    key: Option<PathBuf>,
+    /// Print one JSON object as the last stdout line.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<stardust_sdk::Client> {
+        let key = match &self.key {
+            Some(k) => k.clone(),
+            None => {
+                let home = std::env::var_os("HOME").context("HOME is not set; pass --key FILE")?;
+                PathBuf::from(home).join(".stardust").join("client.key")
+            }
+        };
+        let identity = stardust_keystore::load_or_create(&key)?;
+        Ok(stardust_sdk::Client::new(&self.domain, identity)?)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The job file (TOML or JSON).
+    file: PathBuf,
+    /// Wait for the job to end, with a progress bar.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// State and task counts.
+    Status {
+        /// The job id.
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Verified results, with small outputs inline.
+    Results {
+        /// The job id.
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Why pending tasks are not running.
+    Why {
+        /// The job id.
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel the job.
+    Cancel {
+        /// The job id.
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn print(conn: &Conn, value: &Value, text: impl FnOnce(&Value) -> String) {
+    if conn.json {
+        println!("{value}");
+    } else {
+        println!("{}", text(value));
+    }
+}
+
+fn status_line(v: &Value) -> String {
+    format!(
+        "job {} {}: {}/{} verified, {} failed, {} pending",
+        v["job_id"],
+        v["state"].as_str().unwrap_or("?"),
+        v["tasks_verified"],
+        v["tasks_total"],
+        v["tasks_failed"],
+        v["tasks_pending"]
+    )
+}
+
+/// Draws a progress bar on stderr when it is a terminal.
+fn progress(v: &Value) {
+    let err = std::io::stderr();
+    if !err.is_terminal() {
+        return;
+    }
+    let total = v["tasks_total"].as_u64().unwrap_or(0).max(1);
+    let done = v["tasks_verified"].as_u64().unwrap_or(0)
+        + v["tasks_failed"].as_u64().unwrap_or(0)
+        + v["tasks_cancelled"].as_u64().unwrap_or(0);
+    let width = 40;
+    let filled = (done * width / total) as usize;
+    let mut e = err.lock();
+    let _ = write!(
+        e,
+        "\r[{}{}] {done}/{total} {}   ",
+        "#".repeat(filled),
+        "-".repeat(width as usize - filled),
+        v["state"].as_str().unwrap_or("")
+    );
+    let _ = e.flush();
+}
+
+pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let loaded = crate::jobfile::load(&args.file)?;
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        for (_, bytes) in loaded.uploads {
+            client.put_blob(bytes).await?;
+        }
+        let job = client.submit(&loaded.spec).await?;
+        if !args.wait {
+            let v = json!({ "job_id": job, "state": "queued" });
+            print(&args.conn, &v, |_| format!("submitted job {job}"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !args.conn.json {
+            eprintln!("submitted job {job}; waiting");
+        }
+        let status = client.wait(job, progress).await?;
+        if std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+        print(&args.conn, &status, status_line);
+        Ok(if status["state"] == "completed" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}
+
+pub fn job(cmd: JobCommand) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    match cmd {
+        JobCommand::Status { id, conn } => {
+            let v = rt.block_on(conn.client()?.job(id))?;
+            print(&conn, &v, status_line);
+        }
+        JobCommand::Results { id, conn } => {
+            let v = rt.block_on(conn.client()?.results(id))?;
+            print(&conn, &v, |v| {
+                let mut out = String::new();
+                for r in v["results"].as_array().into_iter().flatten() {
+                    let args: Vec<&str> = r["args"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let text = r["output_text"]
+                        .as_str()
+                        .map_or_else(|| r["output"].to_string(), |t| t.trim_end().to_string());
+                    out.push_str(&format!(
+                        "#{} [{}] {}: {}\n",
+                        r["index"],
+                        args.join(" "),
+                        r["state"].as_str().unwrap_or("?"),
+                        text
+                    ));
+                }
+                out.trim_end().to_string()
+            });
+        }
+        JobCommand::Why { id, conn } => {
+            let v = rt.block_on(conn.client()?.why(id))?;
+            print(&conn, &v, |v| {
+                let lines: Vec<String> = v["explanations"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        format!(
+                            "{} task(s): {}",
+                            e["tasks"],
+                            e["why"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                if lines.is_empty() {
+                    format!("job {id} has no pending task ({} running)", v["running"])
+                } else {
+                    lines.join("\n")
+                }
+            });
+        }
+        JobCommand::Cancel { id, conn } => {
+            let v = rt.block_on(conn.client()?.cancel(id))?;
+            print(&conn, &v, status_line);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn nodes(conn: Conn) -> anyhow::Result<ExitCode> {
+    let v = runtime()?.block_on(conn.client()?.nodes())?;
+    print(&conn, &v, |v| {
+        let mut out = format!(
+            "{:<12} {:<9} {:<9} {:>5} {:>7} {:>9}\n",
+            "node", "state", "tier", "cores", "running", "agreed"
+        );
+        for n in v["nodes"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "{:<12} {:<9} {:<9} {:>5} {:>7} {:>9}\n",
+                n["id"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(10)
+                    .collect::<String>(),
+                n["state"].as_str().unwrap_or(""),
+                n["tier"].as_str().unwrap_or(""),
+                n["hardware"]["cores"],
+                n["running"],
+                n["agreed"]
+            ));
+        }
+        out.trim_end().to_string()
+    });
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,62 @@
+//! `stardust domain`: run a domain coordinator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "STARDUST_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Data directory (domain key; the SQLite database unless --database is given).
+    #[arg(long, env = "STARDUST_DATA", default_value = ".stardust/domain")]
+    data: PathBuf,
+    /// PostgreSQL URL, e.g. postgres://user:pass@host/db (default: SQLite under --data).
+    #[arg(long, env = "STARDUST_DATABASE")]
+    database: Option<String>,
+    /// Lease duration without a heartbeat, e.g. 30s.
+    #[arg(long, env = "STARDUST_LEASE", default_value = "30s", value_parser = crate::units::parse_duration)]
+    lease: std::time::Duration,
+    /// Heartbeat interval nodes must keep, e.g. 5s.
+    #[arg(long, env = "STARDUST_HEARTBEAT", default_value = "5s", value_parser = crate::units::parse_duration)]
+    heartbeat: std::time::Duration,
+    /// Failed attempts before a task is dead-lettered.
+    #[arg(long, env = "STARDUST_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: u32,
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        std::fs::create_dir_all(&args.data)
+            .with_context(|| format!("cannot create {}", args.data.display()))?;
+        let identity = stardust_keystore::load_or_create(&args.data.join("domain.key"))?;
+        let mut config = stardust_domain::Config::new(args.data.clone());
+        config.listen = args.listen;
+        config.database_url = args.database.clone();
+        config.lease_ms = args.lease.as_millis() as i64;
+        config.heartbeat_ms = args.heartbeat.as_millis() as u64;
+        config.max_attempts = args.max_attempts;
+        anyhow::ensure!(
+            config.max_attempts >= 1,
+            "--max-attempts must be at least 1"
+        );
+        anyhow::ensure!(
+            config.heartbeat_ms >= 100 && (config.heartbeat_ms as i64) < config.lease_ms,
+            "--heartbeat must be at least 100ms and shorter than --lease"
+        );
+        let domain = stardust_domain::Domain::start(config, identity).await?;
+        eprintln!(
+            "stardust domain {} listening on http://{}",
+            domain.id(),
+            domain.addr()
+        );
+        crate::signals::terminated().await;
+        eprintln!("stardust domain: shutting down");
+        domain.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

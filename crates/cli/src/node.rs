@@ -1,0 +1,64 @@
+//! `stardust node`: contribute this machine to a domain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The domain, http://HOST:PORT.
+    #[arg(long, env = "STARDUST_DOMAIN", default_value = "http://127.0.0.1:7700")]
+    domain: String,
+    /// Tasks run at once (default: the number of cores).
+    #[arg(long, env = "STARDUST_SLOTS")]
+    slots: Option<u32>,
+    /// Data directory (node key, cached modules and inputs).
+    #[arg(long, env = "STARDUST_DATA", default_value = ".stardust/node")]
+    data: PathBuf,
+    /// Share of CPU time to use, as a duty cycle in (0, 1].
+    #[arg(long, env = "STARDUST_CPU_LIMIT", default_value_t = 1.0)]
+    cpu_limit: f64,
+    /// Take work only while other processes leave the machine idle (load ≤ --idle-threshold).
+    #[arg(long, env = "STARDUST_WHEN_IDLE")]
+    when_idle: bool,
+    /// Load of other processes above which --when-idle pauses work.
+    #[arg(long, env = "STARDUST_IDLE_THRESHOLD", default_value_t = 0.25)]
+    idle_threshold: f64,
+    /// Labels offered to tasks' requirements (repeatable).
+    #[arg(long = "label", env = "STARDUST_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Skip the startup benchmark.
+    #[arg(long)]
+    no_bench: bool,
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        std::fs::create_dir_all(&args.data)?;
+        let identity = stardust_keystore::load_or_create(&args.data.join("node.key"))?;
+        let mut config = stardust_node::Config::new(args.domain.clone(), args.data.clone());
+        if let Some(slots) = args.slots {
+            config.slots = slots;
+        }
+        config.cpu_limit = args.cpu_limit;
+        config.when_idle = args.when_idle;
+        config.idle_threshold = args.idle_threshold;
+        config.labels = args.labels.clone();
+        config.bench = !args.no_bench;
+        eprintln!(
+            "stardust node {} joining {} with {} slots",
+            identity.id(),
+            args.domain,
+            config.slots
+        );
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            crate::signals::terminated().await;
+            eprintln!("stardust node: draining (finishing running tasks, taking none)");
+            let _ = stop.send(true);
+        });
+        stardust_node::run(config, identity, shutdown).await?;
+        eprintln!("stardust node: drained, bye");
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,595 @@
+//! The Stardust provider node: connects to a domain, takes leased tasks, runs them in the
+//! sandbox, signs and sends the results.
+//!
+//! ```text
+//!            ┌──────────── session (one WebSocket at a time, reconnects with backoff) ───────────┐
+//!  domain ◀──┤ hello · heartbeat(running, free slots) · results(unacked, resent after reconnect) │
+//!            └───▲──────────────────────────────────────────────┬──────────────────────────────┘
+//!                │ results                          assignments │
+//!          ┌─────┴──────┐                                ┌───────▼──────┐
+//!          │  unacked   │◀──── workers (`slots` tasks) ◀──│ queue        │
+//!          └────────────┘   fetch blobs · sandbox · upload └──────────────┘
+//! ```
+//!
+//! Nothing is lost: a result stays in `unacked` until the domain acknowledges it, across
+//! reconnects; a task the node never finishes comes back to the domain when its lease expires.
+//! On shutdown the node drains: it tells the domain, takes no new work, finishes what it
+//! holds, waits for the acknowledgements, and exits.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod policy;
+pub mod probe;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use stardust_proto::content::ContentId;
+use stardust_proto::identity::{Identity, NodeId};
+use stardust_proto::message::{
+    self, Assignment, DomainMessage, Hello, NodeMessage, ResultBatch, TaskResult, encode,
+};
+use stardust_proto::task::{Hardware, LeaseId};
+use stardust_sandbox::{Sandbox, Task};
+use tokio::sync::{Mutex, Notify, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Node settings. Defaults are listed per field.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The domain, `http://HOST:PORT`.
+    pub domain: String,
+    /// Data directory: the node key, the pinned domain key, cached blobs and compiled
+    /// modules.
+    pub data_dir: PathBuf,
+    /// Tasks run at once. Default: the number of cores.
+    pub slots: u32,
+    /// CPU limit as a duty cycle in (0, 1]; 1 means none. Default 1.
+    pub cpu_limit: f64,
+    /// Take work only while other processes' load is at or below `idle_threshold`.
+    pub when_idle: bool,
+    /// Foreign load above which work pauses. Default 0.25 (BOINC's).
+    pub idle_threshold: f64,
+    /// Labels offered to tasks' requirements.
+    pub labels: Vec<String>,
+    /// Run the reference benchmark at start. Default true.
+    pub bench: bool,
+    /// How long a drain may wait for running tasks and acknowledgements. Default 120 s.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for `domain` and `data_dir`.
+    pub fn new(domain: String, data_dir: PathBuf) -> Self {
+        Self {
+            domain,
+            data_dir,
+            slots: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            cpu_limit: 1.0,
+            when_idle: false,
+            idle_threshold: 0.25,
+            labels: Vec::new(),
+            bench: true,
+            drain_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Why the node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    Config(String),
+    /// The sandbox could not start.
+    #[error(transparent)]
+    Sandbox(#[from] stardust_sandbox::NewError),
+    /// The domain URL is not usable.
+    #[error(transparent)]
+    Client(#[from] stardust_sdk::Error),
+    /// The domain presented another key than the one pinned at first contact.
+    #[error("the domain's key changed from {pinned} to {got}; if that is expected, delete {path}")]
+    DomainKeyChanged {
+        /// The pinned key.
+        pinned: NodeId,
+        /// The key presented.
+        got: NodeId,
+        /// The pin file.
+        path: PathBuf,
+    },
+    /// The data directory failed.
+    #[error("data directory: {0}")]
+    Io(String),
+    /// The domain refused this node for good.
+    #[error("the domain refused this node: {0}")]
+    Refused(String),
+}
+
+struct Shared {
+    config: Config,
+    identity: Identity,
+    client: stardust_sdk::Client,
+    sandbox: Sandbox,
+    hardware: Hardware,
+    queue: Mutex<VecDeque<Assignment>>,
+    running: Mutex<HashSet<LeaseId>>,
+    cancelled: Mutex<HashSet<LeaseId>>,
+    unacked: Mutex<BTreeMap<LeaseId, TaskResult>>,
+    work: Notify,
+    results: Notify,
+    paused: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    async fn busy(&self) -> usize {
+        self.queue.lock().await.len() + self.running.lock().await.len()
+    }
+
+    async fn idle(&self) -> bool {
+        self.busy().await == 0 && self.unacked.lock().await.is_empty()
+    }
+}
+
+/// Runs the node until `shutdown` turns true (then drains) or a fatal error.
+pub async fn run(
+    config: Config,
+    identity: Identity,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    if config.slots == 0 || config.slots > 1024 {
+        return Err(NodeError::Config(format!(
+            "slots must be 1..=1024, not {}",
+            config.slots
+        )));
+    }
+    if !(config.cpu_limit > 0.0 && config.cpu_limit <= 1.0) {
+        return Err(NodeError::Config(format!(
+            "cpu limit must be in (0, 1], not {}",
+            config.cpu_limit
+        )));
+    }
+    std::fs::create_dir_all(config.data_dir.join("blobs"))
+        .map_err(|e| NodeError::Io(e.to_string()))?;
+    let sandbox = Sandbox::new(stardust_sandbox::Config {
+        max_instances: config.slots * 2 + 2,
+        cache_dir: Some(config.data_dir.join("modules")),
+        ..stardust_sandbox::Config::default()
+    })?;
+    let hardware = probe::probe(&sandbox, config.bench, config.labels.clone());
+    let client = stardust_sdk::Client::new(&config.domain, identity.clone())?;
+    tracing::info!(
+        node = %identity.id(),
+        cores = hardware.cores,
+        micro_scu_per_s = hardware.micro_scu_per_s,
+        tier = ?hardware.tier(),
+        "node ready"
+    );
+    let shared = Arc::new(Shared {
+        config,
+        identity,
+        client,
+        sandbox,
+        hardware,
+        queue: Mutex::new(VecDeque::new()),
+        running: Mutex::new(HashSet::new()),
+        cancelled: Mutex::new(HashSet::new()),
+        unacked: Mutex::new(BTreeMap::new()),
+        work: Notify::new(),
+        results: Notify::new(),
+        paused: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+    });
+    let mut workers = Vec::new();
+    for slot in 0..shared.config.slots {
+        workers.push(tokio::spawn(worker(shared.clone(), slot)));
+    }
+    if shared.config.when_idle {
+        tokio::spawn(idle_watch(shared.clone()));
+    }
+    let outcome = sessions(shared.clone(), shutdown).await;
+    for w in workers {
+        w.abort();
+    }
+    outcome
+}
+
+/// Connects, serves one session, reconnects with jittered exponential backoff.
+async fn sessions(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let mut backoff = Duration::from_millis(200);
+    let drain_deadline = std::sync::OnceLock::new();
+    loop {
+        if *shutdown.borrow() {
+            shared.draining.store(true, Ordering::Relaxed);
+            let deadline =
+                *drain_deadline.get_or_init(|| Instant::now() + shared.config.drain_timeout);
+            if shared.idle().await || Instant::now() > deadline {
+                return Ok(());
+            }
+        }
+        let started = Instant::now();
+        match session(&shared, &mut shutdown).await {
+            Ok(SessionEnd::Drained) => return Ok(()),
+            Ok(SessionEnd::Disconnected) => {}
+            Err(e @ (NodeError::DomainKeyChanged { .. } | NodeError::Refused(_))) => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "session failed"),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
+        let jitter = {
+            let mut b = [0u8; 2];
+            let _ = getrandom::fill(&mut b);
+            u64::from(u16::from_le_bytes(b)) % (backoff.as_millis() as u64 / 2 + 1)
+        };
+        let wait = backoff + Duration::from_millis(jitter);
+        tracing::info!(
+            wait_ms = wait.as_millis() as u64,
+            "reconnecting to the domain"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+enum SessionEnd {
+    Drained,
+    Disconnected,
+}
+
+fn ws_url(domain: &str) -> String {
+    let rest = domain.trim_end_matches('/').trim_start_matches("http://");
+    format!("ws://{rest}/v1/nodes/connect")
+}
+
+fn pin_domain(shared: &Shared, domain: NodeId) -> Result<(), NodeError> {
+    let path = shared.config.data_dir.join("domain.pub");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let pinned: NodeId = text
+                .trim()
+                .parse()
+                .map_err(|_| NodeError::Io(format!("{}: not a node id", path.display())))?;
+            if pinned != domain {
+                return Err(NodeError::DomainKeyChanged {
+                    pinned,
+                    got: domain,
+                    path,
+                });
+            }
+            Ok(())
+        }
+        Err(_) => {
+            std::fs::write(&path, format!("{domain}\n")).map_err(|e| NodeError::Io(e.to_string()))
+        }
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<SessionEnd, NodeError> {
+    let io = |e: tokio_tungstenite::tungstenite::Error| NodeError::Io(format!("websocket: {e}"));
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(ws_url(&shared.config.domain)),
+    )
+    .await
+    .map_err(|_| NodeError::Io("connecting timed out".into()))?
+    .map_err(io)?;
+    let (mut sink, mut stream) = ws.split();
+    let max = stardust_proto::envelope::DEFAULT_MAX_LEN;
+    let next_domain_message = async |stream: &mut futures_util::stream::SplitStream<_>| -> Result<(NodeId, DomainMessage), NodeError> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), StreamExt::next(stream)).await {
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    return message::decode::<DomainMessage>(&b, max).map_err(|e| NodeError::Io(format!("bad frame from the domain: {e}")));
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return Err(NodeError::Io("the domain closed the connection".into())),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => return Err(NodeError::Io(format!("websocket: {e}"))),
+                Err(_) => return Err(NodeError::Io("the domain went silent".into())),
+            }
+        }
+    };
+    let (domain, first) = next_domain_message(&mut stream).await?;
+    let DomainMessage::Challenge { nonce, .. } = first else {
+        return Err(NodeError::Io(
+            "the domain did not open with a challenge".into(),
+        ));
+    };
+    pin_domain(shared, domain)?;
+    let hello = Hello {
+        nonce,
+        agent: format!("stardust-node/{}", env!("CARGO_PKG_VERSION")),
+        slots: shared.config.slots,
+        hardware: shared.hardware.clone(),
+        tier: shared.hardware.tier(),
+    };
+    sink.send(Message::Binary(encode(&shared.identity, &hello).into()))
+        .await
+        .map_err(io)?;
+    let (signer, welcome) = next_domain_message(&mut stream).await?;
+    let heartbeat_ms = match welcome {
+        DomainMessage::Welcome { heartbeat_ms, .. } if signer == domain => {
+            heartbeat_ms.clamp(100, 60_000)
+        }
+        DomainMessage::Reject { code, message } => {
+            return Err(NodeError::Refused(format!("{code}: {message}")));
+        }
+        other => return Err(NodeError::Io(format!("expected welcome, got {other:?}"))),
+    };
+    tracing::info!(domain = %domain.short(), "connected");
+    // Everything not yet acknowledged goes again.
+    let mut sent: HashSet<LeaseId> = HashSet::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+    let mut seq = 0u64;
+    let mut told_draining = false;
+    loop {
+        if *shutdown.borrow() {
+            shared.draining.store(true, Ordering::Relaxed);
+        }
+        if shared.draining.load(Ordering::Relaxed) {
+            if !told_draining {
+                sink.send(Message::Binary(
+                    encode(&shared.identity, &NodeMessage::Draining).into(),
+                ))
+                .await
+                .map_err(io)?;
+                told_draining = true;
+            }
+            if shared.idle().await {
+                let _ = sink.close().await;
+                return Ok(SessionEnd::Drained);
+            }
+        }
+        // Send results not yet sent on this connection.
+        let batch: Vec<TaskResult> = {
+            let unacked = shared.unacked.lock().await;
+            unacked
+                .values()
+                .filter(|r| !sent.contains(&r.lease))
+                .take(256)
+                .cloned()
+                .collect()
+        };
+        if !batch.is_empty() {
+            sent.extend(batch.iter().map(|r| r.lease));
+            let frame = encode(&shared.identity, &ResultBatch { results: batch });
+            sink.send(Message::Binary(frame.into())).await.map_err(io)?;
+            continue;
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {}
+            () = shared.results.notified() => {}
+            _ = heartbeat.tick() => {
+                seq += 1;
+                let mut running: Vec<LeaseId> = shared.running.lock().await.iter().copied().collect();
+                running.extend(shared.queue.lock().await.iter().map(|a| a.lease));
+                let busy = running.len() as u32;
+                let free_slots = if shared.paused.load(Ordering::Relaxed) || shared.draining.load(Ordering::Relaxed) {
+                    0
+                } else {
+                    shared.config.slots.saturating_sub(busy)
+                };
+                let hb = NodeMessage::Heartbeat { seq, running, free_slots };
+                sink.send(Message::Binary(encode(&shared.identity, &hb).into())).await.map_err(io)?;
+            }
+            frame = StreamExt::next(&mut stream) => {
+                let bytes = match frame {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Close(_))) | None => return Ok(SessionEnd::Disconnected),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(io(e)),
+                };
+                let (signer, msg) = match message::decode::<DomainMessage>(&bytes, max) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring a bad frame from the domain");
+                        continue;
+                    }
+                };
+                if signer != domain {
+                    tracing::warn!("ignoring a frame not signed by the domain");
+                    continue;
+                }
+                handle(shared, msg).await;
+            }
+        }
+    }
+}
+
+async fn handle(shared: &Shared, msg: DomainMessage) {
+    match msg {
+        DomainMessage::Assign { tasks } => {
+            let known: HashSet<LeaseId> = {
+                let mut k: HashSet<LeaseId> = shared.running.lock().await.iter().copied().collect();
+                k.extend(shared.queue.lock().await.iter().map(|a| a.lease));
+                k.extend(shared.unacked.lock().await.keys().copied());
+                k
+            };
+            let mut queue = shared.queue.lock().await;
+            for a in tasks {
+                if !known.contains(&a.lease) {
+                    queue.push_back(a);
+                }
+            }
+            drop(queue);
+            shared.work.notify_waiters();
+        }
+        DomainMessage::Cancel { leases } => {
+            shared
+                .queue
+                .lock()
+                .await
+                .retain(|a| !leases.contains(&a.lease));
+            let mut unacked = shared.unacked.lock().await;
+            for l in &leases {
+                unacked.remove(l);
+            }
+            shared.cancelled.lock().await.extend(leases);
+        }
+        DomainMessage::Ack { leases } => {
+            let mut unacked = shared.unacked.lock().await;
+            for l in &leases {
+                unacked.remove(l);
+            }
+        }
+        DomainMessage::Reject { code, message } => {
+            tracing::warn!(code, message, "the domain refused a message")
+        }
+        DomainMessage::Drain => tracing::info!("the domain is draining; will reconnect"),
+        other => tracing::debug!(?other, "ignoring"),
+    }
+}
+
+/// One slot: takes assignments from the queue and runs them.
+async fn worker(shared: Arc<Shared>, slot: u32) {
+    loop {
+        let next = {
+            let paused = shared.paused.load(Ordering::Relaxed);
+            let mut queue = shared.queue.lock().await;
+            if paused { None } else { queue.pop_front() }
+        };
+        let Some(assignment) = next else {
+            tokio::select! {
+                () = shared.work.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        };
+        let lease = assignment.lease;
+        if shared.cancelled.lock().await.contains(&lease) {
+            continue;
+        }
+        shared.running.lock().await.insert(lease);
+        let started = Instant::now();
+        let result = execute(&shared, &assignment).await;
+        shared.running.lock().await.remove(&lease);
+        if let Some(result) = result {
+            if !shared.cancelled.lock().await.contains(&lease) {
+                shared.unacked.lock().await.insert(lease, result);
+                shared.results.notify_one();
+            }
+        }
+        let rest = policy::rest_after(started.elapsed(), shared.config.cpu_limit);
+        if !rest.is_zero() {
+            tracing::debug!(
+                slot,
+                rest_ms = rest.as_millis() as u64,
+                "resting (cpu limit)"
+            );
+            tokio::time::sleep(rest).await;
+        }
+    }
+}
+
+/// Fetches a blob through the local cache, retrying while the domain is unreachable.
+async fn fetch(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Vec<u8>> {
+    let path = shared.config.data_dir.join("blobs").join(id.to_hex());
+    if let Ok(bytes) = tokio::fs::read(&path).await {
+        if id.matches(&bytes) {
+            return Some(bytes);
+        }
+    }
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match shared.client.get_blob(id).await {
+            Ok(bytes) => {
+                let tmp = path.with_extension("tmp");
+                if tokio::fs::write(&tmp, &bytes).await.is_ok() {
+                    let _ = tokio::fs::rename(&tmp, &path).await;
+                }
+                return Some(bytes);
+            }
+            Err(stardust_sdk::Error::Api { status: 404, .. }) => {
+                tracing::warn!(%id, lease, "the domain does not have a blob this task needs");
+                return None;
+            }
+            Err(e) => {
+                if shared.cancelled.lock().await.contains(&lease) {
+                    return None;
+                }
+                tracing::debug!(error = %e, "fetching a blob failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs one assignment; `None` when it cannot produce a result (cancelled, blobs missing).
+async fn execute(shared: &Arc<Shared>, a: &Assignment) -> Option<TaskResult> {
+    let module = fetch(shared, a.spec.module, a.lease).await?;
+    let input = fetch(shared, a.spec.input, a.lease).await?;
+    let shared2 = shared.clone();
+    let spec = a.spec.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let task = Task {
+            input: Arc::from(input),
+            args: &spec.args,
+            seed: spec.seed,
+            limits: spec.limits,
+        };
+        shared2.sandbox.run_bytes(&module, &task)
+    })
+    .await
+    .ok()?;
+    // The output goes up first: the domain refuses a result whose bytes it does not have.
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match shared.client.put_blob(out.output.clone()).await {
+            Ok(_) => break,
+            Err(e) => {
+                if shared.cancelled.lock().await.contains(&a.lease) {
+                    return None;
+                }
+                tracing::debug!(error = %e, "uploading an output failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::debug!(lease = a.lease, status = %out.report.status, fuel = out.report.fuel_used, "task done");
+    Some(TaskResult {
+        lease: a.lease,
+        task: a.spec.task,
+        report: out.report,
+    })
+}
+
+/// Samples the machine's load and pauses work while others use it.
+async fn idle_watch(shared: Arc<Shared>) {
+    let mut gate = policy::IdleGate::new(shared.config.idle_threshold);
+    loop {
+        if let Some(s) = policy::sample() {
+            let paused = gate.update(s);
+            if paused != shared.paused.swap(paused, Ordering::Relaxed) {
+                tracing::info!(
+                    paused,
+                    "owner policy: {}",
+                    if paused {
+                        "machine busy, pausing"
+                    } else {
+                        "machine idle, resuming"
+                    }
+                );
+                shared.work.notify_waiters();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

@@ -1,0 +1,107 @@
+//! Hardware probe: cores, memory, CPU model, OS, GPUs, and a short benchmark of a reference
+//! WebAssembly kernel giving the node's speed in micro-SCU per second.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use stardust_proto::task::{Hardware, Limits};
+use stardust_sandbox::{Sandbox, Task};
+
+/// The reference kernel: `benchmarks/kernels/hash.c` built to wasm32-wasi (integer work).
+const REFERENCE_KERNEL: &[u8] = include_bytes!("../../../benchmarks/kernels/hash.wasm");
+
+/// Probes this machine. `bench` runs the reference kernel (about 0.1–0.3 s).
+pub fn probe(sandbox: &Sandbox, bench: bool, labels: Vec<String>) -> Hardware {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let memory_bytes = meminfo_total().unwrap_or(0);
+    let cpu_model = cpu_model().unwrap_or_else(|| "unknown".into());
+    let (gpus, gpu_unusable_reason) = gpus();
+    let micro_scu_per_s = if bench {
+        benchmark(sandbox).unwrap_or(0)
+    } else {
+        0
+    };
+    Hardware {
+        cores,
+        memory_bytes,
+        cpu_model,
+        os: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+        gpus,
+        gpu_unusable_reason,
+        micro_scu_per_s,
+        labels,
+    }
+}
+
+fn meminfo_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn cpu_model() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+/// NVIDIA GPUs. Stardust runs WebAssembly only, so a GPU is reported but not yet usable by
+/// tasks: the reason says so, and where the driver is missing, says that instead.
+fn gpus() -> (Vec<stardust_proto::task::Gpu>, Option<String>) {
+    let present = std::path::Path::new("/dev/nvidia0").exists()
+        || std::path::Path::new("/proc/driver/nvidia/gpus").exists();
+    if !present {
+        return (Vec::new(), None);
+    }
+    (
+        Vec::new(),
+        Some(
+            "an NVIDIA GPU is present, but this node runs WebAssembly tasks on the CPU only".into(),
+        ),
+    )
+}
+
+/// Runs the reference kernel once and returns micro-SCU per second.
+pub fn benchmark(sandbox: &Sandbox) -> Option<u64> {
+    let metered = stardust_meter_instrument(REFERENCE_KERNEL)?;
+    let prepared = sandbox.load(&metered).ok()?;
+    let args = vec!["262144".to_string(), "40".to_string()];
+    let task = Task {
+        input: Arc::from(&b""[..]),
+        args: &args,
+        seed: 0,
+        limits: Limits::default(),
+    };
+    let started = Instant::now();
+    let out = sandbox.run(&prepared, &task);
+    let secs = started.elapsed().as_secs_f64();
+    if out.report.status != stardust_proto::task::Status::Ok || secs <= 0.0 {
+        return None;
+    }
+    Some((stardust_proto::scu::micro_scu(out.report.fuel_used) as f64 / secs) as u64)
+}
+
+fn stardust_meter_instrument(wasm: &[u8]) -> Option<Vec<u8>> {
+    stardust_meter::instrument(wasm).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reports_this_machine() {
+        let sandbox = Sandbox::new(stardust_sandbox::Config {
+            max_instances: 2,
+            ..Default::default()
+        })
+        .expect("sandbox");
+        let hw = probe(&sandbox, true, vec!["eu".into()]);
+        assert!(hw.cores >= 1);
+        assert!(hw.memory_bytes > 0, "MemTotal read from /proc/meminfo");
+        assert!(hw.micro_scu_per_s > 0, "the reference kernel ran");
+        assert_eq!(hw.labels, ["eu"]);
+        assert!(hw.os.contains(std::env::consts::ARCH));
+    }
+}
