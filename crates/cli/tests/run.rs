@@ -33,6 +33,7 @@ fn run_json(program: &str, extra: &[&str]) -> (Output, Value) {
 fn every_test_program_gets_its_outcome() {
     let cases: &[(&str, &[&str], &str)] = &[
         ("hello.wasm", &[], "ok"),
+        ("busy.wasm", &["--", "1000"], "ok"),
         ("exit_code.wasm", &[], "exit_nonzero"),
         ("infinite_loop.wasm", &["--fuel", "2000000"], "out_of_fuel"),
         (

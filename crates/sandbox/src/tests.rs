@@ -102,6 +102,24 @@ fn exact_fuel_of_a_counted_loop() {
 }
 
 #[test]
+fn busy_work_is_deterministic_and_costs_fuel_in_proportion() {
+    let a = run_with("busy.wasm", b"", &["100000", "t"], 0, limits());
+    let b = run_with("busy.wasm", b"", &["200000", "t"], 0, limits());
+    assert_eq!(a.report.status, Status::Ok);
+    assert!(text(&a).starts_with("busy 100000 t -> "), "{}", text(&a));
+    assert!(
+        b.report.fuel_used > a.report.fuel_used * 3 / 2,
+        "twice the iterations, about twice the fuel"
+    );
+    assert_eq!(
+        a.report.fingerprint(),
+        run_with("busy.wasm", b"", &["100000", "t"], 0, limits())
+            .report
+            .fingerprint()
+    );
+}
+
+#[test]
 fn nonzero_exit() {
     let out = run("exit_code.wasm");
     assert_eq!(out.report.status, Status::ExitNonzero);

@@ -605,6 +605,23 @@ impl Store {
 
     // ---- scheduling --------------------------------------------------------------------
 
+    /// Locks a task's row until the transaction ends, so concurrent transitions of one task
+    /// (two replicas' results arriving together) run one after the other. PostgreSQL only:
+    /// SQLite's single writer connection already serializes every transaction.
+    async fn lock_task(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        task: TaskId,
+    ) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT id FROM tasks WHERE id = $1 FOR UPDATE")
+                .bind(id_i64(task))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Up to `limit` tasks that want another replica, highest priority and oldest first.
     pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
         let rows = sqlx::query(
@@ -655,6 +672,7 @@ impl Store {
         lease_ms: i64,
     ) -> Result<Option<LeaseId>> {
         let mut tx = self.pool.begin().await?;
+        self.lock_task(&mut tx, task).await?;
         let t = sqlx::query("SELECT state, replicas, job_id FROM tasks WHERE id = $1")
             .bind(id_i64(task))
             .fetch_optional(&mut *tx)
@@ -807,6 +825,7 @@ impl Store {
             max_replicas,
         } = retry;
         let mut tx = self.pool.begin().await?;
+        self.lock_task(&mut tx, task).await?;
         let row = sqlx::query("SELECT task_id, node, state, report FROM leases WHERE id = $1")
             .bind(id_i64(lease))
             .fetch_optional(&mut *tx)
@@ -917,14 +936,21 @@ impl Store {
                         .bind(id_i64(task))
                         .execute(&mut *tx)
                         .await?;
-                    for n in &agree {
-                        sqlx::query("UPDATE nodes SET agreed = agreed + 1 WHERE id = $1")
-                            .bind(n.to_string())
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    for n in &disagree {
-                        sqlx::query("UPDATE nodes SET disagreed = disagreed + 1 WHERE id = $1")
+                    // Node rows are updated in id order so concurrent transactions never
+                    // lock them in opposite orders (no deadlock).
+                    let mut votes: Vec<(NodeId, bool)> = agree
+                        .iter()
+                        .map(|n| (*n, true))
+                        .chain(disagree.iter().map(|n| (*n, false)))
+                        .collect();
+                    votes.sort();
+                    for (n, agreed) in votes {
+                        let sql = if agreed {
+                            "UPDATE nodes SET agreed = agreed + 1 WHERE id = $1"
+                        } else {
+                            "UPDATE nodes SET disagreed = disagreed + 1 WHERE id = $1"
+                        };
+                        sqlx::query(sql)
                             .bind(n.to_string())
                             .execute(&mut *tx)
                             .await?;
@@ -1057,6 +1083,7 @@ impl Store {
             let task: i64 = r.try_get("task_id")?;
             let node: NodeId = parse("lease node", &r.try_get::<String, _>("node")?)?;
             let mut tx = self.pool.begin().await?;
+            self.lock_task(&mut tx, task as TaskId).await?;
             let changed = sqlx::query("UPDATE leases SET state = 'expired', finished_ms = $1 WHERE id = $2 AND state = 'active'")
                 .bind(now)
                 .bind(lease)

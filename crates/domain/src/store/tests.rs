@@ -487,3 +487,42 @@ async fn cancel_stops_everything_of_the_job() {
         assert_eq!(store.cancel_job(9_999, 50).await.expect("cancel"), None);
     }
 }
+
+#[tokio::test]
+async fn replicas_reported_at_the_same_moment_still_reach_a_decision() {
+    for (store, _dir) in backends().await {
+        let id = job(&store, 2, 20).await;
+        let pending = store.pending_tasks(100).await.expect("pending");
+        let mut handles = Vec::new();
+        for p in pending {
+            let t = p.spec.task;
+            let a = store
+                .create_lease(t, node(1), 0, 60_000)
+                .await
+                .expect("lease")
+                .expect("leased");
+            let b = store
+                .create_lease(t, node(2), 0, 60_000)
+                .await
+                .expect("lease")
+                .expect("leased");
+            for (lease, n) in [(a, node(1)), (b, node(2))] {
+                let store = store.clone();
+                handles.push(tokio::spawn(async move {
+                    let r = report(format!("out {t}").as_bytes(), 9);
+                    try_record(&store, lease, n, t, &r, 5).await
+                }));
+            }
+        }
+        for h in handles {
+            h.await.expect("join").expect("recorded");
+        }
+        let j = store.job(id).await.expect("job").expect("exists");
+        assert_eq!(
+            (j.state.as_str(), j.counts.verified),
+            ("completed", 20),
+            "{:?}",
+            j.counts
+        );
+    }
+}

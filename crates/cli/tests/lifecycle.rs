@@ -1,0 +1,286 @@
+//! End-to-end lifecycle: the real binary as a domain and three nodes, separate processes. A
+//! sweep of 200 tasks with redundancy 2 runs; the domain is killed with SIGKILL mid-job and
+//! restarted on the same data; every task must end verified exactly once. Runs on SQLite,
+//! and on PostgreSQL when `STARDUST_TEST_POSTGRES_URL` is set (CI sets it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const TASKS: usize = 200;
+const ITERATIONS: &str = "3000000";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing running.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, args: &[&str], log: &Path) -> Self {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_stardust"))
+            .args(args)
+            .env("STARDUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self { child, name }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{} did not exit within {within:?} of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn cli(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_stardust"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stardust {args:?} failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn healthy(url: &str) -> bool {
+    let out = Command::new(env!("CARGO_BIN_EXE_stardust"))
+        .args(["nodes", "--domain", url, "--json"])
+        .output();
+    out.is_ok_and(|o| o.status.success())
+}
+
+fn run_lifecycle(database: Option<String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::copy(root().join("test-programs/busy.wasm"), d.join("busy.wasm")).expect("module");
+    let grid: Vec<usize> = (0..TASKS).collect();
+    let job = serde_json::json!({
+        "name": "lifecycle",
+        "module": "busy.wasm",
+        "args": [ITERATIONS, "{i}"],
+        "redundancy": 2,
+        "limits": {"memory": "32MiB", "timeout": "30s"},
+        "sweep": {"grid": {"i": grid}},
+    });
+    std::fs::write(d.join("job.json"), job.to_string()).expect("job file");
+
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let data = d.join("domain");
+    let data_s = data.to_str().expect("utf-8");
+    let mut domain_args = vec![
+        "domain",
+        "--listen",
+        &listen,
+        "--data",
+        data_s,
+        "--lease",
+        "5s",
+        "--heartbeat",
+        "500ms",
+    ];
+    if let Some(db) = &database {
+        domain_args.extend(["--database", db.as_str()]);
+    }
+    let domain = Proc::spawn("domain", &domain_args, &d.join("domain-1.log"));
+    wait_until("the domain", Duration::from_secs(30), || healthy(&url));
+
+    let node_dirs: Vec<String> = (0..3)
+        .map(|i| d.join(format!("node{i}")).to_string_lossy().into_owned())
+        .collect();
+    let nodes: Vec<Proc> = node_dirs
+        .iter()
+        .enumerate()
+        .map(|(i, nd)| {
+            Proc::spawn(
+                "node",
+                &[
+                    "node",
+                    "--domain",
+                    &url,
+                    "--data",
+                    nd,
+                    "--slots",
+                    "2",
+                    "--no-bench",
+                ],
+                &d.join(format!("node{i}.log")),
+            )
+        })
+        .collect();
+
+    let key = d.join("client.key");
+    let key_s = key.to_str().expect("utf-8");
+    let job_file = d.join("job.json");
+    let submitted = cli(&[
+        "submit",
+        job_file.to_str().expect("utf-8"),
+        "--domain",
+        &url,
+        "--key",
+        key_s,
+        "--json",
+    ]);
+    let id = submitted["job_id"].as_u64().expect("job id").to_string();
+    let status = || {
+        cli(&[
+            "job", "status", &id, "--domain", &url, "--key", key_s, "--json",
+        ])
+    };
+
+    // Kill the domain once part of the job is verified, but not all.
+    wait_until("some verified tasks", Duration::from_secs(120), || {
+        status()["tasks_verified"].as_u64().unwrap_or(0) >= 30
+    });
+    let before = status();
+    assert!(
+        before["tasks_verified"].as_u64().unwrap_or(0) < TASKS as u64,
+        "the job finished before the kill: make tasks longer"
+    );
+    domain.kill9();
+
+    let domain = Proc::spawn("domain", &domain_args, &d.join("domain-2.log"));
+    wait_until("the restarted domain", Duration::from_secs(30), || {
+        healthy(&url)
+    });
+    wait_until("the job to end", Duration::from_secs(240), || {
+        matches!(status()["state"].as_str(), Some("completed" | "failed"))
+    });
+
+    let fin = status();
+    assert_eq!(fin["state"], "completed", "{fin}");
+    assert_eq!(fin["tasks_total"], TASKS);
+    assert_eq!(fin["tasks_verified"], TASKS, "every task verified: {fin}");
+    assert_eq!(fin["tasks_failed"], 0);
+    assert!(
+        fin["tasks_verified"].as_u64() >= before["tasks_verified"].as_u64(),
+        "nothing verified before the kill was lost"
+    );
+
+    // Every task exactly once, with the right output.
+    let results = cli(&[
+        "job", "results", &id, "--domain", &url, "--key", key_s, "--json",
+    ]);
+    let results = results["results"].as_array().expect("results");
+    assert_eq!(results.len(), TASKS);
+    let mut seen = vec![false; TASKS];
+    let mut checksum = None;
+    for r in results {
+        let i = r["index"].as_u64().expect("index") as usize;
+        assert!(!seen[i], "task {i} listed twice");
+        seen[i] = true;
+        assert_eq!(r["state"], "verified");
+        let text = r["output_text"].as_str().expect("inline output");
+        let (head, sum) = text.trim_end().rsplit_once(" -> ").expect("checksum");
+        assert_eq!(head, format!("busy {ITERATIONS} {i}"));
+        assert_eq!(
+            *checksum.get_or_insert_with(|| sum.to_string()),
+            sum,
+            "same work, same checksum"
+        );
+    }
+
+    // The nodes drain and exit cleanly; then the domain.
+    for n in nodes {
+        assert!(
+            n.terminate(Duration::from_secs(30)).success(),
+            "a node exits 0 after draining"
+        );
+    }
+    assert!(domain.terminate(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn kill_9_of_the_domain_mid_job_loses_nothing_on_sqlite() {
+    run_lifecycle(None);
+}
+
+#[test]
+fn kill_9_of_the_domain_mid_job_loses_nothing_on_postgres() {
+    let Ok(admin) = std::env::var("STARDUST_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set STARDUST_TEST_POSTGRES_URL"
+        );
+        eprintln!("SKIPPED: PostgreSQL not configured (STARDUST_TEST_POSTGRES_URL)");
+        return;
+    };
+    let name = format!("stardust_test_e2e_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&admin).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create database");
+    });
+    let (base, _) = admin.rsplit_once('/').expect("URL with a database");
+    run_lifecycle(Some(format!("{base}/{name}")));
+}
