@@ -112,10 +112,10 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
             }
         }
     }
-    if let Some(seed) = obj.get("seed").cloned() {
-        if seed.is_number() {
-            obj.insert("seed".into(), Value::String(seed.to_string()));
-        }
+    if let Some(seed) = obj.get("seed").cloned()
+        && seed.is_number()
+    {
+        obj.insert("seed".into(), Value::String(seed.to_string()));
     }
     let spec: JobSpec =
         serde_json::from_value(v).with_context(|| format!("{}: invalid job", path.display()))?;

@@ -226,7 +226,7 @@ fn run_lifecycle(database: Option<String>) {
     ]);
     let results = results["results"].as_array().expect("results");
     assert_eq!(results.len(), TASKS);
-    let mut seen = vec![false; TASKS];
+    let mut seen = [false; TASKS];
     let mut checksum = None;
     for r in results {
         let i = r["index"].as_u64().expect("index") as usize;

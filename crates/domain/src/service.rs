@@ -135,11 +135,11 @@ impl Shared {
     pub async fn send(&self, node: NodeId, message: &DomainMessage) {
         let frame = encode(&self.identity, message);
         let mut sessions = self.sessions.lock().await;
-        if let Some(s) = sessions.get(&node) {
-            if s.outbox.try_send(frame).is_err() {
-                tracing::warn!(node = %node.short(), "node outbox full or closed; dropping the session");
-                sessions.remove(&node);
-            }
+        if let Some(s) = sessions.get(&node)
+            && s.outbox.try_send(frame).is_err()
+        {
+            tracing::warn!(node = %node.short(), "node outbox full or closed; dropping the session");
+            sessions.remove(&node);
         }
     }
 }
@@ -362,11 +362,11 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
     }
     for (node, tasks) in batches {
         let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
-        if let Some(s) = sessions.get(&node) {
-            if s.outbox.try_send(frame).is_err() {
-                tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
-                sessions.remove(&node);
-            }
+        if let Some(s) = sessions.get(&node)
+            && s.outbox.try_send(frame).is_err()
+        {
+            tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
+            sessions.remove(&node);
         }
     }
     Ok(())

@@ -479,11 +479,11 @@ async fn worker(shared: Arc<Shared>, slot: u32) {
         let started = Instant::now();
         let result = execute(&shared, &assignment).await;
         shared.running.lock().await.remove(&lease);
-        if let Some(result) = result {
-            if !shared.cancelled.lock().await.contains(&lease) {
-                shared.unacked.lock().await.insert(lease, result);
-                shared.results.notify_one();
-            }
+        if let Some(result) = result
+            && !shared.cancelled.lock().await.contains(&lease)
+        {
+            shared.unacked.lock().await.insert(lease, result);
+            shared.results.notify_one();
         }
         let rest = policy::rest_after(started.elapsed(), shared.config.cpu_limit);
         if !rest.is_zero() {
@@ -500,10 +500,10 @@ async fn worker(shared: Arc<Shared>, slot: u32) {
 /// Fetches a blob through the local cache, retrying while the domain is unreachable.
 async fn fetch(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Vec<u8>> {
     let path = shared.config.data_dir.join("blobs").join(id.to_hex());
-    if let Ok(bytes) = tokio::fs::read(&path).await {
-        if id.matches(&bytes) {
-            return Some(bytes);
-        }
+    if let Ok(bytes) = tokio::fs::read(&path).await
+        && id.matches(&bytes)
+    {
+        return Some(bytes);
     }
     let mut wait = Duration::from_millis(200);
     loop {

@@ -363,12 +363,11 @@ async fn results(
             entry["fuel_used"] = json!(r.fuel_used);
             entry["output"] = json!(r.output);
             entry["output_len"] = json!(r.output_len);
-            if (r.output_len as usize) <= INLINE_OUTPUT {
-                if let Some(bytes) = shared.store.blob(r.output).await? {
-                    if let Ok(text) = String::from_utf8(bytes) {
-                        entry["output_text"] = json!(text);
-                    }
-                }
+            if (r.output_len as usize) <= INLINE_OUTPUT
+                && let Some(bytes) = shared.store.blob(r.output).await?
+                && let Ok(text) = String::from_utf8(bytes)
+            {
+                entry["output_text"] = json!(text);
             }
         }
         out.push(entry);
