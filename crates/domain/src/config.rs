@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use crate::ratelimit::Rate;
+
 /// Everything a domain needs to run. Defaults are listed per field.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,6 +33,13 @@ pub struct Config {
     pub session_queue: usize,
     /// Tasks examined per dispatch round. Default 512.
     pub dispatch_batch: u32,
+    /// Signed requests per client key. Default 100/s, bursts of 200.
+    pub rate_per_key: Rate,
+    /// Requests per network address (signed or not, node sessions included). Default 500/s,
+    /// bursts of 1,000.
+    pub rate_per_addr: Rate,
+    /// Frames per node session. Default 2,000/s, bursts of 4,000.
+    pub rate_per_session: Rate,
 }
 
 impl Config {
@@ -48,6 +57,18 @@ impl Config {
             max_frame_bytes: 16 << 20,
             session_queue: 1024,
             dispatch_batch: 512,
+            rate_per_key: Rate {
+                per_s: 100.0,
+                burst: 200.0,
+            },
+            rate_per_addr: Rate {
+                per_s: 500.0,
+                burst: 1_000.0,
+            },
+            rate_per_session: Rate {
+                per_s: 2_000.0,
+                burst: 4_000.0,
+            },
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod config;
 mod http;
+pub mod ratelimit;
 mod service;
 pub mod store;
 

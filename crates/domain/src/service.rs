@@ -24,6 +24,7 @@ use stardust_scheduler::matching::{self, Need, NodeState, NodeView};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::Config;
+use crate::ratelimit::Limiter;
 use crate::store::{Retry, Store, StoreError};
 
 /// Milliseconds since the Unix epoch.
@@ -120,6 +121,8 @@ pub(crate) struct Shared {
     pub rejections: Rejections,
     pub next_session: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
+    pub per_key: Limiter<NodeId>,
+    pub per_addr: Limiter<std::net::IpAddr>,
 }
 
 impl Shared {
@@ -203,13 +206,15 @@ impl Domain {
         let shared = Arc::new(Shared {
             store,
             identity,
-            config,
             sessions: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             replay: Mutex::new(ReplayGuard::default()),
             rejections: Rejections::default(),
             next_session: AtomicU64::new(1),
             shutdown: shutdown.clone(),
+            per_key: Limiter::new(config.rate_per_key, 100_000),
+            per_addr: Limiter::new(config.rate_per_addr, 100_000),
+            config,
         });
         let router = crate::http::router(shared.clone());
         let mut server_stop = shutdown.clone();
@@ -381,11 +386,22 @@ async fn expiry_loop(shared: Arc<Shared>) {
             _ = shutdown.wait_for(|s| *s) => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        match shared
+        let deadline_cancelled = match shared.store.expire_jobs(now_ms()).await {
+            Ok(leases) => leases,
+            Err(e) => {
+                tracing::error!(error = %e, "job deadline expiry failed");
+                Vec::new()
+            }
+        };
+        let leases = shared
             .store
             .expire_leases(now_ms(), shared.config.max_attempts)
             .await
-        {
+            .map(|mut l| {
+                l.extend(deadline_cancelled);
+                l
+            });
+        match leases {
             Ok(expired) if !expired.is_empty() => {
                 tracing::info!(count = expired.len(), "leases expired");
                 let mut by_node: HashMap<NodeId, Vec<LeaseId>> = HashMap::new();

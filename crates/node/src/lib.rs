@@ -244,6 +244,9 @@ async fn sessions(
     }
 }
 
+/// How long a sent result may wait for its acknowledgement before it is sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(10);
+
 enum SessionEnd {
     Drained,
     Disconnected,
@@ -333,7 +336,9 @@ async fn session(
     };
     tracing::info!(domain = %domain.short(), "connected");
     // Everything not yet acknowledged goes again.
-    let mut sent: HashSet<LeaseId> = HashSet::new();
+    // Results sent on this connection and when; resent if not acknowledged in time (the
+    // domain may have dropped the frame under load).
+    let mut sent: std::collections::HashMap<LeaseId, Instant> = std::collections::HashMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
     let mut seq = 0u64;
     let mut told_draining = false;
@@ -358,15 +363,17 @@ async fn session(
         // Send results not yet sent on this connection.
         let batch: Vec<TaskResult> = {
             let unacked = shared.unacked.lock().await;
+            sent.retain(|lease, at| unacked.contains_key(lease) && at.elapsed() < RESEND_AFTER);
             unacked
                 .values()
-                .filter(|r| !sent.contains(&r.lease))
+                .filter(|r| !sent.contains_key(&r.lease))
                 .take(256)
                 .cloned()
                 .collect()
         };
         if !batch.is_empty() {
-            sent.extend(batch.iter().map(|r| r.lease));
+            let now = Instant::now();
+            sent.extend(batch.iter().map(|r| (r.lease, now)));
             let frame = encode(&shared.identity, &ResultBatch { results: batch });
             sink.send(Message::Binary(frame.into())).await.map_err(io)?;
             continue;

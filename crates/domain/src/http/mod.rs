@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -87,7 +87,30 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/connect", get(session::connect))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            limit_address,
+        ))
         .with_state(shared)
+}
+
+/// Refuses requests beyond the per-address rate, before any other work.
+async fn limit_address(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !shared.per_addr.allow(&addr.ip()) {
+        shared.rejections.count("rate_limited_address");
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this address; slow down",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Checks a signed request and refuses replays; returns the client's key.
@@ -114,6 +137,14 @@ async fn authenticate(
         shared.rejections.count("bad_request_signature");
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
     })?;
+    if !shared.per_key.allow(&key) {
+        shared.rejections.count("rate_limited_key");
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this key; slow down",
+        ));
+    }
     let sig = h(request::SIGNATURE_HEADER).unwrap_or_default();
     if !shared.replay.lock().await.fresh(sig, now) {
         shared.rejections.count("replayed_request");

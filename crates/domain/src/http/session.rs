@@ -183,6 +183,7 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
 
     let mut bad = 0u32;
     let mut shutdown = shared.shutdown.clone();
+    let frames = crate::ratelimit::Limiter::new(shared.config.rate_per_session, 1);
     loop {
         let frame = tokio::select! {
             biased;
@@ -209,6 +210,14 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
             Some(Ok(_)) => continue,
         };
+        if !frames.allow(&()) {
+            shared.rejections.count("rate_limited_session");
+            let _ = outbox.try_send(encode(
+                &shared.identity,
+                &reject("rate_limited", "too many frames; slow down"),
+            ));
+            continue;
+        }
         if let Err((code, msg)) = handle_frame(&shared, node, &bytes, &outbox).await {
             bad += 1;
             shared.rejections.count(code);

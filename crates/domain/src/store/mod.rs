@@ -1114,6 +1114,54 @@ impl Store {
         Ok(expired)
     }
 
+    /// Ends jobs whose deadline passed: their unfinished tasks are dead-lettered with the
+    /// reason "job deadline passed" and their active leases cancelled (returned, to tell the
+    /// nodes).
+    pub async fn expire_jobs(&self, now: i64) -> Result<Vec<(LeaseId, NodeId)>> {
+        let jobs = sqlx::query(
+            "SELECT id FROM jobs WHERE deadline_ms IS NOT NULL AND deadline_ms < $1 AND state IN ('queued', 'running') LIMIT 100",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut cancelled = Vec::new();
+        for j in jobs {
+            let job: i64 = j.try_get("id")?;
+            let mut tx = self.pool.begin().await?;
+            let leases = sqlx::query(
+                "SELECT l.id, l.node FROM leases l JOIN tasks t ON t.id = l.task_id WHERE t.job_id = $1 AND l.state = 'active'",
+            )
+            .bind(job)
+            .fetch_all(&mut *tx)
+            .await?;
+            for r in &leases {
+                cancelled.push((
+                    r.try_get::<i64, _>("id")? as LeaseId,
+                    parse("lease node", &r.try_get::<String, _>("node")?)?,
+                ));
+            }
+            sqlx::query(
+                "UPDATE leases SET state = 'cancelled', finished_ms = $1
+                 WHERE state = 'active' AND task_id IN (SELECT id FROM tasks WHERE job_id = $2)",
+            )
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE tasks SET state = 'failed', reason = 'job deadline passed', finished_ms = $1
+                 WHERE job_id = $2 AND state IN ('pending', 'running')",
+            )
+            .bind(now)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+            Self::finish_job_if_done(&mut tx, job, now).await?;
+            tx.commit().await?;
+        }
+        Ok(cancelled)
+    }
+
     // ---- nodes ---------------------------------------------------------------------------
 
     /// Records a node's hello.

@@ -526,3 +526,47 @@ async fn replicas_reported_at_the_same_moment_still_reach_a_decision() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_job_past_its_deadline_ends_with_reasons() {
+    for (store, _dir) in backends().await {
+        let mut s = spec(1, 3);
+        s.deadline_s = Some(10);
+        let trials = s.expand().expect("expand");
+        let id = store
+            .create_job(node(100), &s, ContentId::of(b"metered"), &trials, 1_000)
+            .await
+            .expect("job");
+        let pending = store.pending_tasks(10).await.expect("pending");
+        let t0 = pending[0].spec.task;
+        let lease = store
+            .create_lease(t0, node(1), 1_000, 60_000)
+            .await
+            .expect("lease")
+            .expect("leased");
+        assert!(matches!(
+            record(&store, lease, node(1), t0, &report(b"x", 1)).await,
+            Recorded::Verified { .. }
+        ));
+        let other = store
+            .create_lease(pending[1].spec.task, node(1), 1_000, 60_000)
+            .await
+            .expect("lease")
+            .expect("leased");
+        assert!(
+            store.expire_jobs(10_999).await.expect("expire").is_empty(),
+            "not yet"
+        );
+        assert_eq!(
+            store.expire_jobs(11_001).await.expect("expire"),
+            vec![(other, node(1))]
+        );
+        let j = store.job(id).await.expect("job").expect("exists");
+        assert_eq!(
+            (j.state.as_str(), j.counts.verified, j.counts.failed),
+            ("completed", 1, 2)
+        );
+        let tasks = store.tasks(id, 0, 10).await.expect("tasks");
+        assert_eq!(tasks[1].reason.as_deref(), Some("job deadline passed"));
+    }
+}
