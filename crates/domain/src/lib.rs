@@ -15,5 +15,5 @@ pub mod ratelimit;
 mod service;
 pub mod store;
 
-pub use config::Config;
+pub use config::{Config, Rate};
 pub use service::{Domain, StartError, now_ms};
