@@ -8,6 +8,9 @@ use anyhow::Context as _;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// TOML file with any of these settings (flags and STARDUST_* variables win).
+    #[arg(long, env = "STARDUST_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "STARDUST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
@@ -28,7 +31,22 @@ pub struct Args {
     max_attempts: u32,
 }
 
-pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
+    if let Some(path) = args.config.clone() {
+        use crate::config::from_str;
+        let mut f = crate::config::File::read(&path, matches)?;
+        f.set("listen", &mut args.listen, from_str)?;
+        f.set("data", &mut args.data, from_str)?;
+        f.set("database", &mut args.database, |s| Ok(Some(s.to_string())))?;
+        f.set("lease", &mut args.lease, crate::units::parse_duration)?;
+        f.set(
+            "heartbeat",
+            &mut args.heartbeat,
+            crate::units::parse_duration,
+        )?;
+        f.set("max_attempts", &mut args.max_attempts, from_str)?;
+        f.finish()?;
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         std::fs::create_dir_all(&args.data)

@@ -7,6 +7,7 @@
 
 mod bench;
 mod client;
+mod config;
 mod domain;
 mod jobfile;
 mod keys;
@@ -17,7 +18,7 @@ mod units;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Stardust: a federated compute network. Contribute idle compute, run verified jobs.
 #[derive(Debug, Parser)]
@@ -76,14 +77,22 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let sub = matches
+        .subcommand()
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
     if let Err(e) = init_logging(cli.log_format, &cli.log) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Domain(args) => domain::main(args),
-        Command::Node(args) => node::main(args),
+        Command::Domain(args) => domain::main(args, &sub),
+        Command::Node(args) => node::main(args, &sub),
         Command::Submit(args) => client::submit(args),
         Command::Job(cmd) => client::job(cmd),
         Command::Nodes(conn) => client::nodes(conn),

@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// TOML file with any of these settings (flags and STARDUST_* variables win).
+    #[arg(long, env = "STARDUST_CONFIG")]
+    config: Option<PathBuf>,
     /// The domain, http://HOST:PORT.
     #[arg(long, env = "STARDUST_DOMAIN", default_value = "http://127.0.0.1:7700")]
     domain: String,
@@ -31,7 +34,22 @@ pub struct Args {
     no_bench: bool,
 }
 
-pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
+    if let Some(path) = args.config.clone() {
+        use crate::config::from_str;
+        let mut f = crate::config::File::read(&path, matches)?;
+        f.set("domain", &mut args.domain, from_str)?;
+        f.set("slots", &mut args.slots, |s| from_str(s).map(Some))?;
+        f.set("data", &mut args.data, from_str)?;
+        f.set("cpu_limit", &mut args.cpu_limit, from_str)?;
+        f.set("when_idle", &mut args.when_idle, from_str)?;
+        f.set("idle_threshold", &mut args.idle_threshold, from_str)?;
+        f.set("labels", &mut args.labels, |s| {
+            Ok(s.split(',').map(str::to_string).collect())
+        })?;
+        f.set("no_bench", &mut args.no_bench, from_str)?;
+        f.finish()?;
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         std::fs::create_dir_all(&args.data)?;

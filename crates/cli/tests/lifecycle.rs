@@ -284,3 +284,67 @@ fn kill_9_of_the_domain_mid_job_loses_nothing_on_postgres() {
     let (base, _) = admin.rsplit_once('/').expect("URL with a database");
     run_lifecycle(Some(format!("{base}/{name}")));
 }
+
+#[test]
+fn settings_come_from_flags_then_environment_then_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file_port, env_port, flag_port) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("domain.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:{file_port}\"\nlease = \"20s\"\n"),
+    )
+    .expect("config");
+    let data = dir.path().join("d");
+    let start = |extra: &[&str], env: Option<u16>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_stardust"));
+        c.args([
+            "domain",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--data",
+            data.to_str().expect("utf-8"),
+        ])
+        .args(extra);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = env {
+            c.env("STARDUST_LISTEN", format!("127.0.0.1:{p}"));
+        }
+        Proc {
+            child: c.spawn().expect("spawn"),
+            name: "domain",
+        }
+    };
+    let url = |p: u16| format!("http://127.0.0.1:{p}");
+    let d = start(&[], None);
+    wait_until("the file's port", Duration::from_secs(30), || {
+        healthy(&url(file_port))
+    });
+    d.kill9();
+    let d = start(&[], Some(env_port));
+    wait_until("the environment's port", Duration::from_secs(30), || {
+        healthy(&url(env_port))
+    });
+    d.kill9();
+    let flag = format!("127.0.0.1:{flag_port}");
+    let d = start(&["--listen", &flag], Some(env_port));
+    wait_until("the flag's port", Duration::from_secs(30), || {
+        healthy(&url(flag_port))
+    });
+    d.kill9();
+    std::fs::write(&config, "bogus = 1\n").expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_stardust"))
+        .args([
+            "domain",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--data",
+            data.to_str().expect("utf-8"),
+        ])
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown config keys"));
+}
