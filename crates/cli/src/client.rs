@@ -19,6 +19,9 @@ pub struct Conn {
     /// Print one JSON object as the last stdout line.
     #[arg(long)]
     json: bool,
+    /// Extra CA certificates (PEM) to trust for an https domain.
+    #[arg(long, env = "STARDUST_CA")]
+    ca: Option<PathBuf>,
 }
 
 impl Conn {
@@ -31,7 +34,17 @@ impl Conn {
             }
         };
         let identity = stardust_keystore::load_or_create(&key)?;
-        Ok(stardust_sdk::Client::new(&self.domain, identity)?)
+        let ca = match &self.ca {
+            Some(p) => {
+                Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
+            }
+            None => None,
+        };
+        Ok(stardust_sdk::Client::with_ca(
+            &self.domain,
+            identity,
+            ca.as_deref(),
+        )?)
     }
 }
 

@@ -26,6 +26,12 @@ pub struct Args {
     /// Heartbeat interval nodes must keep, e.g. 5s.
     #[arg(long, env = "STARDUST_HEARTBEAT", default_value = "5s", value_parser = crate::units::parse_duration)]
     heartbeat: std::time::Duration,
+    /// Serve HTTPS/WSS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "STARDUST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "STARDUST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Failed attempts before a task is dead-lettered.
     #[arg(long, env = "STARDUST_MAX_ATTEMPTS", default_value_t = 5)]
     max_attempts: u32,
@@ -45,6 +51,10 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
             crate::units::parse_duration,
         )?;
         f.set("max_attempts", &mut args.max_attempts, from_str)?;
+        f.set("tls_cert", &mut args.tls_cert, |s| {
+            Ok(Some(PathBuf::from(s)))
+        })?;
+        f.set("tls_key", &mut args.tls_key, |s| Ok(Some(PathBuf::from(s))))?;
         f.finish()?;
     }
     let runtime = tokio::runtime::Runtime::new()?;
@@ -58,6 +68,16 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         config.lease_ms = args.lease.as_millis() as i64;
         config.heartbeat_ms = args.heartbeat.as_millis() as u64;
         config.max_attempts = args.max_attempts;
+        config.tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         anyhow::ensure!(
             config.max_attempts >= 1,
             "--max-attempts must be at least 1"
@@ -68,7 +88,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         );
         let domain = stardust_domain::Domain::start(config, identity).await?;
         eprintln!(
-            "stardust domain {} listening on http://{}",
+            "stardust domain {} listening on {scheme}://{}",
             domain.id(),
             domain.addr()
         );

@@ -29,6 +29,9 @@ pub struct Args {
     /// Labels offered to tasks' requirements (repeatable).
     #[arg(long = "label", env = "STARDUST_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
+    /// Extra CA certificates (PEM) to trust for an https domain.
+    #[arg(long, env = "STARDUST_CA")]
+    ca: Option<PathBuf>,
     /// Skip the startup benchmark.
     #[arg(long)]
     no_bench: bool,
@@ -48,6 +51,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
             Ok(s.split(',').map(str::to_string).collect())
         })?;
         f.set("no_bench", &mut args.no_bench, from_str)?;
+        f.set("ca", &mut args.ca, |s| Ok(Some(PathBuf::from(s))))?;
         f.finish()?;
     }
     let runtime = tokio::runtime::Runtime::new()?;
@@ -63,6 +67,12 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         config.idle_threshold = args.idle_threshold;
         config.labels = args.labels.clone();
         config.bench = !args.no_bench;
+        if let Some(ca) = &args.ca {
+            config.ca_pem = Some(
+                std::fs::read(ca)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?,
+            );
+        }
         eprintln!(
             "stardust node {} joining {} with {} slots",
             identity.id(),

@@ -20,20 +20,25 @@ fn root() -> PathBuf {
 struct Proc {
     child: Child,
     name: &'static str,
+    log: Option<PathBuf>,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, args: &[&str], log: &Path) -> Self {
-        let log = std::fs::File::create(log).expect("log file");
+    fn spawn(name: &'static str, args: &[&str], log_path: &Path) -> Self {
+        let log = std::fs::File::create(log_path).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_stardust"))
             .args(args)
-            .env("STARDUST_LOG", "info")
+            .env("STARDUST_LOG", "info,stardust_node=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Self { child, name }
+        Self {
+            child,
+            name,
+            log: Some(log_path.to_path_buf()),
+        }
     }
 
     /// SIGKILL, no chance to clean up.
@@ -54,11 +59,20 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(
-                start.elapsed() < within,
-                "{} did not exit within {within:?} of SIGTERM",
-                self.name
-            );
+            if start.elapsed() > within {
+                let log = self
+                    .log
+                    .as_ref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "{} did not exit within {within:?} of SIGTERM; log tail:\n{}",
+                    self.name,
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -315,6 +329,7 @@ fn settings_come_from_flags_then_environment_then_config_file() {
         Proc {
             child: c.spawn().expect("spawn"),
             name: "domain",
+            log: None,
         }
     };
     let url = |p: u16| format!("http://127.0.0.1:{p}");
@@ -347,4 +362,90 @@ fn settings_come_from_flags_then_environment_then_config_file() {
         .expect("spawn");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown config keys"));
+}
+
+#[test]
+fn tls_end_to_end_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // A self-signed certificate for the loopback address, trusted through --ca.
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("certificate");
+    std::fs::write(d.join("cert.pem"), cert.cert.pem()).expect("cert");
+    std::fs::write(d.join("key.pem"), cert.signing_key.serialize_pem()).expect("key");
+    std::fs::copy(
+        root().join("test-programs/hello.wasm"),
+        d.join("hello.wasm"),
+    )
+    .expect("module");
+    std::fs::write(
+        d.join("job.toml"),
+        "module = \"hello.wasm\"\nargs = [\"{i}\"]\nredundancy = 1\n[sweep.grid]\ni = [1, 2, 3, 4]\n",
+    )
+    .expect("job");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
+    let s = |p: &str| d.join(p).to_string_lossy().into_owned();
+    let _domain = Proc::spawn(
+        "domain",
+        &[
+            "domain",
+            "--listen",
+            &listen,
+            "--data",
+            &s("domain"),
+            "--tls-cert",
+            &s("cert.pem"),
+            "--tls-key",
+            &s("key.pem"),
+        ],
+        &d.join("domain.log"),
+    );
+    let ca = s("cert.pem");
+    let tls_healthy = || {
+        Command::new(env!("CARGO_BIN_EXE_stardust"))
+            .args(["nodes", "--domain", &url, "--ca", &ca, "--json"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    wait_until("the TLS domain", Duration::from_secs(30), tls_healthy);
+    // Without the CA the certificate is not trusted; plain HTTP is not spoken.
+    let untrusted = Command::new(env!("CARGO_BIN_EXE_stardust"))
+        .args(["nodes", "--domain", &url, "--json"])
+        .output()
+        .expect("spawn");
+    assert!(
+        !untrusted.status.success(),
+        "a self-signed certificate is refused without --ca"
+    );
+    assert!(
+        !healthy(&format!("http://127.0.0.1:{port}")),
+        "no plain HTTP on a TLS port"
+    );
+
+    let node = Proc::spawn(
+        "node",
+        &[
+            "node",
+            "--domain",
+            &url,
+            "--ca",
+            &ca,
+            "--data",
+            &s("node"),
+            "--slots",
+            "2",
+            "--no-bench",
+        ],
+        &d.join("node.log"),
+    );
+    let key = s("client.key");
+    let job = s("job.toml");
+    let done = cli(&[
+        "submit", &job, "--domain", &url, "--ca", &ca, "--key", &key, "--wait", "--json",
+    ]);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["tasks_verified"], 4);
+    assert!(node.terminate(Duration::from_secs(30)).success());
 }

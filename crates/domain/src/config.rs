@@ -40,6 +40,9 @@ pub struct Config {
     pub rate_per_addr: Rate,
     /// Frames per node session. Default 2,000/s, bursts of 4,000.
     pub rate_per_session: Rate,
+    /// Serve HTTPS/WSS with this certificate chain and private key (PEM files). Default:
+    /// plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
                 per_s: 2_000.0,
                 burst: 4_000.0,
             },
+            tls: None,
         }
     }
 }

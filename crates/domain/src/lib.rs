@@ -14,6 +14,7 @@ mod http;
 pub mod ratelimit;
 mod service;
 pub mod store;
+mod tls;
 
 pub use config::{Config, Rate};
 pub use service::{Domain, StartError, now_ms};

@@ -157,6 +157,9 @@ pub enum StartError {
     /// The domain key could not be read or created.
     #[error("domain key: {0}")]
     Key(String),
+    /// The TLS certificate or key is not usable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -191,6 +194,12 @@ impl Domain {
                 "gave active leases a fresh deadline after the restart"
             );
         }
+        let tls = match &config.tls {
+            Some((cert, key)) => {
+                Some(crate::tls::server_config(cert, key).map_err(StartError::Tls)?)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -218,18 +227,35 @@ impl Domain {
         });
         let router = crate::http::router(shared.clone());
         let mut server_stop = shutdown.clone();
-        let server = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
+        let stopped = async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        };
+        let server = match tls {
+            None => tokio::spawn(async move {
+                let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                if let Err(e) = axum::serve(listener, service)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }),
+            Some(tls) => {
+                use axum::serve::ListenerExt;
+                let listener = crate::tls::TlsListener::new(listener, tls)
+                    .map_err(|source| StartError::Listen { addr, source })?
+                    .tap_io(|_| {});
+                tokio::spawn(async move {
+                    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                    if let Err(e) = axum::serve(listener, service)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                    {
+                        tracing::error!(error = %e, "HTTPS server failed");
+                    }
+                })
             }
-        });
+        };
         let dispatcher = tokio::spawn(dispatch_loop(shared.clone()));
         let expiry = tokio::spawn(expiry_loop(shared.clone()));
         tracing::info!(%addr, domain = %id, "domain listening");

@@ -106,16 +106,19 @@ async fn rest_refusals_are_typed_and_counted() {
         401
     );
 
-    // The same signed request twice: the second is a replay.
-    let once = signed(&a, "GET", "/v1/jobs/1", b"");
-    assert_eq!(
-        raw(addr, None, "GET", "/v1/jobs/1", &once, b"").await.0,
-        404,
-        "valid, but no such job"
-    );
-    let (s, body) = raw(addr, None, "GET", "/v1/jobs/1", &once, b"").await;
+    // The same signed POST twice: the second is a replay. (A repeated GET is harmless.)
+    let once = signed(&a, "POST", "/v1/jobs/1/cancel", b"");
+    let first = raw(addr, None, "POST", "/v1/jobs/1/cancel", &once, b"")
+        .await
+        .0;
+    assert_eq!(first, 404, "valid, but no such job");
+    let (s, body) = raw(addr, None, "POST", "/v1/jobs/1/cancel", &once, b"").await;
     assert_eq!(s, 401);
     assert!(body.contains("\"code\":\"replay\""), "{body}");
+    let get = signed(&a, "GET", "/v1/jobs/1", b"");
+    assert_eq!(raw(addr, None, "GET", "/v1/jobs/1", &get, b"").await.0, 404);
+    let again = raw(addr, None, "GET", "/v1/jobs/1", &get, b"").await.0;
+    assert_eq!(again, 404, "a repeated GET is served");
 
     // Bytes that do not match their id.
     let claimed = ContentId::of(b"something else");

@@ -61,6 +61,8 @@ pub struct Config {
     pub bench: bool,
     /// How long a drain may wait for running tasks and acknowledgements. Default 120 s.
     pub drain_timeout: Duration,
+    /// Extra CA certificates (PEM) to trust for an `https` domain.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Config {
@@ -76,6 +78,7 @@ impl Config {
             labels: Vec::new(),
             bench: true,
             drain_timeout: Duration::from_secs(120),
+            ca_pem: None,
         }
     }
 }
@@ -112,6 +115,7 @@ pub enum NodeError {
 }
 
 struct Shared {
+    tls: Arc<rustls::ClientConfig>,
     config: Config,
     identity: Identity,
     client: stardust_sdk::Client,
@@ -163,7 +167,9 @@ pub async fn run(
         ..stardust_sandbox::Config::default()
     })?;
     let hardware = probe::probe(&sandbox, config.bench, config.labels.clone());
-    let client = stardust_sdk::Client::new(&config.domain, identity.clone())?;
+    let client =
+        stardust_sdk::Client::with_ca(&config.domain, identity.clone(), config.ca_pem.as_deref())?;
+    let tls = Arc::new(stardust_sdk::tls_config(config.ca_pem.as_deref())?);
     tracing::info!(
         node = %identity.id(),
         cores = hardware.cores,
@@ -172,6 +178,7 @@ pub async fn run(
         "node ready"
     );
     let shared = Arc::new(Shared {
+        tls,
         config,
         identity,
         client,
@@ -238,7 +245,7 @@ async fn sessions(
         );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => {}
+            () = shutdown_requested(&mut shutdown) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
@@ -247,14 +254,29 @@ async fn sessions(
 /// How long a sent result may wait for its acknowledgement before it is sent again.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 
+/// Resolves when shutdown is first requested. Never resolves once it was (the caller checks
+/// the flag), nor when the sender is gone without asking: a dropped sender must not turn a
+/// `select!` into a busy loop.
+async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    if *rx.borrow() || rx.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 enum SessionEnd {
     Drained,
     Disconnected,
 }
 
 fn ws_url(domain: &str) -> String {
-    let rest = domain.trim_end_matches('/').trim_start_matches("http://");
-    format!("ws://{rest}/v1/nodes/connect")
+    let domain = domain.trim_end_matches('/');
+    match domain.strip_prefix("https://") {
+        Some(rest) => format!("wss://{rest}/v1/nodes/connect"),
+        None => format!(
+            "ws://{}/v1/nodes/connect",
+            domain.trim_start_matches("http://")
+        ),
+    }
 }
 
 fn pin_domain(shared: &Shared, domain: NodeId) -> Result<(), NodeError> {
@@ -287,7 +309,12 @@ async fn session(
     let io = |e: tokio_tungstenite::tungstenite::Error| NodeError::Io(format!("websocket: {e}"));
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(ws_url(&shared.config.domain)),
+        tokio_tungstenite::connect_async_tls_with_config(
+            ws_url(&shared.config.domain),
+            None,
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(shared.tls.clone())),
+        ),
     )
     .await
     .map_err(|_| NodeError::Io("connecting timed out".into()))?
@@ -342,6 +369,7 @@ async fn session(
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
     let mut seq = 0u64;
     let mut told_draining = false;
+    let mut drain_started: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
             shared.draining.store(true, Ordering::Relaxed);
@@ -355,7 +383,14 @@ async fn session(
                 .map_err(io)?;
                 told_draining = true;
             }
+            let started = *drain_started.get_or_insert_with(Instant::now);
             if shared.idle().await {
+                let _ = sink.close().await;
+                return Ok(SessionEnd::Drained);
+            }
+            if started.elapsed() > shared.config.drain_timeout {
+                // What is left comes back to the domain when its leases expire.
+                tracing::warn!("drain timed out; leaving unfinished work to lease expiry");
                 let _ = sink.close().await;
                 return Ok(SessionEnd::Drained);
             }
@@ -380,7 +415,7 @@ async fn session(
         }
         tokio::select! {
             biased;
-            _ = shutdown.changed() => {}
+            () = shutdown_requested(shutdown) => {}
             () = shared.results.notified() => {}
             _ = heartbeat.tick() => {
                 seq += 1;

@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -34,8 +35,11 @@ use stardust_proto::request;
 #[non_exhaustive]
 pub enum Error {
     /// The domain URL is not usable.
-    #[error("invalid domain URL {0:?}: expected http://HOST:PORT")]
+    #[error("invalid domain URL {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     Url(String),
+    /// TLS settings are not usable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The connection failed or timed out.
     #[error("cannot reach the domain at {url}: {reason}")]
     Transport {
@@ -59,12 +63,40 @@ pub enum Error {
     Decode(String),
 }
 
+/// TLS settings for talking to domains: the web's certificate authorities (webpki roots),
+/// plus the CA certificates in `extra_ca_pem` if given. Used by the node's WebSocket too.
+pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, Error> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_ca_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| Error::Tls(format!("bad CA certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::Tls(format!("bad CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::Tls("the CA file holds no PEM certificate".into()));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// A client of one domain, acting as one key.
 #[derive(Clone)]
 pub struct Client {
     base: String,
     identity: Identity,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
+    http: HttpClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
 }
 
@@ -84,17 +116,33 @@ fn now_ms() -> i64 {
 }
 
 impl Client {
-    /// A client of the domain at `base` (e.g. `http://127.0.0.1:7700`).
+    /// A client of the domain at `base` (`http://HOST:PORT` or `https://HOST:PORT`),
+    /// trusting the usual web certificate authorities.
     pub fn new(base: &str, identity: Identity) -> Result<Self, Error> {
+        Self::with_ca(base, identity, None)
+    }
+
+    /// Like [`Client::new`], also trusting the CA certificates in `ca_pem` (for a domain
+    /// with a private or self-signed certificate).
+    pub fn with_ca(base: &str, identity: Identity, ca_pem: Option<&[u8]>) -> Result<Self, Error> {
         let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") || base.len() <= "http://".len() {
+        let rest = base
+            .strip_prefix("http://")
+            .or_else(|| base.strip_prefix("https://"));
+        if rest.is_none_or(str::is_empty) {
             return Err(Error::Url(base));
         }
         base.parse::<hyper::Uri>()
             .map_err(|_| Error::Url(base.clone()))?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.set_nodelay(true);
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(ca_pem)?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let http = HttpClient::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             base,
