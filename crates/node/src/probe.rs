@@ -46,20 +46,41 @@ fn cpu_model() -> Option<String> {
     Some(line.split_once(':')?.1.trim().to_string())
 }
 
-/// NVIDIA GPUs. Stardust runs WebAssembly only, so a GPU is reported but not yet usable by
-/// tasks: the reason says so, and where the driver is missing, says that instead.
+/// NVIDIA GPUs through NVML (loaded at run time: nodes without the driver still run). When a
+/// GPU device is present but NVML cannot be used, the reason is reported instead.
 fn gpus() -> (Vec<stardust_proto::task::Gpu>, Option<String>) {
     let present = std::path::Path::new("/dev/nvidia0").exists()
         || std::path::Path::new("/proc/driver/nvidia/gpus").exists();
-    if !present {
-        return (Vec::new(), None);
-    }
-    (
-        Vec::new(),
-        Some(
-            "an NVIDIA GPU is present, but this node runs WebAssembly tasks on the CPU only".into(),
+    match nvml_wrapper::Nvml::init() {
+        Ok(nvml) => {
+            let count = match nvml.device_count() {
+                Ok(n) => n,
+                Err(e) => return (Vec::new(), Some(format!("NVML cannot count devices: {e}"))),
+            };
+            let mut gpus = Vec::new();
+            let mut problems = Vec::new();
+            for i in 0..count {
+                let info = nvml
+                    .device_by_index(i)
+                    .and_then(|d| Ok((d.name()?, d.memory_info()?.total)));
+                match info {
+                    Ok((name, memory_bytes)) => {
+                        gpus.push(stardust_proto::task::Gpu { name, memory_bytes })
+                    }
+                    Err(e) => problems.push(format!("GPU {i}: {e}")),
+                }
+            }
+            let reason = (!problems.is_empty()).then(|| problems.join("; "));
+            (gpus, reason)
+        }
+        Err(e) if present => (
+            Vec::new(),
+            Some(format!(
+                "an NVIDIA GPU is present but NVML is unusable: {e}"
+            )),
         ),
-    )
+        Err(_) => (Vec::new(), None),
+    }
 }
 
 /// Runs the reference kernel once and returns micro-SCU per second.
@@ -103,5 +124,16 @@ mod tests {
         assert!(hw.micro_scu_per_s > 0, "the reference kernel ran");
         assert_eq!(hw.labels, ["eu"]);
         assert!(hw.os.contains(std::env::consts::ARCH));
+        let device = std::path::Path::new("/dev/nvidia0").exists();
+        if !device {
+            // No GPU here: none reported, and no reason to complain.
+            assert!(hw.gpus.is_empty());
+            assert_eq!(hw.gpu_unusable_reason, None);
+        } else {
+            assert!(
+                !hw.gpus.is_empty() || hw.gpu_unusable_reason.is_some(),
+                "a present GPU is listed or explained"
+            );
+        }
     }
 }
