@@ -239,19 +239,15 @@ pub fn nodes(conn: Conn) -> anyhow::Result<ExitCode> {
             "node", "state", "tier", "cores", "running", "agreed"
         );
         for n in v["nodes"].as_array().into_iter().flatten() {
+            let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
             out.push_str(&format!(
                 "{:<12} {:<9} {:<9} {:>5} {:>7} {:>9}\n",
-                n["id"]
-                    .as_str()
-                    .unwrap_or("")
-                    .chars()
-                    .take(10)
-                    .collect::<String>(),
-                n["state"].as_str().unwrap_or(""),
-                n["tier"].as_str().unwrap_or(""),
-                n["hardware"]["cores"],
-                n["running"],
-                n["agreed"]
+                text(&n["id"]).chars().take(10).collect::<String>(),
+                text(&n["state"]),
+                text(&n["tier"]),
+                text(&n["hardware"]["cores"]),
+                text(&n["running"]),
+                text(&n["agreed"])
             ));
         }
         out.trim_end().to_string()
