@@ -449,3 +449,91 @@ fn tls_end_to_end_with_a_private_ca() {
     assert_eq!(done["tasks_verified"], 4);
     assert!(node.terminate(Duration::from_secs(30)).success());
 }
+
+#[test]
+fn hostile_tasks_end_with_agreed_outcomes_and_the_nodes_keep_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for m in [
+        "infinite_loop.wasm",
+        "memory_bomb.wasm",
+        "deep_recursion.wasm",
+        "hello.wasm",
+    ] {
+        std::fs::copy(root().join("test-programs").join(m), d.join(m)).expect("module");
+    }
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let s = |p: &str| d.join(p).to_string_lossy().into_owned();
+    let _domain = Proc::spawn(
+        "domain",
+        &["domain", "--listen", &listen, "--data", &s("domain")],
+        &d.join("domain.log"),
+    );
+    wait_until("the domain", Duration::from_secs(30), || healthy(&url));
+    let nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            let data = s(&format!("node{i}"));
+            Proc::spawn(
+                "node",
+                &[
+                    "node",
+                    "--domain",
+                    &url,
+                    "--data",
+                    &data,
+                    "--slots",
+                    "2",
+                    "--no-bench",
+                ],
+                &d.join(format!("node{i}.log")),
+            )
+        })
+        .collect();
+    let key = s("client.key");
+    let run = |module: &str, limits: &str| -> Value {
+        let file = d.join(format!("{module}.toml"));
+        std::fs::write(
+            &file,
+            format!("module = \"{module}\"\nredundancy = 2\n[limits]\n{limits}\n"),
+        )
+        .expect("job");
+        cli(&[
+            "submit",
+            file.to_str().expect("utf-8"),
+            "--domain",
+            &url,
+            "--key",
+            &key,
+            "--wait",
+            "--json",
+        ])
+    };
+    for (module, limits, status) in [
+        ("infinite_loop.wasm", "fuel = 5000000", "out_of_fuel"),
+        ("memory_bomb.wasm", "memory = \"16MiB\"", "out_of_memory"),
+        ("deep_recursion.wasm", "", "trap"),
+    ] {
+        let done = run(module, limits);
+        assert_eq!(done["state"], "completed", "{module}: {done}");
+        assert_eq!(
+            done["tasks_verified"], 1,
+            "{module}: both replicas agree on the failure"
+        );
+        let id = done["job_id"].to_string();
+        let results = cli(&[
+            "job", "results", &id, "--domain", &url, "--key", &key, "--json",
+        ]);
+        assert_eq!(
+            results["results"][0]["status"], status,
+            "{module}: {results}"
+        );
+    }
+    // The same nodes still run ordinary work.
+    let done = run("hello.wasm", "");
+    assert_eq!(done["tasks_verified"], 1, "{done}");
+    for n in nodes {
+        assert!(n.terminate(Duration::from_secs(30)).success());
+    }
+}

@@ -41,6 +41,9 @@ pub(crate) struct Session {
     pub node: NodeId,
     pub hardware: Hardware,
     pub tier: Tier,
+    /// Beta(1, 1) posterior mean of the node's quorum record when it connected:
+    /// (agreed + 1) / (agreed + disagreed + 2). The Verification issue refines it.
+    pub reputation: f64,
     pub slots: u32,
     /// The node's owner policy has paused it (it reported no free slot with fewer leases
     /// than slots).
@@ -343,7 +346,7 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
                 },
                 slots: s.slots,
                 running: s.running.len() as u32,
-                reputation: 0.5,
+                reputation: s.reputation,
                 latency_ms: 1,
             })
             .collect();

@@ -469,7 +469,7 @@ async fn node_views(shared: &Shared) -> Vec<NodeView> {
             },
             slots: s.slots,
             running: s.running.len() as u32,
-            reputation: 0.5,
+            reputation: s.reputation,
             latency_ms: 1,
         })
         .collect()

@@ -122,6 +122,10 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
         return;
     }
 
+    let reputation = match shared.store.node(node).await {
+        Ok(Some(n)) => (n.agreed as f64 + 1.0) / ((n.agreed + n.disagreed) as f64 + 2.0),
+        _ => 0.5,
+    };
     let (outbox, mut rx) = mpsc::channel::<Vec<u8>>(shared.config.session_queue);
     let session_id = next_session(&shared);
     let resumed = match shared.store.active_leases(node).await {
@@ -141,6 +145,7 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 id: session_id,
                 node,
                 hardware: hello.hardware.clone(),
+                reputation,
                 tier: hello.tier,
                 slots: hello.slots,
                 paused: false,

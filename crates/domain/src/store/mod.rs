@@ -1198,25 +1198,34 @@ impl Store {
         Ok(())
     }
 
+    /// One node.
+    pub async fn node(&self, id: NodeId) -> Result<Option<NodeRow>> {
+        let row = sqlx::query("SELECT id, hardware, tier, slots, last_seen_ms, agreed, disagreed FROM nodes WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(node_row).transpose()
+    }
+
     /// Every known node.
     pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
         let rows = sqlx::query("SELECT id, hardware, tier, slots, last_seen_ms, agreed, disagreed FROM nodes ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(NodeRow {
-                    id: parse("node id", &r.try_get::<String, _>("id")?)?,
-                    hardware: json("node hardware", &r.try_get::<String, _>("hardware")?)?,
-                    tier: json("node tier", &r.try_get::<String, _>("tier")?)?,
-                    slots: r.try_get::<i64, _>("slots")? as u32,
-                    last_seen_ms: r.try_get("last_seen_ms")?,
-                    agreed: r.try_get::<i64, _>("agreed")? as u64,
-                    disagreed: r.try_get::<i64, _>("disagreed")? as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(node_row).collect()
     }
+}
+
+fn node_row(r: &AnyRow) -> Result<NodeRow> {
+    Ok(NodeRow {
+        id: parse("node id", &r.try_get::<String, _>("id")?)?,
+        hardware: json("node hardware", &r.try_get::<String, _>("hardware")?)?,
+        tier: json("node tier", &r.try_get::<String, _>("tier")?)?,
+        slots: r.try_get::<i64, _>("slots")? as u32,
+        last_seen_ms: r.try_get("last_seen_ms")?,
+        agreed: r.try_get::<i64, _>("agreed")? as u64,
+        disagreed: r.try_get::<i64, _>("disagreed")? as u64,
+    })
 }
 
 fn task_row(r: &AnyRow) -> Result<TaskRow> {

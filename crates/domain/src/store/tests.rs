@@ -333,6 +333,9 @@ async fn disagreement_adds_a_replica_and_the_minority_loses() {
         let nodes = store.nodes().await.expect("nodes");
         let liar = nodes.iter().find(|n| n.id == node(2)).expect("liar");
         assert_eq!((liar.agreed, liar.disagreed), (0, 1));
+        let one = store.node(node(2)).await.expect("node").expect("exists");
+        assert_eq!((one.agreed, one.disagreed), (0, 1));
+        assert_eq!(store.node(node(99)).await.expect("node"), None);
     }
 }
 
