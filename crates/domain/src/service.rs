@@ -44,6 +44,8 @@ pub(crate) struct Session {
     /// Beta(1, 1) posterior mean of the node's quorum record when it connected:
     /// (agreed + 1) / (agreed + disagreed + 2). The Verification issue refines it.
     pub reputation: f64,
+    /// Round trip measured at the handshake (challenge sent → hello received), ms.
+    pub latency_ms: u32,
     pub slots: u32,
     /// The node's owner policy has paused it (it reported no free slot with fewer leases
     /// than slots).
@@ -56,6 +58,26 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// The node as matching sees it.
+    pub fn view(&self) -> NodeView {
+        NodeView {
+            id: self.node,
+            hardware: self.hardware.clone(),
+            tier: self.tier,
+            state: if self.draining {
+                NodeState::Draining
+            } else if self.paused {
+                NodeState::Paused
+            } else {
+                NodeState::Online
+            },
+            slots: self.slots,
+            running: self.running.len() as u32,
+            reputation: self.reputation,
+            latency_ms: self.latency_ms,
+        }
+    }
+
     /// Slots the dispatcher may fill now.
     pub fn free(&self) -> u32 {
         if self.paused || self.draining {
@@ -331,25 +353,7 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
     let mut sessions = shared.sessions.lock().await;
     for task in pending {
         // Snapshot of candidate nodes with their current load.
-        let views: Vec<NodeView> = sessions
-            .values()
-            .map(|s| NodeView {
-                id: s.node,
-                hardware: s.hardware.clone(),
-                tier: s.tier,
-                state: if s.draining {
-                    NodeState::Draining
-                } else if s.paused {
-                    NodeState::Paused
-                } else {
-                    NodeState::Online
-                },
-                slots: s.slots,
-                running: s.running.len() as u32,
-                reputation: s.reputation,
-                latency_ms: 1,
-            })
-            .collect();
+        let views: Vec<NodeView> = sessions.values().map(Session::view).collect();
         let mut replicas_on = task.replicas_on.clone();
         // A task may want more than one replica now: lease as many as fit.
         loop {

@@ -21,7 +21,7 @@ use stardust_proto::identity::NodeId;
 use stardust_proto::job::JobSpec;
 use stardust_proto::message::DomainMessage;
 use stardust_proto::request;
-use stardust_scheduler::matching::{self, Need, NodeState, NodeView};
+use stardust_scheduler::matching::{self, Need, NodeView};
 
 use crate::service::{Shared, now_ms};
 use crate::store::{JobRow, StoreError};
@@ -453,25 +453,12 @@ async fn why(
 }
 
 async fn node_views(shared: &Shared) -> Vec<NodeView> {
-    let sessions = shared.sessions.lock().await;
-    sessions
+    shared
+        .sessions
+        .lock()
+        .await
         .values()
-        .map(|s| NodeView {
-            id: s.node,
-            hardware: s.hardware.clone(),
-            tier: s.tier,
-            state: if s.draining {
-                NodeState::Draining
-            } else if s.paused {
-                NodeState::Paused
-            } else {
-                NodeState::Online
-            },
-            slots: s.slots,
-            running: s.running.len() as u32,
-            reputation: s.reputation,
-            latency_ms: 1,
-        })
+        .map(crate::service::Session::view)
         .collect()
 }
 
@@ -529,6 +516,8 @@ async fn nodes(State(shared): State<Arc<Shared>>) -> ApiResult<axum::Json<Value>
                 "slots": n.slots,
                 "state": state,
                 "running": live.map_or(0, |s| s.running.len()),
+                "reputation": (n.agreed as f64 + 1.0) / ((n.agreed + n.disagreed) as f64 + 2.0),
+                "latency_ms": live.map(|s| s.latency_ms),
                 "last_seen_ms": n.last_seen_ms,
                 "agreed": n.agreed,
                 "disagreed": n.disagreed,

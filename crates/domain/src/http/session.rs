@@ -75,7 +75,9 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
         return;
     }
     let max = shared.config.max_frame_bytes;
+    let challenged = std::time::Instant::now();
     let first = tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await;
+    let latency_ms = challenged.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
     let Ok(Some(Ok(Message::Binary(bytes)))) = first else {
         shared.rejections.count("no_hello");
         return;
@@ -146,6 +148,7 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 node,
                 hardware: hello.hardware.clone(),
                 reputation,
+                latency_ms,
                 tier: hello.tier,
                 slots: hello.slots,
                 paused: false,
