@@ -48,3 +48,13 @@ fn envelope_vector() {
         envelope::open(&expected, Context::Node, envelope::DEFAULT_MAX_LEN).expect("verifies");
     assert_eq!(opened.signer.to_string(), vector("node_id"));
 }
+
+#[test]
+fn request_signature_vector() {
+    let secret: [u8; 32] = hex(vector("secret_key")).try_into().expect("32 bytes");
+    let id = Identity::from_secret_bytes(&secret);
+    let name = "request_signature(POST /v1/jobs, time 1700000000000, body {})";
+    let [_, _, sig] =
+        stardust_proto::request::sign(&id, "POST", "/v1/jobs", 1_700_000_000_000, b"{}");
+    assert_eq!(sig, vector(name));
+}
