@@ -25,6 +25,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Trivial tasks through the whole lifecycle (dispatch, sandboxed run, signed result,
+    /// verification, durable state) on node processes: tasks/s and submit→verified latency.
+    Throughput(throughput::Args),
 }
 
 pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
@@ -34,6 +37,7 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
             quick,
             json,
         } => sandbox(&kernels, quick, json),
+        Command::Throughput(args) => throughput::main(args),
     }
 }
 
@@ -209,4 +213,176 @@ fn sandbox(kernels: &Path, quick: bool, json: bool) -> anyhow::Result<ExitCode> 
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `stardust bench throughput`: N trivial tasks through the whole lifecycle.
+pub mod throughput {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context as _, bail};
+    use serde_json::{Value, json};
+
+    /// Options.
+    #[derive(Debug, clap::Args)]
+    pub struct Args {
+        /// Tasks in the job (throughput mode) or round trips (latency mode).
+        #[arg(long, default_value_t = 1000)]
+        tasks: u32,
+        /// Node processes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        /// Slots per node.
+        #[arg(long, default_value_t = 2)]
+        slots: u32,
+        /// Replicas per task.
+        #[arg(long, default_value_t = 1)]
+        redundancy: u8,
+        /// One single-task job at a time: submit → verified round trips.
+        #[arg(long)]
+        latency: bool,
+        /// Print one JSON object as the last stdout line.
+        #[arg(long)]
+        json: bool,
+    }
+
+    struct Kill(Vec<Child>);
+
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    fn percentile(sorted: &[f64], p: f64) -> f64 {
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+    }
+
+    pub fn main(args: Args) -> anyhow::Result<std::process::ExitCode> {
+        if args.tasks == 0
+            || args.nodes == 0
+            || args.redundancy == 0
+            || u32::from(args.redundancy) > args.nodes
+        {
+            bail!("need --tasks ≥ 1, --nodes ≥ 1 and 1 ≤ --redundancy ≤ --nodes");
+        }
+        let dir = tempfile::tempdir()?;
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(async move {
+            let mut config = stardust_domain::Config::new(dir.path().join("domain"));
+            config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            config.heartbeat_ms = 500;
+            let unlimited = stardust_domain::Rate { per_s: 1e9, burst: 1e9 };
+            config.rate_per_key = unlimited;
+            config.rate_per_addr = unlimited;
+            let identity = stardust_keystore::generate()?;
+            let domain = stardust_domain::Domain::start(config, identity).await?;
+            let url = format!("http://{}", domain.addr());
+            let exe = std::env::current_exe()?;
+            let mut children = Kill(Vec::new());
+            for i in 0..args.nodes {
+                let child = Command::new(&exe)
+                    .args(["node", "--domain", &url, "--slots", &args.slots.to_string(), "--no-bench", "--data"])
+                    .arg(dir.path().join(format!("node{i}")))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot start a node process")?;
+                children.0.push(child);
+            }
+            let client = stardust_sdk::Client::new(&url, stardust_keystore::generate()?)?;
+            let started = Instant::now();
+            loop {
+                let nodes = client.nodes().await?;
+                let online = nodes["nodes"].as_array().map_or(0, |n| n.iter().filter(|n| n["state"] == "online").count());
+                if online as u32 >= args.nodes {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    bail!("only {online} of {} nodes connected", args.nodes);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let module = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)?;
+            let module = client.put_blob(module).await?;
+            let input = client.put_blob(Vec::new()).await?;
+            let spec = |n: u32| -> anyhow::Result<stardust_proto::job::JobSpec> {
+                Ok(serde_json::from_value(json!({
+                    "module": module.to_string(),
+                    "input": input.to_string(),
+                    "args": ["{i}"],
+                    "redundancy": args.redundancy,
+                    "limits": {"fuel": 1_000_000, "memory_bytes": 1 << 20, "wall_ms": 10_000, "output_bytes": 1024},
+                    "sweep": {"grid": {"i": (0..n).collect::<Vec<_>>()}},
+                }))?)
+            };
+            let (tasks_per_s, mut latencies, elapsed) = if args.latency {
+                let mut lat = Vec::new();
+                let t0 = Instant::now();
+                for _ in 0..args.tasks {
+                    let t = Instant::now();
+                    let job = client.submit(&spec(1)?).await?;
+                    loop {
+                        let s = client.job(job).await?;
+                        if s["state"] != "queued" && s["state"] != "running" {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                let e = t0.elapsed().as_secs_f64();
+                (f64::from(args.tasks) / e, lat, e)
+            } else {
+                let t0 = Instant::now();
+                let job = client.submit(&spec(args.tasks)?).await?;
+                let status = client.wait(job, |_| {}).await?;
+                let e = t0.elapsed().as_secs_f64();
+                if status["tasks_verified"].as_u64() != Some(u64::from(args.tasks)) {
+                    bail!("not every task was verified: {status}");
+                }
+                let created = status["created_ms"].as_i64().unwrap_or(0);
+                let tasks = client.tasks(job, 0, args.tasks).await?;
+                let lat: Vec<f64> = tasks["tasks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t["finished_ms"].as_i64())
+                    .map(|f| (f - created) as f64)
+                    .collect();
+                (f64::from(args.tasks) / e, lat, e)
+            };
+            latencies.sort_by(f64::total_cmp);
+            let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+            drop(children);
+            domain.shutdown().await;
+            let result: Value = json!({
+                "mode": if args.latency { "latency" } else { "throughput" },
+                "tasks": args.tasks,
+                "nodes": args.nodes,
+                "slots": args.slots,
+                "redundancy": args.redundancy,
+                "tasks_per_s": tasks_per_s,
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "elapsed_s": elapsed,
+            });
+            if args.json {
+                println!("{result}");
+            } else {
+                println!(
+                    "{} tasks on {} nodes × {} slots, redundancy {}: {tasks_per_s:.0} tasks/s, submit→verified p50 {p50:.1} ms, p99 {p99:.1} ms ({elapsed:.2} s)",
+                    args.tasks, args.nodes, args.slots, args.redundancy
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        })
+    }
 }

@@ -257,6 +257,11 @@ impl Domain {
         };
         let server = match tls {
             None => tokio::spawn(async move {
+                use axum::serve::ListenerExt;
+                // Small frames (assignments, acks) must not wait for Nagle's algorithm.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let service = router.into_make_service_with_connect_info::<SocketAddr>();
                 if let Err(e) = axum::serve(listener, service)
                     .with_graceful_shutdown(stopped)

@@ -501,6 +501,11 @@ async fn handle(shared: &Shared, msg: DomainMessage) {
 /// One slot: takes assignments from the queue and runs them.
 async fn worker(shared: Arc<Shared>, slot: u32) {
     loop {
+        // Register for the wake-up before looking at the queue, so an assignment that arrives
+        // in between is not missed.
+        let notified = shared.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         let next = {
             let paused = shared.paused.load(Ordering::Relaxed);
             let mut queue = shared.queue.lock().await;
@@ -508,7 +513,7 @@ async fn worker(shared: Arc<Shared>, slot: u32) {
         };
         let Some(assignment) = next else {
             tokio::select! {
-                () = shared.work.notified() => {}
+                () = notified => {}
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             continue;

@@ -128,6 +128,8 @@ pub struct TaskRow {
     pub reason: Option<String>,
     /// The accepted report.
     pub report: Option<RunReport>,
+    /// When it was verified, failed or cancelled (Unix ms).
+    pub finished_ms: Option<i64>,
 }
 
 /// A task that wants another replica, with what matching needs.
@@ -538,7 +540,7 @@ impl Store {
     /// Tasks of a job, in order, at most `limit` from `offset`.
     pub async fn tasks(&self, job: JobId, offset: u32, limit: u32) -> Result<Vec<TaskRow>> {
         let rows = sqlx::query(
-            "SELECT id, idx, args, state, replicas, attempts, reason, report FROM tasks
+            "SELECT id, idx, args, state, replicas, attempts, reason, report, finished_ms FROM tasks
              WHERE job_id = $1 ORDER BY idx LIMIT $2 OFFSET $3",
         )
         .bind(id_i64(job))
@@ -1239,6 +1241,7 @@ fn task_row(r: &AnyRow) -> Result<TaskRow> {
         attempts: r.try_get::<i64, _>("attempts")? as u32,
         reason: r.try_get("reason")?,
         report: report.map(|s| json("task report", &s)).transpose()?,
+        finished_ms: r.try_get("finished_ms")?,
     })
 }
 
