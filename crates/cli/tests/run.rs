@@ -284,3 +284,34 @@ fn committed_wasm_matches_sources() {
         );
     }
 }
+
+#[test]
+fn bench_throughput_smoke() {
+    for extra in [&["--tasks", "20"][..], &["--tasks", "5", "--latency"][..]] {
+        let out = stardust()
+            .args([
+                "bench",
+                "throughput",
+                "--nodes",
+                "1",
+                "--slots",
+                "2",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .expect("spawn");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json: Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
+        for field in ["tasks", "nodes", "tasks_per_s", "p50_ms", "p99_ms"] {
+            assert!(json.get(field).is_some(), "{field} in {json}");
+        }
+        assert!(json["tasks_per_s"].as_f64().is_some_and(|t| t > 0.0));
+    }
+}
