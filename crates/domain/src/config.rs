@@ -33,6 +33,8 @@ pub struct Config {
     pub session_queue: usize,
     /// Tasks examined per dispatch round. Default 512.
     pub dispatch_batch: u32,
+    /// Leases per node slot, so each slot has its next task queued. Default 2.
+    pub lease_ahead: u32,
     /// Signed requests per client key. Default 100/s, bursts of 200.
     pub rate_per_key: Rate,
     /// Requests per network address (signed or not, node sessions included). Default 500/s,
@@ -60,6 +62,7 @@ impl Config {
             max_frame_bytes: 16 << 20,
             session_queue: 1024,
             dispatch_batch: 512,
+            lease_ahead: 2,
             rate_per_key: Rate {
                 per_s: 100.0,
                 burst: 200.0,

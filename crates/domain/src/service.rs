@@ -47,6 +47,9 @@ pub(crate) struct Session {
     /// Round trip measured at the handshake (challenge sent → hello received), ms.
     pub latency_ms: u32,
     pub slots: u32,
+    /// Leases the node may hold at once: `slots × lease_ahead`, so a slot never waits a
+    /// round trip for its next task.
+    pub capacity: u32,
     /// The node's owner policy has paused it (it reported no free slot with fewer leases
     /// than slots).
     pub paused: bool,
@@ -71,7 +74,7 @@ impl Session {
             } else {
                 NodeState::Online
             },
-            slots: self.slots,
+            slots: self.capacity,
             running: self.running.len() as u32,
             reputation: self.reputation,
             latency_ms: self.latency_ms,
@@ -83,7 +86,7 @@ impl Session {
         if self.paused || self.draining {
             0
         } else {
-            self.slots.saturating_sub(self.running.len() as u32)
+            self.capacity.saturating_sub(self.running.len() as u32)
         }
     }
 }

@@ -151,6 +151,7 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 latency_ms,
                 tier: hello.tier,
                 slots: hello.slots,
+                capacity: hello.slots.saturating_mul(shared.config.lease_ahead.max(1)),
                 paused: false,
                 draining: false,
                 running,
