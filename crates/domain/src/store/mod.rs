@@ -997,7 +997,7 @@ impl Store {
                 }
             }
         };
-        Self::finish_job_if_done(&mut tx, job, now).await?;
+        self.finish_job_if_done(&mut tx, job, now).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -1036,11 +1036,21 @@ impl Store {
         }
     }
 
+    /// Ends the job when none of its tasks is open. On PostgreSQL the job row is locked
+    /// first (always after the task row, so no lock cycle): two transactions finishing the
+    /// last two tasks then run one after the other, and the second sees the first's commit.
     async fn finish_job_if_done(
+        &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         job: i64,
         now: i64,
     ) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(job)
+                .execute(&mut **tx)
+                .await?;
+        }
         let open = sqlx::query(
             "SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state IN ('pending', 'running')",
         )
@@ -1108,7 +1118,7 @@ impl Store {
                     now,
                 )
                 .await?;
-                Self::finish_job_if_done(&mut tx, job, now).await?;
+                self.finish_job_if_done(&mut tx, job, now).await?;
                 expired.push((lease as LeaseId, node));
             }
             tx.commit().await?;
@@ -1158,7 +1168,7 @@ impl Store {
             .bind(job)
             .execute(&mut *tx)
             .await?;
-            Self::finish_job_if_done(&mut tx, job, now).await?;
+            self.finish_job_if_done(&mut tx, job, now).await?;
             tx.commit().await?;
         }
         Ok(cancelled)
