@@ -445,7 +445,7 @@ async fn node_session_refusals_leave_the_session_working() {
 async fn a_flooding_key_does_not_starve_another() {
     let (d, _dir) = domain(|c| {
         c.rate_per_key = Rate {
-            per_s: 20.0,
+            per_s: 5.0,
             burst: 20.0,
         }
     })
@@ -484,7 +484,7 @@ async fn a_flooding_key_does_not_starve_another() {
 async fn a_flooding_address_does_not_starve_another() {
     let (d, _dir) = domain(|c| {
         c.rate_per_addr = Rate {
-            per_s: 20.0,
+            per_s: 5.0,
             burst: 20.0,
         }
     })
