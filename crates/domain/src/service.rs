@@ -161,6 +161,24 @@ impl Shared {
         }
     }
 
+    /// Tells the nodes holding these leases to stop them, frees their slots, and wakes the
+    /// dispatcher.
+    pub async fn cancel_leases(&self, leases: Vec<(LeaseId, NodeId)>) {
+        let mut by_node: HashMap<NodeId, Vec<LeaseId>> = HashMap::new();
+        for (lease, node) in leases {
+            by_node.entry(node).or_default().push(lease);
+        }
+        for (node, leases) in by_node {
+            if let Some(s) = self.sessions.lock().await.get_mut(&node) {
+                for l in &leases {
+                    s.running.remove(l);
+                }
+            }
+            self.send(node, &DomainMessage::Cancel { leases }).await;
+        }
+        self.wake.notify_one();
+    }
+
     /// Sends a signed message to a node's session, if connected; drops the session when its
     /// outbox is full (a node that does not read is not worth blocking for).
     pub async fn send(&self, node: NodeId, message: &DomainMessage) {
@@ -445,22 +463,7 @@ async fn expiry_loop(shared: Arc<Shared>) {
         match leases {
             Ok(expired) if !expired.is_empty() => {
                 tracing::info!(count = expired.len(), "leases expired");
-                let mut by_node: HashMap<NodeId, Vec<LeaseId>> = HashMap::new();
-                for (lease, node) in expired {
-                    by_node.entry(node).or_default().push(lease);
-                }
-                for (node, leases) in by_node {
-                    {
-                        let mut sessions = shared.sessions.lock().await;
-                        if let Some(s) = sessions.get_mut(&node) {
-                            for l in &leases {
-                                s.running.remove(l);
-                            }
-                        }
-                    }
-                    shared.send(node, &DomainMessage::Cancel { leases }).await;
-                }
-                shared.wake.notify_one();
+                shared.cancel_leases(expired).await;
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "lease expiry failed"),

@@ -19,7 +19,6 @@ use serde_json::{Value, json};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::NodeId;
 use stardust_proto::job::JobSpec;
-use stardust_proto::message::DomainMessage;
 use stardust_proto::request;
 use stardust_scheduler::matching::{self, Need, NodeView};
 
@@ -477,21 +476,7 @@ async fn cancel(
         .cancel_job(id, now_ms())
         .await?
         .ok_or_else(|| ApiError::not_found("job"))?;
-    let mut by_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
-    for (lease, node) in leases {
-        by_node.entry(node).or_default().push(lease);
-    }
-    for (node, leases) in by_node {
-        {
-            let mut sessions = shared.sessions.lock().await;
-            if let Some(s) = sessions.get_mut(&node) {
-                for l in &leases {
-                    s.running.remove(l);
-                }
-            }
-        }
-        shared.send(node, &DomainMessage::Cancel { leases }).await;
-    }
+    shared.cancel_leases(leases).await;
     let job = owned_job(&shared, id, client).await?;
     Ok(axum::Json(job_json(&job)))
 }
