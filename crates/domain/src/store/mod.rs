@@ -277,7 +277,15 @@ impl Store {
     /// Opens (creating if needed) the SQLite database `DIR/stardust.db`.
     pub async fn open_sqlite(dir: &Path) -> Result<Self> {
         let path = dir.join("stardust.db");
-        Self::open(&format!("sqlite://{}?mode=rwc", path.display())).await
+        // The path travels inside a URL: escape what URLs give a meaning to.
+        let mut escaped = String::new();
+        for c in path.to_string_lossy().chars() {
+            match c {
+                '%' | '?' | '#' | ' ' => escaped.push_str(&format!("%{:02X}", c as u32)),
+                c => escaped.push(c),
+            }
+        }
+        Self::open(&format!("sqlite://{escaped}?mode=rwc")).await
     }
 
     /// Opens a database by URL (`sqlite://PATH?mode=rwc` or `postgres://...`) and brings its

@@ -573,3 +573,21 @@ async fn a_job_past_its_deadline_ends_with_reasons() {
         assert_eq!(tasks[1].reason.as_deref(), Some("job deadline passed"));
     }
 }
+
+#[tokio::test]
+async fn sqlite_data_directories_may_have_awkward_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let awkward = dir.path().join("my data #1 ?50%");
+    std::fs::create_dir_all(&awkward).expect("mkdir");
+    let store = Store::open_sqlite(&awkward).await.expect("opens");
+    assert!(
+        store
+            .put_blob(ContentId::of(b"x"), b"x", 0)
+            .await
+            .expect("put")
+    );
+    assert!(
+        awkward.join("stardust.db").exists(),
+        "the database lives where it was asked to"
+    );
+}
