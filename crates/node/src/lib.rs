@@ -251,6 +251,9 @@ async fn sessions(
     }
 }
 
+/// Most queued assignments per slot.
+const MAX_QUEUED_PER_SLOT: usize = 8;
+
 /// How long a sent result may wait for its acknowledgement before it is sent again.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 
@@ -464,10 +467,21 @@ async fn handle(shared: &Shared, msg: DomainMessage) {
                 k
             };
             let mut queue = shared.queue.lock().await;
+            // Bounded: a domain leases about two tasks per slot; anything far beyond that is
+            // refused here and comes back to the domain when its lease expires.
+            let cap = shared.config.slots as usize * MAX_QUEUED_PER_SLOT;
             for a in tasks {
-                if !known.contains(&a.lease) {
-                    queue.push_back(a);
+                if known.contains(&a.lease) {
+                    continue;
                 }
+                if queue.len() >= cap {
+                    tracing::warn!(
+                        lease = a.lease,
+                        "assignment queue full; ignoring an assignment"
+                    );
+                    continue;
+                }
+                queue.push_back(a);
             }
             drop(queue);
             shared.work.notify_waiters();
