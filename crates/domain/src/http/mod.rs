@@ -360,13 +360,25 @@ async fn list_tasks(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
-    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
-    owned_job(&shared, id, client).await?;
-    let tasks = shared
+    let tasks = owned_tasks(&shared, id, &page, &method, &uri, &headers).await?;
+    Ok(axum::Json(json!({ "tasks": tasks })))
+}
+
+/// A page of the tasks of a job the signed client owns.
+async fn owned_tasks(
+    shared: &Shared,
+    id: u64,
+    page: &Page,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> ApiResult<Vec<crate::store::TaskRow>> {
+    let client = authenticate(shared, method, uri, headers, b"").await?;
+    owned_job(shared, id, client).await?;
+    Ok(shared
         .store
         .tasks(id, page.offset, page.limit.min(10_000))
-        .await?;
-    Ok(axum::Json(json!({ "tasks": tasks })))
+        .await?)
 }
 
 /// Outputs up to this size are returned inline as text.
@@ -380,12 +392,7 @@ async fn results(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
-    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
-    owned_job(&shared, id, client).await?;
-    let tasks = shared
-        .store
-        .tasks(id, page.offset, page.limit.min(10_000))
-        .await?;
+    let tasks = owned_tasks(&shared, id, &page, &method, &uri, &headers).await?;
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
         let mut entry = json!({ "task": t.id, "index": t.index, "args": t.args, "state": t.state, "reason": t.reason });

@@ -574,36 +574,7 @@ impl Store {
         if matches!(state.as_str(), "completed" | "failed" | "cancelled") {
             return Ok(Some(Vec::new()));
         }
-        let leases = sqlx::query(
-            "SELECT l.id, l.node FROM leases l JOIN tasks t ON t.id = l.task_id WHERE t.job_id = $1 AND l.state = 'active'",
-        )
-        .bind(id_i64(job))
-        .fetch_all(&mut *tx)
-        .await?;
-        let leases = leases
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i64, _>("id")? as LeaseId,
-                    parse("lease node", &r.try_get::<String, _>("node")?)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        sqlx::query(
-            "UPDATE leases SET state = 'cancelled', finished_ms = $1
-             WHERE state = 'active' AND task_id IN (SELECT id FROM tasks WHERE job_id = $2)",
-        )
-        .bind(now)
-        .bind(id_i64(job))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE tasks SET state = 'cancelled', finished_ms = $1 WHERE job_id = $2 AND state IN ('pending', 'running')",
-        )
-        .bind(now)
-        .bind(id_i64(job))
-        .execute(&mut *tx)
-        .await?;
+        let leases = Self::close_open_work(&mut tx, id_i64(job), "cancelled", None, now).await?;
         sqlx::query("UPDATE jobs SET state = 'cancelled', finished_ms = $1 WHERE id = $2")
             .bind(now)
             .bind(id_i64(job))
@@ -1134,6 +1105,51 @@ impl Store {
         Ok(expired)
     }
 
+    /// Closes a job's open work inside `tx`: its active leases are cancelled (and returned,
+    /// to tell the nodes), its pending and running tasks move to `state` with `reason`.
+    async fn close_open_work(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        job: i64,
+        state: &str,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<(LeaseId, NodeId)>> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.node FROM leases l JOIN tasks t ON t.id = l.task_id WHERE t.job_id = $1 AND l.state = 'active'",
+        )
+        .bind(job)
+        .fetch_all(&mut **tx)
+        .await?;
+        let leases = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>("id")? as LeaseId,
+                    parse("lease node", &r.try_get::<String, _>("node")?)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sqlx::query(
+            "UPDATE leases SET state = 'cancelled', finished_ms = $1
+             WHERE state = 'active' AND task_id IN (SELECT id FROM tasks WHERE job_id = $2)",
+        )
+        .bind(now)
+        .bind(job)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "UPDATE tasks SET state = $1, reason = COALESCE($2, reason), finished_ms = $3
+             WHERE job_id = $4 AND state IN ('pending', 'running')",
+        )
+        .bind(state)
+        .bind(reason)
+        .bind(now)
+        .bind(job)
+        .execute(&mut **tx)
+        .await?;
+        Ok(leases)
+    }
+
     /// Ends jobs whose deadline passed: their unfinished tasks are dead-lettered with the
     /// reason "job deadline passed" and their active leases cancelled (returned, to tell the
     /// nodes).
@@ -1148,34 +1164,10 @@ impl Store {
         for j in jobs {
             let job: i64 = j.try_get("id")?;
             let mut tx = self.pool.begin().await?;
-            let leases = sqlx::query(
-                "SELECT l.id, l.node FROM leases l JOIN tasks t ON t.id = l.task_id WHERE t.job_id = $1 AND l.state = 'active'",
-            )
-            .bind(job)
-            .fetch_all(&mut *tx)
-            .await?;
-            for r in &leases {
-                cancelled.push((
-                    r.try_get::<i64, _>("id")? as LeaseId,
-                    parse("lease node", &r.try_get::<String, _>("node")?)?,
-                ));
-            }
-            sqlx::query(
-                "UPDATE leases SET state = 'cancelled', finished_ms = $1
-                 WHERE state = 'active' AND task_id IN (SELECT id FROM tasks WHERE job_id = $2)",
-            )
-            .bind(now)
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE tasks SET state = 'failed', reason = 'job deadline passed', finished_ms = $1
-                 WHERE job_id = $2 AND state IN ('pending', 'running')",
-            )
-            .bind(now)
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
+            cancelled.extend(
+                Self::close_open_work(&mut tx, job, "failed", Some("job deadline passed"), now)
+                    .await?,
+            );
             self.finish_job_if_done(&mut tx, job, now).await?;
             tx.commit().await?;
         }
