@@ -16,9 +16,12 @@
 //!   ledgers between domains).
 //! - [`split`]: the settlement split of a verified task's price (80 % providers, 15 %
 //!   treasury, 5 % module author), exact to the micro-credit.
+//! - [`curve`]: the minted contribution bonus R(x) = 1 + 9·e^(−x/D) and the uptime reward.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+pub mod curve;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -61,6 +64,52 @@ impl Account {
     pub fn may_go_negative(self) -> bool {
         matches!(self, Account::Mint)
     }
+
+    /// The account's full, unique name: `mint`, `burn`, `treasury`, `operator:<key hex>`,
+    /// `submitter:<key hex>`, `author:<key hex>`, `escrow:<job>`, `stake:<key hex>`. It
+    /// parses back with [`str::parse`].
+    pub fn key(&self) -> String {
+        match self {
+            Account::Mint => "mint".into(),
+            Account::Burn => "burn".into(),
+            Account::Treasury => "treasury".into(),
+            Account::Operator(id) => format!("operator:{id}"),
+            Account::Submitter(id) => format!("submitter:{id}"),
+            Account::Author(id) => format!("author:{id}"),
+            Account::Escrow(job) => format!("escrow:{job}"),
+            Account::Stake(id) => format!("stake:{id}"),
+        }
+    }
+}
+
+/// A string that names no account.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "not an account name: {0:?} (expected mint, burn, treasury, escrow:<job> or operator|submitter|author|stake:<key>)"
+)]
+pub struct ParseAccountError(String);
+
+impl std::str::FromStr for Account {
+    type Err = ParseAccountError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseAccountError(s.chars().take(80).collect());
+        let node = |v: &str| v.parse::<NodeId>().map_err(|_| bad());
+        Ok(match s.split_once(':') {
+            None => match s {
+                "mint" => Account::Mint,
+                "burn" => Account::Burn,
+                "treasury" => Account::Treasury,
+                _ => return Err(bad()),
+            },
+            Some(("operator", v)) => Account::Operator(node(v)?),
+            Some(("submitter", v)) => Account::Submitter(node(v)?),
+            Some(("author", v)) => Account::Author(node(v)?),
+            Some(("stake", v)) => Account::Stake(node(v)?),
+            Some(("escrow", v)) => Account::Escrow(v.parse().map_err(|_| bad())?),
+            Some(_) => return Err(bad()),
+        })
+    }
 }
 
 /// Why credits moved.
@@ -87,8 +136,11 @@ pub enum Reason {
         /// The job.
         job: JobId,
     },
-    /// Contribution bonus (minted).
-    Bonus,
+    /// Contribution bonus for one verified task (minted).
+    Bonus {
+        /// The task.
+        task: u64,
+    },
     /// Uptime reward (minted).
     Uptime,
     /// A node's stake deposit.
@@ -165,6 +217,14 @@ pub enum ApplyError {
         /// The event.
         id: String,
     },
+    /// A second settlement of one task to one account.
+    #[error("event {id}: task {task} was already paid to this account")]
+    PaidTwice {
+        /// The event.
+        id: String,
+        /// The task.
+        task: u64,
+    },
     /// Arithmetic overflow (amounts past 2^63).
     #[error("event {id}: amount overflows")]
     Overflow {
@@ -173,11 +233,41 @@ pub enum ApplyError {
     },
 }
 
+/// The rules one movement must follow, given the debited account's balance `from_balance`:
+/// a positive amount below 2^63, two different accounts, credits only out of the mint and
+/// only into the burn account, and no balance but the mint's below zero. [`Ledger::apply`]
+/// and a domain writing events against stored balances share these rules.
+pub fn check(e: &Event, from_balance: i128) -> Result<(), ApplyError> {
+    if e.amount == 0 {
+        return Err(ApplyError::ZeroAmount { id: e.id.clone() });
+    }
+    if e.from == e.to {
+        return Err(ApplyError::SelfTransfer { id: e.id.clone() });
+    }
+    if e.to == Account::Mint || e.from == Account::Burn {
+        return Err(ApplyError::WrongWay { id: e.id.clone() });
+    }
+    if e.amount > i64::MAX as u64 {
+        return Err(ApplyError::Overflow { id: e.id.clone() });
+    }
+    if !e.from.may_go_negative() && from_balance < i128::from(e.amount) {
+        return Err(ApplyError::Insufficient {
+            id: e.id.clone(),
+            account: e.from,
+            balance: from_balance.max(0) as u64,
+            amount: e.amount,
+        });
+    }
+    Ok(())
+}
+
 /// Balances derived from events.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ledger {
     balances: BTreeMap<Account, i128>,
     applied: BTreeSet<String>,
+    /// (task, credited account) of every settlement: a second payment is refused.
+    paid: BTreeSet<(u64, Account)>,
     minted: u128,
     burned: u128,
     seq: u64,
@@ -223,29 +313,17 @@ impl Ledger {
 
     /// Applies one event's movement (chain fields are checked by [`verify`]).
     pub fn apply(&mut self, e: &Event) -> Result<(), ApplyError> {
-        if e.amount == 0 {
-            return Err(ApplyError::ZeroAmount { id: e.id.clone() });
-        }
-        if e.from == e.to {
-            return Err(ApplyError::SelfTransfer { id: e.id.clone() });
-        }
-        if e.to == Account::Mint || e.from == Account::Burn {
-            return Err(ApplyError::WrongWay { id: e.id.clone() });
-        }
         if self.applied.contains(&e.id) {
             return Err(ApplyError::Duplicate { id: e.id.clone() });
         }
-        if e.amount > i64::MAX as u64 {
-            return Err(ApplyError::Overflow { id: e.id.clone() });
-        }
-        let from = self.balance(e.from);
+        check(e, self.balance(e.from))?;
         let amount = i128::from(e.amount);
-        if !e.from.may_go_negative() && from < amount {
-            return Err(ApplyError::Insufficient {
+        if let Reason::Settle { task } = e.reason
+            && !self.paid.insert((task, e.to))
+        {
+            return Err(ApplyError::PaidTwice {
                 id: e.id.clone(),
-                account: e.from,
-                balance: from.max(0) as u64,
-                amount: e.amount,
+                task,
             });
         }
         *self.balances.entry(e.from).or_default() -= amount;

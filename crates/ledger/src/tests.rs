@@ -234,3 +234,99 @@ proptest! {
         prop_assert_eq!(verified, w.ledger);
     }
 }
+
+#[test]
+fn account_names_round_trip_and_bad_ones_are_refused() {
+    for a in [
+        Account::Mint,
+        Account::Burn,
+        Account::Treasury,
+        Account::Operator(node(1)),
+        Account::Submitter(node(2)),
+        Account::Author(node(3)),
+        Account::Escrow(77),
+        Account::Stake(node(4)),
+    ] {
+        assert_eq!(a.key().parse::<Account>(), Ok(a));
+    }
+    for bad in [
+        "",
+        "mints",
+        "escrow:x",
+        "operator:abc",
+        "vault:1",
+        "operator",
+    ] {
+        assert!(bad.parse::<Account>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_task_cannot_be_paid_twice_even_under_another_event_id() {
+    let mut w = sample();
+    let before = w.ledger.clone();
+    assert!(matches!(
+        w.post(
+            Account::Submitter(node(1)),
+            Account::Operator(node(2)),
+            1,
+            Reason::Settle { task: 1 },
+        ),
+        Err(ApplyError::PaidTwice { task: 1, .. })
+    ));
+    assert_eq!(w.ledger, before);
+    // Another task to the same account is fine.
+    w.post(
+        Account::Submitter(node(1)),
+        Account::Operator(node(2)),
+        1,
+        Reason::Settle { task: 2 },
+    )
+    .expect("another task");
+}
+
+proptest! {
+    /// A writer that crashes at random points between the events of a settlement (losing
+    /// the uncommitted ones, like a rolled-back transaction) and retries each task until
+    /// it is settled: every task ends paid exactly once and the chain verifies.
+    #[test]
+    fn settlements_survive_crashes_and_retries(crashes in proptest::collection::vec(0usize..5, 1..30)) {
+        let mut w = Writer::new();
+        let alice = Account::Submitter(node(1));
+        w.post(Account::Mint, alice, 1_000 * MICRO_PER_CREDIT, Reason::Grant).expect("grant");
+        w.post(alice, Account::Escrow(1), 1_000 * MICRO_PER_CREDIT, Reason::Escrow { job: 1 }).expect("escrow");
+        for (task, crash_at) in crashes.iter().enumerate() {
+            let task = task as u64;
+            let s = split(1_000_003, 2);
+            let batch = [
+                (Account::Operator(node(2)), s.providers[0]),
+                (Account::Operator(node(3)), s.providers[1]),
+                (Account::Treasury, s.treasury),
+                (Account::Author(node(4)), s.author),
+            ];
+            // Attempt 1: crash after `crash_at` events (a transaction that never committed).
+            let committed = w.ledger.clone();
+            let records = w.records.len();
+            for (to, amount) in batch.iter().take(*crash_at) {
+                w.post(Account::Escrow(1), *to, *amount, Reason::Settle { task }).expect("pay");
+            }
+            if *crash_at < batch.len() {
+                w.ledger = committed;
+                w.records.truncate(records);
+                // Attempt 2 after the restart: all of it.
+                for (to, amount) in batch {
+                    w.post(Account::Escrow(1), to, amount, Reason::Settle { task }).expect("retry pays");
+                }
+            }
+            // A third, duplicate delivery is refused.
+            let dup = w.post(Account::Escrow(1), Account::Treasury, 1, Reason::Settle { task });
+            prop_assert!(
+                matches!(dup, Err(ApplyError::PaidTwice { .. })),
+                "duplicate settlement accepted"
+            );
+        }
+        let verified = verify(domain().id(), w.records.iter().map(Vec::as_slice)).expect("chain verifies");
+        let paid = verified.balance(Account::Operator(node(2)));
+        prop_assert_eq!(paid, i128::from(split(1_000_003, 2).providers[0]) * crashes.len() as i128);
+    }
+}

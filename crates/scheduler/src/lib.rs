@@ -5,9 +5,14 @@
 //!   none may, *why* ("3 nodes: 2 lack 4 GiB memory, 1 busy"), the question HTCondor users
 //!   ask most.
 //! - [`quorum`]: when the replicas of a task agree.
+//! - [`reputation`]: a node's record (Beta posterior with forgetting) and adaptive
+//!   replication.
+//! - [`pricing`]: price per SCU from supply and demand, charges, a job's maximum.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod matching;
+pub mod pricing;
 pub mod quorum;
+pub mod reputation;
