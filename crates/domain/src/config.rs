@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use crate::ratelimit::Rate;
+pub use stardust_scheduler::pricing::Pricing;
+pub use stardust_scheduler::reputation::Adaptive;
 
 /// Everything a domain needs to run. Defaults are listed per field.
 #[derive(Debug, Clone)]
@@ -45,6 +47,18 @@ pub struct Config {
     /// Serve HTTPS/WSS with this certificate chain and private key (PEM files). Default:
     /// plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Price of compute (base price per SCU). Default one credit per SCU.
+    pub pricing: Pricing,
+    /// Micro-credits minted once for each new submitter key. Default 0.
+    pub welcome_grant: u64,
+    /// Stake (micro-credits) a node must hold per lease, lost to the treasury when it
+    /// loses a quorum or fails a spot check. Default 0 (no stake needed).
+    pub stake: u64,
+    /// Probability that an assignment to a node comes with a spot check (a known-answer
+    /// task). Default 0.02.
+    pub spot_rate: f64,
+    /// Adaptive replication. Default: on, after 10 agreeing results, re-checks ≥ 5 %.
+    pub adaptive: Adaptive,
 }
 
 impl Config {
@@ -76,6 +90,11 @@ impl Config {
                 burst: 4_000.0,
             },
             tls: None,
+            pricing: Pricing::default(),
+            welcome_grant: 0,
+            stake: 0,
+            spot_rate: 0.02,
+            adaptive: Adaptive::default(),
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::Config;
 use crate::ratelimit::Limiter;
-use crate::store::{Retry, Store, StoreError};
+use crate::store::{Economy, Leased, Retry, Store, StoreError};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -41,9 +41,11 @@ pub(crate) struct Session {
     pub node: NodeId,
     pub hardware: Hardware,
     pub tier: Tier,
-    /// Beta(1, 1) posterior mean of the node's quorum record when it connected:
-    /// (agreed + 1) / (agreed + disagreed + 2). The Verification issue refines it.
-    pub reputation: f64,
+    /// The node's reputation record, loaded at hello and updated as its results are
+    /// judged (see `stardust_scheduler::reputation`).
+    pub record: stardust_scheduler::reputation::Record,
+    /// Leases its stake covers, refreshed each dispatch round (`None`: no stake needed).
+    pub stake_slots: Option<u32>,
     /// Round trip measured at the handshake (challenge sent → hello received), ms.
     pub latency_ms: u32,
     pub slots: u32,
@@ -74,9 +76,9 @@ impl Session {
             } else {
                 NodeState::Online
             },
-            slots: self.capacity,
+            slots: self.capacity.min(self.stake_slots.unwrap_or(u32::MAX)),
             running: self.running.len() as u32,
-            reputation: self.reputation,
+            reputation: self.record.score(),
             latency_ms: self.latency_ms,
         }
     }
@@ -86,7 +88,9 @@ impl Session {
         if self.paused || self.draining {
             0
         } else {
-            self.capacity.saturating_sub(self.running.len() as u32)
+            self.capacity
+                .min(self.stake_slots.unwrap_or(u32::MAX))
+                .saturating_sub(self.running.len() as u32)
         }
     }
 }
@@ -151,9 +155,16 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     pub per_key: Limiter<NodeId>,
     pub per_addr: Limiter<std::net::IpAddr>,
+    /// Draws for adaptive replication and spot checks.
+    pub rng: std::sync::Mutex<stardust_proto::rand::SplitMix64>,
 }
 
 impl Shared {
+    /// A uniform draw in [0, 1).
+    pub fn draw(&self) -> f64 {
+        self.rng.lock().map_or(0.5, |mut r| r.next_f64())
+    }
+
     pub fn retry(&self) -> Retry {
         Retry {
             max_attempts: self.config.max_attempts,
@@ -231,7 +242,17 @@ impl Domain {
         let store = match &config.database_url {
             Some(url) => Store::open(url).await?,
             None => Store::open_sqlite(&config.data_dir).await?,
-        };
+        }
+        .with_ledger(
+            identity.clone(),
+            Economy {
+                stake: config.stake,
+                welcome: config.welcome_grant,
+                adaptive: config.adaptive,
+            },
+        );
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| StartError::Key(format!("no randomness: {e}")))?;
         // Nodes could not heartbeat while the domain was down.
         let extended = store.extend_all_leases(now_ms(), config.lease_ms).await?;
         if extended > 0 {
@@ -269,6 +290,9 @@ impl Domain {
             shutdown: shutdown.clone(),
             per_key: Limiter::new(config.rate_per_key, 100_000),
             per_addr: Limiter::new(config.rate_per_addr, 100_000),
+            rng: std::sync::Mutex::new(stardust_proto::rand::SplitMix64::new(u64::from_le_bytes(
+                seed,
+            ))),
             config,
         });
         let router = crate::http::router(shared.clone());
@@ -355,6 +379,9 @@ async fn dispatch_loop(shared: Arc<Shared>) {
 }
 
 async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
+    if shared.config.stake > 0 {
+        refresh_stake(shared).await?;
+    }
     let free: u32 = {
         let sessions = shared.sessions.lock().await;
         sessions.values().map(Session::free).sum()
@@ -405,19 +432,48 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
             }
             match shared
                 .store
-                .create_lease(task.spec.task, node, now, shared.config.lease_ms)
+                .create_lease(
+                    task.spec.task,
+                    node,
+                    now,
+                    shared.config.lease_ms,
+                    shared.draw(),
+                )
                 .await?
             {
-                Some(lease) => {
+                Leased::Yes(lease) => {
                     s.running.insert(lease, now);
-                    batches.entry(node).or_default().push(Assignment {
+                    let batch = batches.entry(node).or_default();
+                    batch.push(Assignment {
                         lease,
                         spec: task.spec.clone(),
                         lease_ms: shared.config.lease_ms as u64,
                     });
                     replicas_on.push(node);
+                    if s.free() > 0 && shared.draw() < shared.config.spot_rate {
+                        let spot = shared
+                            .store
+                            .create_spot_check(node, now, shared.config.lease_ms, shared.draw())
+                            .await?;
+                        if let Some((lease, spec)) = spot {
+                            s.running.insert(lease, now);
+                            batch.push(Assignment {
+                                lease,
+                                spec,
+                                lease_ms: shared.config.lease_ms as u64,
+                            });
+                        }
+                    }
                 }
-                None => break,
+                Leased::NoStake => {
+                    // The stake changed since the round began: no more for this node now.
+                    s.stake_slots = Some(s.running.len() as u32);
+                    replicas_on.push(node);
+                    if views.iter().all(|v| replicas_on.contains(&v.id)) {
+                        break;
+                    }
+                }
+                Leased::No => break,
             }
             if views.iter().all(|v| replicas_on.contains(&v.id)) {
                 break;
@@ -431,6 +487,20 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
         {
             tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
             sessions.remove(&node);
+        }
+    }
+    Ok(())
+}
+
+/// Sets each session's lease cap from its node's stake.
+async fn refresh_stake(shared: &Shared) -> Result<(), StoreError> {
+    let nodes: Vec<NodeId> = shared.sessions.lock().await.keys().copied().collect();
+    let stakes = shared.store.stakes(&nodes).await?;
+    let per = i128::from(shared.config.stake);
+    let mut sessions = shared.sessions.lock().await;
+    for (node, held) in stakes {
+        if let Some(s) = sessions.get_mut(&node) {
+            s.stake_slots = Some(u32::try_from((held / per).max(0)).unwrap_or(u32::MAX));
         }
     }
     Ok(())

@@ -78,10 +78,27 @@ pub struct JobSpec {
     /// Base of the task seeds (a decimal string on the wire; small numbers are accepted).
     #[serde(default, with = "crate::task::u64_string")]
     pub seed: u64,
+    /// Adaptive replication: a task whose first replica goes to a node with a long
+    /// agreeing record may run as a single replica (re-checked at random). Default true;
+    /// false keeps `redundancy` for every task.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub adaptive: bool,
+    /// The most the submitter pays per SCU, in micro-credits: a submission quoted above it
+    /// is refused. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_limit: Option<u64>,
 }
 
 fn default_redundancy() -> u8 {
     1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 /// One task of an explicit list: its own parameters and, optionally, its own input.
@@ -594,6 +611,8 @@ mod tests {
                 deadline_s: Some(60),
                 priority: Priority::High,
                 seed,
+                adaptive: seed % 2 == 0,
+                price_limit: (seed % 3 == 0).then_some(seed / 7),
             };
             let json = serde_json::to_string(&spec).expect("serialize");
             let back: JobSpec = serde_json::from_str(&json).expect("deserialize");

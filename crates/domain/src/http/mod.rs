@@ -23,7 +23,9 @@ use stardust_proto::request;
 use stardust_scheduler::matching::{self, Need, NodeView};
 
 use crate::service::{Shared, now_ms};
-use crate::store::{JobRow, StoreError};
+use crate::store::{CreateJobError, JobRow, NewJob, StoreError};
+use stardust_ledger::Account;
+use stardust_scheduler::pricing::{self, Market};
 
 /// An error answer: status, stable code, human message.
 #[derive(Debug)]
@@ -78,6 +80,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{id}", put(put_blob).get(get_blob))
         .route("/v1/jobs", post(submit))
+        .route("/v1/quote", post(quote))
+        .route("/v1/account", get(account))
+        .route("/v1/ledger", get(ledger_summary))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/tasks", get(list_tasks))
         .route("/v1/jobs/{id}/results", get(results))
@@ -235,20 +240,20 @@ async fn submit(
     body: Bytes,
 ) -> ApiResult<Response> {
     let owner = authenticate(&shared, &method, &uri, &headers, &body).await?;
-    let spec: JobSpec = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_job_spec",
-            format!("invalid job spec: {e}"),
-        )
-    })?;
-    let trials = spec.expand().map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_job",
-            e.to_string(),
-        )
-    })?;
+    let (spec, trials) = parse_job(&body)?;
+    let q = price(&shared, &spec, trials.len() as u64).await?;
+    if let Some(limit) = spec.price_limit
+        && q.price_per_scu > limit
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "over_price_limit",
+            format!(
+                "the price now is {} µcredits per SCU, above the job's price_limit of {limit}; retry later or raise the limit",
+                q.price_per_scu
+            ),
+        ));
+    }
     let now = now_ms();
     let mut inputs: Vec<ContentId> = trials.iter().map(|t| t.input).collect();
     inputs.sort_unstable();
@@ -262,8 +267,8 @@ async fn submit(
             ));
         }
     }
-    let metered = match shared.store.module(spec.module).await? {
-        Some((metered, _author)) => metered,
+    let (metered, author) = match shared.store.module(spec.module).await? {
+        Some(found) => found,
         None => {
             let wasm = shared.store.blob(spec.module).await?.ok_or_else(|| {
                 ApiError::new(
@@ -288,20 +293,171 @@ async fn submit(
                 .store
                 .put_module(spec.module, metered, owner, now)
                 .await?;
-            metered
+            (metered, owner)
         }
     };
-    let job = shared
-        .store
-        .create_job(owner, &spec, metered, &trials, now)
-        .await?;
+    let new = NewJob {
+        owner,
+        spec: &spec,
+        metered,
+        author,
+        trials: &trials,
+        price: q.price_per_scu,
+    };
+    let job = match shared.store.create_job(new, now).await {
+        Ok(job) => job,
+        Err(CreateJobError::Insufficient { needed, balance }) => {
+            return Err(ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credits",
+                format!(
+                    "the job may cost up to {} credits ({} tasks × {} replicas at their fuel limit, {} µcredits per SCU), held in escrow at submission; your balance is {} credits. An operator can grant credits: stardust ledger grant {owner} AMOUNT",
+                    credits(needed.into()),
+                    trials.len(),
+                    spec.redundancy,
+                    q.price_per_scu,
+                    credits(balance)
+                ),
+            ));
+        }
+        Err(CreateJobError::Store(e)) => return Err(e.into()),
+    };
     shared.wake.notify_one();
     tracing::info!(job, tasks = trials.len(), owner = %owner.short(), "job submitted");
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "job_id": job, "tasks": trials.len(), "module": metered })),
+        axum::Json(json!({
+            "job_id": job,
+            "tasks": trials.len(),
+            "module": metered,
+            "price_per_scu": q.price_per_scu,
+            "escrow": q.max_cost,
+        })),
     )
         .into_response())
+}
+
+/// Micro-credits as a decimal credit string.
+fn credits(micro: i128) -> String {
+    let sign = if micro < 0 { "-" } else { "" };
+    let m = micro.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+fn parse_job(body: &[u8]) -> ApiResult<(JobSpec, Vec<stardust_proto::job::Trial>)> {
+    let spec: JobSpec = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_job_spec",
+            format!("invalid job spec: {e}"),
+        )
+    })?;
+    let trials = spec.expand().map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_job",
+            e.to_string(),
+        )
+    })?;
+    Ok((spec, trials))
+}
+
+/// A price quote.
+struct Quote {
+    price_per_scu: u64,
+    demand_milli: u64,
+    max_cost: u64,
+    market: Market,
+}
+
+async fn price(shared: &Shared, spec: &JobSpec, tasks: u64) -> ApiResult<Quote> {
+    let idle: u64 = {
+        let sessions = shared.sessions.lock().await;
+        sessions.values().map(|s| u64::from(s.free())).sum()
+    };
+    let market = Market {
+        backlog: shared.store.backlog().await?,
+        idle,
+    };
+    let price_per_scu = pricing::price_per_scu(shared.config.pricing, market, spec.priority);
+    Ok(Quote {
+        price_per_scu,
+        demand_milli: pricing::demand_milli(market),
+        max_cost: pricing::job_maximum(tasks, spec.redundancy, spec.limits.fuel, price_per_scu),
+        market,
+    })
+}
+
+async fn quote(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<axum::Json<Value>> {
+    let client = authenticate(&shared, &method, &uri, &headers, &body).await?;
+    let (spec, trials) = parse_job(&body)?;
+    let q = price(&shared, &spec, trials.len() as u64).await?;
+    let balance = shared.store.balance(Account::Submitter(client)).await?;
+    Ok(axum::Json(json!({
+        "tasks": trials.len(),
+        "redundancy": spec.redundancy,
+        "fuel_limit": spec.limits.fuel,
+        "base_per_scu": shared.config.pricing.base,
+        "demand_milli": q.demand_milli,
+        "priority_milli": pricing::priority_milli(spec.priority),
+        "backlog": q.market.backlog,
+        "idle_slots": q.market.idle,
+        "price_per_scu": q.price_per_scu,
+        "max_cost": q.max_cost,
+        "max_credits": credits(q.max_cost.into()),
+        "balance": balance,
+        "affordable": balance >= i128::from(q.max_cost),
+        "within_price_limit": spec.price_limit.is_none_or(|l| q.price_per_scu <= l),
+    })))
+}
+
+/// The signing key's accounts.
+async fn account(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<axum::Json<Value>> {
+    let key = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    let mut out = serde_json::Map::new();
+    for (name, account) in [
+        ("submitter", Account::Submitter(key)),
+        ("operator", Account::Operator(key)),
+        ("author", Account::Author(key)),
+        ("stake", Account::Stake(key)),
+    ] {
+        out.insert(name.into(), json!(shared.store.balance(account).await?));
+    }
+    Ok(axum::Json(json!({ "key": key, "balances": out })))
+}
+
+/// Ledger totals (public: the ledger is auditable).
+async fn ledger_summary(State(shared): State<Arc<Shared>>) -> ApiResult<axum::Json<Value>> {
+    let (events, compute) = shared.store.ledger_head().await?;
+    let balances = shared.store.balances().await?;
+    let minted = balances
+        .iter()
+        .find(|(a, _)| *a == Account::Mint)
+        .map_or(0, |(_, b)| -b);
+    let treasury = balances
+        .iter()
+        .find(|(a, _)| *a == Account::Treasury)
+        .map_or(0, |(_, b)| *b);
+    let cpu_hours = stardust_ledger::curve::cpu_hours(u128::from(compute));
+    Ok(axum::Json(json!({
+        "events": events,
+        "minted": minted,
+        "treasury": treasury,
+        "compute_micro_scu": compute,
+        "cpu_hours": cpu_hours,
+        "multiplier": stardust_ledger::curve::multiplier(cpu_hours),
+    })))
 }
 
 /// The job, if it exists and `client` owns it (others get 404: existence is not revealed).
@@ -490,10 +646,22 @@ async fn cancel(
 
 async fn nodes(State(shared): State<Arc<Shared>>) -> ApiResult<axum::Json<Value>> {
     let stored = shared.store.nodes().await?;
+    let mut credits = std::collections::HashMap::new();
+    for (account, balance) in shared.store.balances().await? {
+        if let Account::Operator(n) | Account::Stake(n) = account {
+            let e = credits.entry(n).or_insert((0i128, 0i128));
+            if matches!(account, Account::Operator(_)) {
+                e.0 = balance;
+            } else {
+                e.1 = balance;
+            }
+        }
+    }
     let sessions = shared.sessions.lock().await;
     let list: Vec<Value> = stored
         .iter()
         .map(|n| {
+            let (credits, stake) = credits.get(&n.id).copied().unwrap_or_default();
             let live = sessions.get(&n.id);
             let state = match live {
                 None => "offline",
@@ -508,7 +676,13 @@ async fn nodes(State(shared): State<Arc<Shared>>) -> ApiResult<axum::Json<Value>
                 "slots": n.slots,
                 "state": state,
                 "running": live.map_or(0, |s| s.running.len()),
-                "reputation": (n.agreed as f64 + 1.0) / ((n.agreed + n.disagreed) as f64 + 2.0),
+                "reputation": live.map_or(n.record, |s| s.record).score(),
+                "streak": n.record.streak,
+                "spot_passed": n.spot_passed,
+                "spot_failed": n.spot_failed,
+                "uptime_ms": n.uptime_ms,
+                "credits": credits,
+                "stake": stake,
                 "latency_ms": live.map(|s| s.latency_ms),
                 "last_seen_ms": n.last_seen_ms,
                 "agreed": n.agreed,

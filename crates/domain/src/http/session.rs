@@ -28,7 +28,7 @@ use stardust_proto::task::{LeaseId, RunReport};
 use tokio::sync::mpsc;
 
 use crate::service::{Session, Shared, next_session, now_ms};
-use crate::store::{RecordError, Submitted};
+use crate::store::{RecordError, Recorded, Submitted};
 
 /// Bad frames tolerated per session before it is closed.
 const MAX_BAD_FRAMES: u32 = 64;
@@ -124,9 +124,9 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
         return;
     }
 
-    let reputation = match shared.store.node(node).await {
-        Ok(Some(n)) => (n.agreed as f64 + 1.0) / ((n.agreed + n.disagreed) as f64 + 2.0),
-        _ => 0.5,
+    let record = match shared.store.node(node).await {
+        Ok(Some(n)) => n.record,
+        _ => Default::default(),
     };
     let (outbox, mut rx) = mpsc::channel::<Vec<u8>>(shared.config.session_queue);
     let session_id = next_session(&shared);
@@ -147,7 +147,8 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 id: session_id,
                 node,
                 hardware: hello.hardware.clone(),
-                reputation,
+                record,
+                stake_slots: None,
                 latency_ms,
                 tier: hello.tier,
                 slots: hello.slots,
@@ -342,6 +343,7 @@ async fn results(
     let now = now_ms();
     let mut done = Vec::with_capacity(batch.results.len());
     let mut refused = Vec::new();
+    let mut judged = Vec::new();
     for r in &batch.results {
         if let Err(why) = check_output(shared, &r.report).await {
             refused.push((r.lease, why));
@@ -361,6 +363,16 @@ async fn results(
         {
             Ok(outcome) => {
                 tracing::debug!(node = %node.short(), lease = r.lease, ?outcome, "result recorded");
+                match &outcome {
+                    Recorded::Verified { records, .. } => judged.extend(records.iter().copied()),
+                    Recorded::SpotCheck { record, passed } => {
+                        if !passed {
+                            tracing::warn!(node = %node.short(), lease = r.lease, "spot check failed");
+                        }
+                        judged.push((node, *record));
+                    }
+                    _ => {}
+                }
                 done.push(r.lease);
             }
             Err(RecordError::Store(e)) => {
@@ -375,6 +387,11 @@ async fn results(
         if let Some(s) = sessions.get_mut(&node) {
             for l in done.iter().chain(refused.iter().map(|(l, _)| l)) {
                 s.running.remove(l);
+            }
+        }
+        for (n, record) in judged {
+            if let Some(s) = sessions.get_mut(&n) {
+                s.record = record;
             }
         }
     }

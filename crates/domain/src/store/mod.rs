@@ -9,19 +9,27 @@
 //! Lease states: `active`, `done` (result recorded), `expired`, `failed` (attempt did not
 //! produce a vote), `cancelled`.
 
+mod ledger;
 pub mod schema;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
+use stardust_ledger::{Account, Amount, Reason};
 use stardust_proto::content::ContentId;
-use stardust_proto::identity::NodeId;
+use stardust_proto::identity::{Identity, NodeId};
 use stardust_proto::job::{JobSpec, Trial};
 use stardust_proto::task::{
     Hardware, JobId, LeaseId, Requirements, RunReport, TaskId, TaskSpec, Tier,
 };
+use stardust_scheduler::pricing;
 use stardust_scheduler::quorum::{self, Decision};
+use stardust_scheduler::reputation::{Adaptive, Outcome, Record};
+
+pub use self::ledger::StoredRecord;
+use self::ledger::{Chain, Post};
 
 /// Which database is behind the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +58,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A ledger write without the domain key to sign it.
+    #[error("this store was opened without the domain key; it cannot write the ledger")]
+    NoSigner,
     /// The database holds a newer schema than this binary knows.
     #[error("database schema version {found} is newer than this binary's {known}")]
     SchemaTooNew {
@@ -155,16 +166,25 @@ pub struct ActiveLease {
 }
 
 /// What recording a result did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Recorded {
     /// Stored; the task is still waiting for other replicas.
     Stored,
-    /// Stored, and the task was decided: verified.
+    /// Stored, and the task was decided: verified, paid, the losers slashed.
     Verified {
         /// Nodes in the majority.
         agree: Vec<NodeId>,
         /// The losers.
         disagree: Vec<NodeId>,
+        /// The judged nodes' records after the decision.
+        records: Vec<(NodeId, Record)>,
+    },
+    /// A spot check (a known-answer task) was answered.
+    SpotCheck {
+        /// Whether the answer matched.
+        passed: bool,
+        /// The node's record after it.
+        record: Record,
     },
     /// Stored; replicas disagree, more were requested.
     MoreReplicas(u8),
@@ -244,6 +264,87 @@ pub struct NodeRow {
     pub agreed: u64,
     /// Quorums it lost.
     pub disagreed: u64,
+    /// Its reputation record.
+    pub record: Record,
+    /// Spot checks passed.
+    pub spot_passed: u64,
+    /// Spot checks failed.
+    pub spot_failed: u64,
+    /// Time online counted from heartbeats, ms.
+    pub uptime_ms: i64,
+}
+
+/// The economic rules the store applies as it changes state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Economy {
+    /// Stake (micro-credits) a node must hold per lease; a loser of a quorum or a failed
+    /// spot check loses that much to the treasury. 0: no stake needed, nothing slashed.
+    pub stake: Amount,
+    /// Granted once to each new submitter key at its first submission (minted).
+    pub welcome: Amount,
+    /// Adaptive replication settings.
+    pub adaptive: Adaptive,
+}
+
+impl Default for Economy {
+    fn default() -> Self {
+        Self {
+            stake: 0,
+            welcome: 0,
+            adaptive: Adaptive::default(),
+        }
+    }
+}
+
+/// A job to create.
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    /// The submitter.
+    pub owner: NodeId,
+    /// The spec.
+    pub spec: &'a JobSpec,
+    /// The metered module.
+    pub metered: ContentId,
+    /// The module's author (paid 5 % of each verified task).
+    pub author: NodeId,
+    /// The expanded tasks.
+    pub trials: &'a [Trial],
+    /// Price per SCU, micro-credits, fixed for the job's life.
+    pub price: u64,
+}
+
+/// Why a job was not created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateJobError {
+    /// The submitter cannot cover the job's maximum.
+    #[error("the job needs up to {needed} µcredits in escrow; the balance is {balance}")]
+    Insufficient {
+        /// The maximum.
+        needed: Amount,
+        /// The submitter's balance.
+        balance: i128,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for CreateJobError {
+    fn from(e: sqlx::Error) -> Self {
+        CreateJobError::Store(StoreError::Db(e))
+    }
+}
+
+/// What leasing a replica did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leased {
+    /// A new lease.
+    Yes(LeaseId),
+    /// The task wants no replica from this node now.
+    No,
+    /// The node's stake does not cover another lease.
+    NoStake,
 }
 
 /// The store.
@@ -251,6 +352,8 @@ pub struct NodeRow {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    signer: Option<Arc<Identity>>,
+    economy: Economy,
 }
 
 fn id_i64(v: u64) -> i64 {
@@ -328,9 +431,22 @@ impl Store {
                     .await?
             }
         };
-        let store = Self { pool, backend };
+        let store = Self {
+            pool,
+            backend,
+            signer: None,
+            economy: Economy::default(),
+        };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Signs ledger events with `key` (the domain's) and applies `economy`. A store without
+    /// a key reads but refuses to write the ledger.
+    pub fn with_ledger(mut self, key: Identity, economy: Economy) -> Self {
+        self.signer = Some(Arc::new(key));
+        self.economy = economy;
+        self
     }
 
     /// The backend in use.
@@ -448,15 +564,21 @@ impl Store {
 
     // ---- jobs and tasks ----------------------------------------------------------------
 
-    /// Creates a job and its tasks, atomically.
+    /// Creates a job and its tasks, atomically, with its maximum held in escrow (after the
+    /// submitter's welcome grant, the first time). Refused when the balance is short.
     pub async fn create_job(
         &self,
-        owner: NodeId,
-        spec: &JobSpec,
-        metered: ContentId,
-        trials: &[Trial],
+        new: NewJob<'_>,
         now: i64,
-    ) -> Result<JobId> {
+    ) -> std::result::Result<JobId, CreateJobError> {
+        let NewJob {
+            owner,
+            spec,
+            metered,
+            author,
+            trials,
+            price,
+        } = new;
         let mut tx = self.pool.begin().await?;
         let priority = match spec.priority {
             stardust_proto::job::Priority::Low => 0i64,
@@ -467,8 +589,8 @@ impl Store {
             .deadline_s
             .map(|s| now.saturating_add(id_i64(s).saturating_mul(1000)));
         let row = sqlx::query(
-            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms)
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8) RETURNING id",
+            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11) RETURNING id",
         )
         .bind(owner.to_string())
         .bind(spec.name.as_str())
@@ -478,6 +600,9 @@ impl Store {
         .bind(i64::from(spec.redundancy))
         .bind(now)
         .bind(deadline)
+        .bind(id_i64(price))
+        .bind(author.to_string())
+        .bind(i64::from(spec.adaptive))
         .fetch_one(&mut *tx)
         .await?;
         let job: i64 = row.try_get("id")?;
@@ -494,6 +619,50 @@ impl Store {
             .bind(i64::from(spec.redundancy))
             .execute(&mut *tx)
             .await?;
+        }
+        let maximum = pricing::job_maximum(
+            trials.len() as u64,
+            spec.redundancy,
+            spec.limits.fuel,
+            price,
+        );
+        let welcome = self.economy.welcome;
+        if maximum > 0 || welcome > 0 {
+            let mut chain = self.chain(&mut tx).await?;
+            let submitter = Account::Submitter(owner);
+            if welcome > 0 {
+                self.post_valid(
+                    &mut tx,
+                    &mut chain,
+                    Post {
+                        id: format!("welcome:{owner}"),
+                        from: Account::Mint,
+                        to: submitter,
+                        amount: welcome,
+                        reason: Reason::Welcome,
+                    },
+                    now,
+                )
+                .await?;
+            }
+            if maximum > 0 {
+                let escrow = Post {
+                    id: format!("escrow:{job}"),
+                    from: submitter,
+                    to: Account::Escrow(job as JobId),
+                    amount: maximum,
+                    reason: Reason::Escrow { job: job as JobId },
+                };
+                if self.post(&mut tx, &mut chain, escrow, now).await?.is_err() {
+                    let balance = Self::balance_in(&mut tx, submitter).await?;
+                    tx.rollback().await?;
+                    return Err(CreateJobError::Insufficient {
+                        needed: maximum,
+                        balance,
+                    });
+                }
+            }
+            Self::close_chain(&mut tx, chain).await?;
         }
         tx.commit().await?;
         Ok(job as JobId)
@@ -520,6 +689,16 @@ impl Store {
             finished_ms: r.try_get("finished_ms")?,
             counts,
         }))
+    }
+
+    /// Tasks waiting for a replica, across all jobs (the pricing backlog).
+    pub async fn backlog(&self) -> Result<u64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE state = 'pending'")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get::<i64, _>("n")? as u64,
+        )
     }
 
     /// Task counts of a job.
@@ -580,6 +759,7 @@ impl Store {
             .bind(id_i64(job))
             .execute(&mut *tx)
             .await?;
+        self.refund(&mut tx, id_i64(job), now).await?;
         tx.commit().await?;
         Ok(Some(leases))
     }
@@ -643,43 +823,86 @@ impl Store {
         Ok(out)
     }
 
-    /// Leases one replica of `task` to `node`, if the task still wants one and the node
-    /// holds none of it. Atomic: concurrent callers never over-lease.
+    /// Leases one replica of `task` to `node`, if the task still wants one, the node holds
+    /// none of it and its stake covers one more lease. Atomic: concurrent callers never
+    /// over-lease.
+    ///
+    /// The first replica decides the task's replication: its job's full redundancy, or a
+    /// single replica when the job allows adaptive replication and the node's streak earns
+    /// it (`draw`, uniform in [0, 1), decides the random re-checks).
     pub async fn create_lease(
         &self,
         task: TaskId,
         node: NodeId,
         now: i64,
         lease_ms: i64,
-    ) -> Result<Option<LeaseId>> {
+        draw: f64,
+    ) -> Result<Leased> {
         let mut tx = self.pool.begin().await?;
         self.lock_task(&mut tx, task).await?;
-        let t = sqlx::query("SELECT state, replicas, job_id FROM tasks WHERE id = $1")
-            .bind(id_i64(task))
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(t) = t else { return Ok(None) };
+        let t = sqlx::query(
+            "SELECT t.state, t.replicas, t.job_id, j.redundancy, j.adaptive FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
+        )
+        .bind(id_i64(task))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(t) = t else { return Ok(Leased::No) };
         if t.try_get::<String, _>("state")? != "pending" {
-            return Ok(None);
+            return Ok(Leased::No);
         }
-        let replicas: i64 = t.try_get("replicas")?;
+        let mut replicas: i64 = t.try_get("replicas")?;
         let job: i64 = t.try_get("job_id")?;
+        let redundancy: i64 = t.try_get("redundancy")?;
+        let adaptive = t.try_get::<i64, _>("adaptive")? != 0;
+        let node_s = node.to_string();
+        if self.economy.stake > 0 {
+            let active = sqlx::query(
+                "SELECT COUNT(*) AS n FROM leases WHERE node = $1 AND state = 'active'",
+            )
+            .bind(&node_s)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get::<i64, _>("n")?;
+            let held = Self::balance_in(&mut tx, Account::Stake(node)).await?;
+            if held < i128::from(self.economy.stake) * i128::from(active + 1) {
+                return Ok(Leased::NoStake);
+            }
+        }
         let held = sqlx::query(
             "SELECT node FROM leases WHERE task_id = $1 AND state IN ('active', 'done')",
         )
         .bind(id_i64(task))
         .fetch_all(&mut *tx)
         .await?;
-        let node_s = node.to_string();
         let mut count = 0i64;
         for h in &held {
             if h.try_get::<String, _>("node")? == node_s {
-                return Ok(None);
+                return Ok(Leased::No);
             }
             count += 1;
         }
+        if count == 0 {
+            // First replica (again, after failed attempts): decide the replication.
+            let streak = sqlx::query("SELECT streak FROM nodes WHERE id = $1")
+                .bind(&node_s)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get::<i64, _>("streak"))
+                .transpose()?
+                .unwrap_or(0) as u64;
+            let single = adaptive && redundancy > 1 && self.economy.adaptive.single(streak, draw);
+            let wanted = if single { 1 } else { redundancy.max(replicas) };
+            if wanted != replicas {
+                sqlx::query("UPDATE tasks SET replicas = $1 WHERE id = $2")
+                    .bind(wanted)
+                    .bind(id_i64(task))
+                    .execute(&mut *tx)
+                    .await?;
+                replicas = wanted;
+            }
+        }
         if count >= replicas {
-            return Ok(None);
+            return Ok(Leased::No);
         }
         let row = sqlx::query(
             "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES ($1, $2, 'active', $3, $4) RETURNING id",
@@ -702,7 +925,46 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Some(lease as LeaseId))
+        Ok(Leased::Yes(lease as LeaseId))
+    }
+
+    /// Leases a spot check to `node`: a verified task it never ran, whose answer is known,
+    /// indistinguishable from a fresh task. `draw` (uniform in [0, 1)) picks among the 64
+    /// most recent candidates. Returns the lease and what to run, or `None` when there is
+    /// no candidate.
+    pub async fn create_spot_check(
+        &self,
+        node: NodeId,
+        now: i64,
+        lease_ms: i64,
+        draw: f64,
+    ) -> Result<Option<(LeaseId, TaskSpec)>> {
+        let rows = sqlx::query(
+            "SELECT t.id FROM tasks t WHERE t.state = 'verified'
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id AND l.node = $1)
+             ORDER BY t.id DESC LIMIT 64",
+        )
+        .bind(node.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let pick = ((draw.clamp(0.0, 1.0) * rows.len() as f64) as usize).min(rows.len() - 1);
+        let task = rows[pick].try_get::<i64, _>("id")? as TaskId;
+        let Some(spec) = self.task_spec(task).await? else {
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms, kind) VALUES ($1, $2, 'active', $3, $4, 'spot') RETURNING id",
+        )
+        .bind(id_i64(task))
+        .bind(node.to_string())
+        .bind(now)
+        .bind(now.saturating_add(lease_ms))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some((row.try_get::<i64, _>("id")? as LeaseId, spec)))
     }
 
     /// Extends the deadlines of `node`'s active leases among `leases` to `deadline_ms`.
@@ -807,10 +1069,11 @@ impl Store {
         } = retry;
         let mut tx = self.pool.begin().await?;
         self.lock_task(&mut tx, task).await?;
-        let row = sqlx::query("SELECT task_id, node, state, report FROM leases WHERE id = $1")
-            .bind(id_i64(lease))
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row =
+            sqlx::query("SELECT task_id, node, state, report, kind FROM leases WHERE id = $1")
+                .bind(id_i64(lease))
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some(row) = row else {
             return Err(RecordError::NotLeased(lease));
         };
@@ -836,6 +1099,13 @@ impl Store {
         }
         if state != "active" {
             return Err(RecordError::NotLeased(lease));
+        }
+        if row.try_get::<String, _>("kind")? == "spot" {
+            let outcome = self
+                .record_spot_check(&mut tx, lease, node, task, report, envelope, now)
+                .await?;
+            tx.commit().await?;
+            return Ok(outcome);
         }
         let t = sqlx::query("SELECT state, replicas, attempts, job_id FROM tasks WHERE id = $1")
             .bind(id_i64(task))
@@ -919,24 +1189,23 @@ impl Store {
                         .await?;
                     // Node rows are updated in id order so concurrent transactions never
                     // lock them in opposite orders (no deadlock).
-                    let mut votes: Vec<(NodeId, bool)> = agree
+                    let mut votes: Vec<(NodeId, Outcome)> = agree
                         .iter()
-                        .map(|n| (*n, true))
-                        .chain(disagree.iter().map(|n| (*n, false)))
+                        .map(|n| (*n, Outcome::Agreed))
+                        .chain(disagree.iter().map(|n| (*n, Outcome::Disagreed)))
                         .collect();
-                    votes.sort();
-                    for (n, agreed) in votes {
-                        let sql = if agreed {
-                            "UPDATE nodes SET agreed = agreed + 1 WHERE id = $1"
-                        } else {
-                            "UPDATE nodes SET disagreed = disagreed + 1 WHERE id = $1"
-                        };
-                        sqlx::query(sql)
-                            .bind(n.to_string())
-                            .execute(&mut *tx)
-                            .await?;
+                    votes.sort_by_key(|(n, _)| *n);
+                    let mut records = Vec::with_capacity(votes.len());
+                    for (n, outcome) in votes {
+                        records.push((n, Self::judge(&mut tx, n, outcome).await?));
                     }
-                    Recorded::Verified { agree, disagree }
+                    self.settle(&mut tx, job, task, &accepted, &agree, &disagree, now)
+                        .await?;
+                    Recorded::Verified {
+                        agree,
+                        disagree,
+                        records,
+                    }
                 }
                 Decision::NeedMore(k) => {
                     let active = sqlx::query(
@@ -979,6 +1248,209 @@ impl Store {
         self.finish_job_if_done(&mut tx, job, now).await?;
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    /// Updates a node's reputation record with `outcome`; returns the new record.
+    async fn judge(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        node: NodeId,
+        outcome: Outcome,
+    ) -> Result<Record> {
+        let row = sqlx::query("SELECT rep_good, rep_bad, streak FROM nodes WHERE id = $1")
+            .bind(node.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+        let old = match row {
+            Some(r) => Record {
+                good: r.try_get("rep_good")?,
+                bad: r.try_get("rep_bad")?,
+                streak: r.try_get::<i64, _>("streak")? as u64,
+            },
+            None => Record::default(),
+        };
+        let new = old.update(outcome);
+        let counter = match outcome {
+            Outcome::Agreed => "agreed = agreed + 1",
+            Outcome::Disagreed => "disagreed = disagreed + 1",
+            Outcome::SpotPassed => "spot_passed = spot_passed + 1",
+            Outcome::SpotFailed => "spot_failed = spot_failed + 1",
+        };
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE nodes SET rep_good = $1, rep_bad = $2, streak = $3, {counter} WHERE id = $4"
+        )))
+        .bind(new.good)
+        .bind(new.bad)
+        .bind(id_i64(new.streak))
+        .bind(node.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(new)
+    }
+
+    /// Pays a verified task from its job's escrow — 80 % to the agreeing providers, 15 %
+    /// treasury, 5 % module author, plus the minted contribution bonus — and slashes the
+    /// losers' stake to the treasury. Charged: the accepted fuel (at most the limit) at the
+    /// job's price, once per agreeing replica up to the job's redundancy.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site; the parts of a decision"
+    )]
+    async fn settle(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        job: i64,
+        task: TaskId,
+        accepted: &RunReport,
+        agree: &[NodeId],
+        disagree: &[NodeId],
+        now: i64,
+    ) -> Result<()> {
+        let lock = if self.backend == Backend::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        let j = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT spec, price, redundancy, author FROM jobs WHERE id = $1{lock}"
+        )))
+        .bind(job)
+        .fetch_one(&mut **tx)
+        .await?;
+        let spec: JobSpec = json("job spec", &j.try_get::<String, _>("spec")?)?;
+        let price = j.try_get::<i64, _>("price")? as u64;
+        let redundancy = j.try_get::<i64, _>("redundancy")? as usize;
+        let author: Option<String> = j.try_get("author")?;
+        let fuel = accepted.fuel_used.min(spec.limits.fuel);
+        let paid = agree.len().min(redundancy.max(1)) as u64;
+        let charge = pricing::replica_charge(fuel, price).saturating_mul(paid);
+        let mut chain = self.chain(tx).await?;
+        let escrow = Account::Escrow(job as JobId);
+        let charge = charge.min(Self::balance_in(tx, escrow).await?.max(0) as u64);
+        let split = stardust_ledger::split(charge, agree.len());
+        let settle = |to: Account, amount: Amount, tag: String| Post {
+            id: format!("settle:{task}:{tag}"),
+            from: escrow,
+            to,
+            amount,
+            reason: Reason::Settle { task },
+        };
+        let mut posts = Vec::with_capacity(2 * agree.len() + 2);
+        for (n, share) in agree.iter().zip(&split.providers) {
+            posts.push(settle(Account::Operator(*n), *share, n.to_string()));
+        }
+        posts.push(settle(Account::Treasury, split.treasury, "treasury".into()));
+        let author = match author {
+            Some(a) => Account::Author(parse("job author", &a)?),
+            None => Account::Treasury,
+        };
+        posts.push(settle(author, split.author, "author".into()));
+        for (n, share) in agree.iter().zip(&split.providers) {
+            posts.push(Post {
+                id: format!("bonus:{task}:{n}"),
+                from: Account::Mint,
+                to: Account::Operator(*n),
+                amount: stardust_ledger::curve::bonus(*share, u128::from(chain.compute_micro_scu)),
+                reason: Reason::Bonus { task },
+            });
+        }
+        for post in posts {
+            self.post_valid(tx, &mut chain, post, now).await?;
+        }
+        for n in disagree {
+            self.slash(tx, &mut chain, *n, task, format!("slash:{task}:{n}"), now)
+                .await?;
+        }
+        chain.compute_micro_scu = chain.compute_micro_scu.saturating_add(
+            stardust_proto::scu::micro_scu(fuel).saturating_mul(agree.len() as u64),
+        );
+        Self::close_chain(tx, chain).await
+    }
+
+    /// Moves up to one lease's worth of `node`'s stake to the treasury.
+    async fn slash(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        chain: &mut Chain,
+        node: NodeId,
+        task: TaskId,
+        id: String,
+        now: i64,
+    ) -> Result<()> {
+        let stake = Account::Stake(node);
+        let held = Self::balance_in(tx, stake).await?.max(0) as u64;
+        let amount = self.economy.stake.min(held);
+        self.post_valid(
+            tx,
+            chain,
+            Post {
+                id,
+                from: stake,
+                to: Account::Treasury,
+                amount,
+                reason: Reason::Slash { task },
+            },
+            now,
+        )
+        .await
+    }
+
+    /// Judges the answer to a spot check against the task's accepted report.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the parts of one submitted result"
+    )]
+    async fn record_spot_check(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        lease: LeaseId,
+        node: NodeId,
+        task: TaskId,
+        report: &RunReport,
+        envelope: &[u8],
+        now: i64,
+    ) -> std::result::Result<Recorded, RecordError> {
+        let known: Option<String> = sqlx::query("SELECT report FROM tasks WHERE id = $1")
+            .bind(id_i64(task))
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("report")?;
+        let known: RunReport = json("task report", &known.unwrap_or_default())?;
+        let (state, outcome) = if !report.status.is_deterministic() {
+            ("failed", None)
+        } else if report.fingerprint() == known.fingerprint() {
+            ("done", Some(Outcome::SpotPassed))
+        } else {
+            ("done", Some(Outcome::SpotFailed))
+        };
+        sqlx::query("UPDATE leases SET state = $1, report = $2, envelope = $3, finished_ms = $4 WHERE id = $5")
+            .bind(state)
+            .bind(to_json(report))
+            .bind(envelope)
+            .bind(now)
+            .bind(id_i64(lease))
+            .execute(&mut **tx)
+            .await?;
+        let Some(outcome) = outcome else {
+            return Ok(Recorded::Stored);
+        };
+        let record = Self::judge(tx, node, outcome).await?;
+        if outcome == Outcome::SpotFailed {
+            let mut chain = self.chain(tx).await?;
+            self.slash(
+                tx,
+                &mut chain,
+                node,
+                task,
+                format!("slash:spot:{lease}"),
+                now,
+            )
+            .await?;
+            Self::close_chain(tx, chain).await?;
+        }
+        Ok(Recorded::SpotCheck {
+            passed: outcome == Outcome::SpotPassed,
+            record,
+        })
     }
 
     async fn failed_attempt(
@@ -1047,13 +1519,45 @@ impl Store {
                 .await?
                 .try_get::<i64, _>("n")?;
         let state = if verified > 0 { "completed" } else { "failed" };
-        sqlx::query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
+        let ended = sqlx::query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
             .bind(state)
             .bind(now)
             .bind(job)
             .execute(&mut **tx)
-            .await?;
+            .await?
+            .rows_affected();
+        if ended == 1 {
+            self.refund(tx, job, now).await?;
+        }
         Ok(())
+    }
+
+    /// Returns what is left of an ended job's escrow to its submitter.
+    async fn refund(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        job: i64,
+        now: i64,
+    ) -> Result<()> {
+        let escrow = Account::Escrow(job as JobId);
+        let mut chain = self.chain(tx).await?;
+        let left = Self::balance_in(tx, escrow).await?;
+        if left > 0 {
+            let owner: String = sqlx::query("SELECT owner FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("owner")?;
+            let post = Post {
+                id: format!("refund:{job}"),
+                from: escrow,
+                to: Account::Submitter(parse("job owner", &owner)?),
+                amount: left as u64,
+                reason: Reason::Refund { job: job as JobId },
+            };
+            self.post_valid(tx, &mut chain, post, now).await?;
+        }
+        Self::close_chain(tx, chain).await
     }
 
     /// Expires active leases whose deadline passed: each is a failed attempt of its task,
@@ -1064,7 +1568,7 @@ impl Store {
         now: i64,
         max_attempts: u32,
     ) -> Result<Vec<(LeaseId, NodeId)>> {
-        let rows = sqlx::query("SELECT id, task_id, node FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY id LIMIT 1000")
+        let rows = sqlx::query("SELECT id, task_id, node, kind FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY id LIMIT 1000")
             .bind(now)
             .fetch_all(&self.pool)
             .await?;
@@ -1073,6 +1577,7 @@ impl Store {
             let lease: i64 = r.try_get("id")?;
             let task: i64 = r.try_get("task_id")?;
             let node: NodeId = parse("lease node", &r.try_get::<String, _>("node")?)?;
+            let spot = r.try_get::<String, _>("kind")? == "spot";
             let mut tx = self.pool.begin().await?;
             self.lock_task(&mut tx, task as TaskId).await?;
             let changed = sqlx::query("UPDATE leases SET state = 'expired', finished_ms = $1 WHERE id = $2 AND state = 'active'")
@@ -1081,7 +1586,10 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            if changed == 1 {
+            if changed == 1 && spot {
+                // A spot check's task is already decided: nothing to retry.
+                expired.push((lease as LeaseId, node));
+            } else if changed == 1 {
                 let t = sqlx::query("SELECT attempts, job_id FROM tasks WHERE id = $1")
                     .bind(task)
                     .fetch_one(&mut *tx)
@@ -1200,33 +1708,81 @@ impl Store {
         Ok(())
     }
 
-    /// Marks a node seen (heartbeat).
+    /// Marks a node seen (heartbeat), counts the time since its last sign of life as
+    /// uptime (gaps over [`UPTIME_MAX_GAP_MS`] count as offline), and mints the uptime
+    /// reward for each whole period online.
     pub async fn touch_node(&self, id: NodeId, now: i64) -> Result<()> {
-        sqlx::query("UPDATE nodes SET last_seen_ms = $1 WHERE id = $2")
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
+        use stardust_ledger::curve::{UPTIME_PER_PERIOD, UPTIME_PERIOD_MS};
+        let mut tx = self.pool.begin().await?;
+        let Some(r) =
+            sqlx::query("SELECT last_seen_ms, uptime_ms, uptime_paid FROM nodes WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(());
+        };
+        let last: i64 = r.try_get("last_seen_ms")?;
+        let paid = r.try_get::<i64, _>("uptime_paid")?;
+        let gap = now - last;
+        let uptime = r.try_get::<i64, _>("uptime_ms")?
+            + if (0..=UPTIME_MAX_GAP_MS).contains(&gap) {
+                gap
+            } else {
+                0
+            };
+        let periods = uptime / UPTIME_PERIOD_MS as i64;
+        sqlx::query(
+            "UPDATE nodes SET last_seen_ms = $1, uptime_ms = $2, uptime_paid = $3 WHERE id = $4",
+        )
+        .bind(now)
+        .bind(uptime)
+        .bind(periods.max(paid))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if periods > paid && self.signer.is_some() {
+            let mut chain = self.chain(&mut tx).await?;
+            let post = Post {
+                id: format!("uptime:{id}:{periods}"),
+                from: Account::Mint,
+                to: Account::Operator(id),
+                amount: (periods - paid) as u64 * UPTIME_PER_PERIOD,
+                reason: Reason::Uptime,
+            };
+            self.post_valid(&mut tx, &mut chain, post, now).await?;
+            Self::close_chain(&mut tx, chain).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
     /// One node.
     pub async fn node(&self, id: NodeId) -> Result<Option<NodeRow>> {
-        let row = sqlx::query("SELECT id, hardware, tier, slots, last_seen_ms, agreed, disagreed FROM nodes WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(node_row).transpose()
     }
 
     /// Every known node.
     pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let rows = sqlx::query("SELECT id, hardware, tier, slots, last_seen_ms, agreed, disagreed FROM nodes ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(node_row).collect()
     }
 }
+
+/// Longest silence between heartbeats that still counts as online.
+pub const UPTIME_MAX_GAP_MS: i64 = 60_000;
+
+const NODE_COLUMNS: &str = "id, hardware, tier, slots, last_seen_ms, agreed, disagreed, rep_good, rep_bad, streak, spot_passed, spot_failed, uptime_ms";
 
 fn node_row(r: &AnyRow) -> Result<NodeRow> {
     Ok(NodeRow {
@@ -1237,6 +1793,14 @@ fn node_row(r: &AnyRow) -> Result<NodeRow> {
         last_seen_ms: r.try_get("last_seen_ms")?,
         agreed: r.try_get::<i64, _>("agreed")? as u64,
         disagreed: r.try_get::<i64, _>("disagreed")? as u64,
+        record: Record {
+            good: r.try_get("rep_good")?,
+            bad: r.try_get("rep_bad")?,
+            streak: r.try_get::<i64, _>("streak")? as u64,
+        },
+        spot_passed: r.try_get::<i64, _>("spot_passed")? as u64,
+        spot_failed: r.try_get::<i64, _>("spot_failed")? as u64,
+        uptime_ms: r.try_get("uptime_ms")?,
     })
 }
 

@@ -16,10 +16,11 @@ pub struct Migration {
 }
 
 /// The migration chain, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "blobs, modules, jobs, tasks, leases, nodes",
-    sqlite: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "blobs, modules, jobs, tasks, leases, nodes",
+        sqlite: r#"
 CREATE TABLE blobs (
     id TEXT PRIMARY KEY,
     bytes BLOB NOT NULL,
@@ -88,7 +89,7 @@ CREATE TABLE nodes (
     disagreed INTEGER NOT NULL DEFAULT 0
 );
 "#,
-    postgres: r#"
+        postgres: r#"
 CREATE TABLE blobs (
     id TEXT PRIMARY KEY,
     bytes BYTEA NOT NULL,
@@ -157,4 +158,69 @@ CREATE TABLE nodes (
     disagreed BIGINT NOT NULL DEFAULT 0
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "ledger, balances, prices, lease kinds, reputation, uptime",
+        sqlite: r#"
+CREATE TABLE ledger (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    record BLOB NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TABLE ledger_head (
+    one INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    head TEXT NOT NULL,
+    compute_micro_scu INTEGER NOT NULL
+);
+INSERT INTO ledger_head (one, seq, head, compute_micro_scu) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', 0);
+CREATE TABLE balances (
+    account TEXT PRIMARY KEY,
+    amount INTEGER NOT NULL
+);
+ALTER TABLE jobs ADD COLUMN price INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN author TEXT;
+ALTER TABLE jobs ADD COLUMN adaptive INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE leases ADD COLUMN kind TEXT NOT NULL DEFAULT 'replica';
+ALTER TABLE nodes ADD COLUMN rep_good REAL NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN rep_bad REAL NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN streak INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN spot_passed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN spot_failed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN uptime_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN uptime_paid INTEGER NOT NULL DEFAULT 0
+"#,
+        postgres: r#"
+CREATE TABLE ledger (
+    seq BIGINT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    record BYTEA NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE TABLE ledger_head (
+    one BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    head TEXT NOT NULL,
+    compute_micro_scu BIGINT NOT NULL
+);
+INSERT INTO ledger_head (one, seq, head, compute_micro_scu) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', 0);
+CREATE TABLE balances (
+    account TEXT PRIMARY KEY,
+    amount BIGINT NOT NULL
+);
+ALTER TABLE jobs ADD COLUMN price BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN author TEXT;
+ALTER TABLE jobs ADD COLUMN adaptive BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE leases ADD COLUMN kind TEXT NOT NULL DEFAULT 'replica';
+ALTER TABLE nodes ADD COLUMN rep_good DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN rep_bad DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN streak BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN spot_passed BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN spot_failed BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN uptime_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN uptime_paid BIGINT NOT NULL DEFAULT 0
+"#,
+    },
+];

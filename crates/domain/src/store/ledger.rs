@@ -1,0 +1,257 @@
+//! The ledger as stored: signed, hash-chained records (`ledger`), balances kept in step
+//! (`balances`) and the chain's head (`ledger_head`, one row).
+//!
+//! Every write goes through [`Chain`] inside the transaction of the state change it pays
+//! for: a verified task and its settlement commit together or not at all. Event ids are
+//! deterministic (`settle:<task>:<node>`, `refund:<job>`, …) and unique in the table, so a
+//! retried transaction cannot pay twice. On PostgreSQL the head row is locked for the rest
+//! of the transaction, always after any task or job row (the lock order everywhere is
+//! task → job → ledger head), so concurrent writers queue instead of forking the chain.
+
+use sqlx::Row;
+use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
+use stardust_proto::identity::NodeId;
+
+use super::{Backend, Result, Store, StoreError, corrupt, id_i64};
+
+/// One movement to write.
+#[derive(Debug, Clone)]
+pub(crate) struct Post {
+    pub id: String,
+    pub from: Account,
+    pub to: Account,
+    pub amount: Amount,
+    pub reason: Reason,
+}
+
+/// The head of the chain, locked for the current transaction.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    seq: u64,
+    head: String,
+    /// µSCU of verified compute to date (the contribution curve's `x`).
+    pub compute_micro_scu: u64,
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// A stored ledger record.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    /// Position.
+    pub seq: u64,
+    /// The event id as stored in its own column (to name a record that no longer parses).
+    pub id: String,
+    /// The sealed bytes.
+    pub record: Vec<u8>,
+}
+
+impl Store {
+    /// Locks the chain head for the rest of `tx`.
+    pub(crate) async fn chain(&self, tx: &mut Tx) -> Result<Chain> {
+        let lock = if self.backend == Backend::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT seq, head, compute_micro_scu FROM ledger_head WHERE one = 1{lock}"
+        )))
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(Chain {
+            seq: row.try_get::<i64, _>("seq")? as u64,
+            head: row.try_get("head")?,
+            compute_micro_scu: row.try_get::<i64, _>("compute_micro_scu")? as u64,
+        })
+    }
+
+    /// A balance as of `tx`.
+    pub(crate) async fn balance_in(tx: &mut Tx, account: Account) -> Result<i128> {
+        let row = sqlx::query("SELECT amount FROM balances WHERE account = $1")
+            .bind(account.key())
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64, _>("amount"))
+            .transpose()?
+            .map_or(0, i128::from))
+    }
+
+    /// Whether an event id is already in the ledger.
+    pub(crate) async fn posted(tx: &mut Tx, id: &str) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 AS one FROM ledger WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some())
+    }
+
+    /// Seals and appends one movement, checked against the stored balance with the
+    /// ledger's own rules. A refused movement changes nothing and is returned as `Err`.
+    pub(crate) async fn post(
+        &self,
+        tx: &mut Tx,
+        chain: &mut Chain,
+        post: Post,
+        now: i64,
+    ) -> Result<std::result::Result<(), ApplyError>> {
+        let signer = self.signer.as_ref().ok_or(StoreError::NoSigner)?;
+        if Self::posted(tx, &post.id).await? {
+            return Ok(Err(ApplyError::Duplicate { id: post.id }));
+        }
+        let event = Event {
+            id: post.id,
+            seq: chain.seq,
+            prev: chain.head.clone(),
+            at_ms: now.max(0) as u64,
+            from: post.from,
+            to: post.to,
+            amount: post.amount,
+            reason: post.reason,
+        };
+        let from_balance = Self::balance_in(tx, event.from).await?;
+        if let Err(e) = stardust_ledger::check(&event, from_balance) {
+            return Ok(Err(e));
+        }
+        let record = stardust_ledger::seal(signer, &event);
+        sqlx::query("INSERT INTO ledger (seq, id, record, at_ms) VALUES ($1, $2, $3, $4)")
+            .bind(id_i64(event.seq))
+            .bind(&event.id)
+            .bind(&record)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        let amount = event.amount as i64;
+        for (account, delta) in [(event.from, -amount), (event.to, amount)] {
+            sqlx::query(
+                "INSERT INTO balances (account, amount) VALUES ($1, $2)
+                 ON CONFLICT (account) DO UPDATE SET amount = balances.amount + excluded.amount",
+            )
+            .bind(account.key())
+            .bind(delta)
+            .execute(&mut **tx)
+            .await?;
+        }
+        chain.seq += 1;
+        chain.head = stardust_ledger::link(&record);
+        Ok(Ok(()))
+    }
+
+    /// Posts a movement that the caller has already made valid (amounts clamped to
+    /// balances, ids fresh); a refusal here is a bug, reported as corrupt state. Zero
+    /// amounts are skipped.
+    pub(crate) async fn post_valid(
+        &self,
+        tx: &mut Tx,
+        chain: &mut Chain,
+        post: Post,
+        now: i64,
+    ) -> Result<()> {
+        if post.amount == 0 {
+            return Ok(());
+        }
+        match self.post(tx, chain, post, now).await? {
+            Ok(()) | Err(ApplyError::Duplicate { .. }) => Ok(()),
+            Err(e) => Err(corrupt("ledger movement", e)),
+        }
+    }
+
+    /// Writes the head back; call once before committing `tx`.
+    pub(crate) async fn close_chain(tx: &mut Tx, chain: Chain) -> Result<()> {
+        sqlx::query(
+            "UPDATE ledger_head SET seq = $1, head = $2, compute_micro_scu = $3 WHERE one = 1",
+        )
+        .bind(id_i64(chain.seq))
+        .bind(&chain.head)
+        .bind(id_i64(chain.compute_micro_scu))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Mints `amount` to `to` (an operator's grant, `stardust ledger grant`). Each grant
+    /// gets the next free id `grant:<n>`.
+    pub async fn grant(&self, to: Account, amount: Amount, now: i64) -> Result<u64> {
+        if amount == 0 || amount > i64::MAX as u64 {
+            return Err(corrupt("grant", "amount must be in 1..2^63 micro-credits"));
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut chain = self.chain(&mut tx).await?;
+        let seq = chain.seq;
+        let reason = if matches!(to, Account::Stake(_)) {
+            Reason::Stake
+        } else {
+            Reason::Grant
+        };
+        let post = Post {
+            id: format!("grant:{seq}"),
+            from: Account::Mint,
+            to,
+            amount,
+            reason,
+        };
+        self.post_valid(&mut tx, &mut chain, post, now).await?;
+        Self::close_chain(&mut tx, chain).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Every ledger record, in chain order, from `from_seq`, at most `limit`.
+    pub async fn ledger_records(&self, from_seq: u64, limit: u32) -> Result<Vec<StoredRecord>> {
+        let rows =
+            sqlx::query("SELECT seq, id, record FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT $2")
+                .bind(id_i64(from_seq))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredRecord {
+                    seq: r.try_get::<i64, _>("seq")? as u64,
+                    id: r.try_get("id")?,
+                    record: r.try_get("record")?,
+                })
+            })
+            .collect()
+    }
+
+    /// One balance.
+    pub async fn balance(&self, account: Account) -> Result<i128> {
+        let mut tx = self.pool.begin().await?;
+        let b = Self::balance_in(&mut tx, account).await?;
+        tx.commit().await?;
+        Ok(b)
+    }
+
+    /// Every stored balance, by account name.
+    pub async fn balances(&self) -> Result<Vec<(Account, i128)>> {
+        let rows = sqlx::query("SELECT account, amount FROM balances ORDER BY account")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let name: String = r.try_get("account")?;
+                let account = name.parse().map_err(|e| corrupt("balance account", e))?;
+                Ok((account, i128::from(r.try_get::<i64, _>("amount")?)))
+            })
+            .collect()
+    }
+
+    /// The stake balances of `nodes`.
+    pub async fn stakes(&self, nodes: &[NodeId]) -> Result<Vec<(NodeId, i128)>> {
+        let mut out = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            out.push((*n, self.balance(Account::Stake(*n)).await?));
+        }
+        Ok(out)
+    }
+
+    /// Events in the ledger and verified compute to date (µSCU).
+    pub async fn ledger_head(&self) -> Result<(u64, u64)> {
+        let mut tx = self.pool.begin().await?;
+        let chain = self.chain(&mut tx).await?;
+        tx.rollback().await?;
+        Ok((chain.seq, chain.compute_micro_scu))
+    }
+}
