@@ -275,7 +275,7 @@ pub struct NodeRow {
 }
 
 /// The economic rules the store applies as it changes state.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Economy {
     /// Stake (micro-credits) a node must hold per lease; a loser of a quorum or a failed
     /// spot check loses that much to the treasury. 0: no stake needed, nothing slashed.
@@ -286,15 +286,6 @@ pub struct Economy {
     pub adaptive: Adaptive,
 }
 
-impl Default for Economy {
-    fn default() -> Self {
-        Self {
-            stake: 0,
-            welcome: 0,
-            adaptive: Adaptive::default(),
-        }
-    }
-}
 
 /// A job to create.
 #[derive(Debug, Clone, Copy)]
