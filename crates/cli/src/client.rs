@@ -59,6 +59,41 @@ pub struct SubmitArgs {
     conn: Conn,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct QuoteArgs {
+    /// The job file (TOML or JSON).
+    file: PathBuf,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub fn quote(args: QuoteArgs) -> anyhow::Result<ExitCode> {
+    let loaded = crate::jobfile::load(&args.file)?;
+    let client = args.conn.client()?;
+    let v = runtime()?.block_on(client.quote(&loaded.spec))?;
+    let c = |k: &str| crate::units::credits(v[k].as_i64().unwrap_or(0).into());
+    print(&args.conn, &v, |v| {
+        format!(
+            "{} tasks × {} replicas, at most {} fuel each\nprice: {} credits per SCU (base {} × demand {} × priority {})\nmost it can cost: {} credits (held in escrow at submission; unused credits come back)\nyour balance: {} credits{}",
+            v["tasks"],
+            v["redundancy"],
+            v["fuel_limit"],
+            c("price_per_scu"),
+            c("base_per_scu"),
+            v["demand_milli"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            v["priority_milli"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            c("max_cost"),
+            c("balance"),
+            if v["affordable"] == true {
+                ""
+            } else {
+                " — not enough: ask the domain's operator for a grant"
+            },
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum JobCommand {
     /// State and task counts.

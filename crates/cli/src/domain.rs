@@ -35,6 +35,21 @@ pub struct Args {
     /// Failed attempts before a task is dead-lettered.
     #[arg(long, env = "STARDUST_MAX_ATTEMPTS", default_value_t = 5)]
     max_attempts: u32,
+    /// Credits granted once to each new submitter key (minted).
+    #[arg(long, env = "STARDUST_WELCOME_GRANT", default_value = "0", value_parser = crate::units::parse_credits)]
+    welcome_grant: u64,
+    /// Base price of one SCU (10^9 fuel), in credits, before demand and priority.
+    #[arg(long, env = "STARDUST_PRICE", default_value = "1", value_parser = crate::units::parse_credits)]
+    price: u64,
+    /// Stake in credits a node must hold per task it runs; lost on a wrong result.
+    #[arg(long, env = "STARDUST_STAKE", default_value = "0", value_parser = crate::units::parse_credits)]
+    stake: u64,
+    /// Fraction of assignments that come with a spot check (a known-answer task).
+    #[arg(long, env = "STARDUST_SPOT_RATE", default_value_t = 0.02)]
+    spot_rate: f64,
+    /// Agreeing results in a row before a node may run tasks as a single replica (0: off).
+    #[arg(long, env = "STARDUST_ADAPTIVE_STREAK", default_value_t = 10)]
+    adaptive_streak: u64,
 }
 
 pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
@@ -51,6 +66,15 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
             crate::units::parse_duration,
         )?;
         f.set("max_attempts", &mut args.max_attempts, from_str)?;
+        f.set(
+            "welcome_grant",
+            &mut args.welcome_grant,
+            crate::units::parse_credits,
+        )?;
+        f.set("price", &mut args.price, crate::units::parse_credits)?;
+        f.set("stake", &mut args.stake, crate::units::parse_credits)?;
+        f.set("spot_rate", &mut args.spot_rate, from_str)?;
+        f.set("adaptive_streak", &mut args.adaptive_streak, from_str)?;
         f.set("tls_cert", &mut args.tls_cert, |s| {
             Ok(Some(PathBuf::from(s)))
         })?;
@@ -68,6 +92,15 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         config.lease_ms = args.lease.as_millis() as i64;
         config.heartbeat_ms = args.heartbeat.as_millis() as u64;
         config.max_attempts = args.max_attempts;
+        config.welcome_grant = args.welcome_grant;
+        config.pricing.base = args.price;
+        config.stake = args.stake;
+        config.spot_rate = args.spot_rate;
+        config.adaptive.min_streak = args.adaptive_streak;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&args.spot_rate),
+            "--spot-rate must be between 0 and 1"
+        );
         config.tls = match (&args.tls_cert, &args.tls_key) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,

@@ -7,6 +7,8 @@
 //! input = "digits.bin"              # optional; default: empty stdin
 //! args = ["--lr={lr}", "--hidden={hidden}"]
 //! redundancy = 2
+//! price_limit = 2                   # credits per SCU at most (optional)
+//! adaptive = true                   # adaptive replication (default)
 //! [limits]                          # wire names, or friendly ones:
 //! memory = "256MiB"                 # memory_bytes
 //! timeout = "60s"                   # wall_ms
@@ -111,6 +113,16 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
                 limits.insert(key.into(), defaults[key].clone());
             }
         }
+    }
+    if let Some(limit) = obj.remove("price_limit") {
+        let text = match &limit {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => bail!("price_limit is credits per SCU, e.g. 2 or \"0.5\""),
+        };
+        let micro =
+            crate::units::parse_credits(&text).map_err(|e| anyhow::anyhow!("price_limit: {e}"))?;
+        obj.insert("price_limit".into(), Value::from(micro));
     }
     if let Some(seed) = obj.get("seed").cloned()
         && seed.is_number()

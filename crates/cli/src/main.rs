@@ -11,6 +11,7 @@ mod config;
 mod domain;
 mod jobfile;
 mod keys;
+mod ledger;
 mod node;
 mod run;
 mod signals;
@@ -48,6 +49,8 @@ enum Command {
     Node(node::Args),
     /// Submit a job file (TOML or JSON).
     Submit(client::SubmitArgs),
+    /// Price a job file now: price per SCU, the most it can cost, your balance.
+    Quote(client::QuoteArgs),
     /// Inspect or cancel a job.
     #[command(subcommand)]
     Job(client::JobCommand),
@@ -58,6 +61,9 @@ enum Command {
     /// Manage identity keys.
     #[command(subcommand)]
     Keys(keys::Command),
+    /// The credit ledger: verify it, list balances, grant credits.
+    #[command(subcommand)]
+    Ledger(ledger::Command),
     /// Measure performance (results belong in docs/benchmarks.md).
     #[command(subcommand)]
     Bench(bench::Command),
@@ -94,6 +100,8 @@ fn main() -> ExitCode {
         Command::Domain(args) => domain::main(args, &sub),
         Command::Node(args) => node::main(args, &sub),
         Command::Submit(args) => client::submit(args),
+        Command::Quote(args) => client::quote(args),
+        Command::Ledger(cmd) => ledger::main(cmd),
         Command::Job(cmd) => client::job(cmd),
         Command::Nodes(conn) => client::nodes(conn),
         Command::Run(args) => run::main(args),

@@ -75,3 +75,63 @@ mod tests {
         assert!(parse_duration("3 fortnights").is_err());
     }
 }
+
+/// Parses an amount of credits (`10`, `0.5`, `1.000001`) into micro-credits.
+pub fn parse_credits(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not an amount of credits (e.g. 10 or 0.25; at most 6 decimals)");
+    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+    if whole.is_empty() && frac.is_empty()
+        || frac.len() > 6
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let frac: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<6}").parse().map_err(|_| bad())?
+    };
+    whole
+        .checked_mul(1_000_000)
+        .and_then(|w| w.checked_add(frac))
+        .filter(|v| *v <= i64::MAX as u64)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Micro-credits as a decimal string of credits.
+pub fn credits(micro: i128) -> String {
+    let sign = if micro < 0 { "-" } else { "" };
+    let m = micro.unsigned_abs();
+    let frac = format!("{:06}", m % 1_000_000);
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        format!("{sign}{}", m / 1_000_000)
+    } else {
+        format!("{sign}{}.{frac}", m / 1_000_000)
+    }
+}
+
+#[cfg(test)]
+mod credit_tests {
+    use super::*;
+
+    #[test]
+    fn credits_parse_and_print() {
+        assert_eq!(parse_credits("10"), Ok(10_000_000));
+        assert_eq!(parse_credits("0.5"), Ok(500_000));
+        assert_eq!(parse_credits(".25"), Ok(250_000));
+        assert_eq!(parse_credits("1.000001"), Ok(1_000_001));
+        for bad in ["", ".", "1.0000001", "-1", "ten", "1e6", "99999999999999"] {
+            assert!(parse_credits(bad).is_err(), "{bad}");
+        }
+        assert_eq!(credits(1_500_000), "1.5");
+        assert_eq!(credits(-2_000_000), "-2");
+        assert_eq!(credits(1), "0.000001");
+    }
+}

@@ -3,127 +3,17 @@
 //! restarted on the same data; every task must end verified exactly once. Runs on SQLite,
 //! and on PostgreSQL when `STARDUST_TEST_POSTGRES_URL` is set (CI sets it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
+use common::{Proc, cli, free_port, healthy, root, wait_until};
+
 const TASKS: usize = 200;
 const ITERATIONS: &str = "3000000";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing running.
-struct Proc {
-    child: Child,
-    name: &'static str,
-    log: Option<PathBuf>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, args: &[&str], log_path: &Path) -> Self {
-        let log = std::fs::File::create(log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_stardust"))
-            .args(args)
-            .env("STARDUST_LOG", "info,stardust_node=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Self {
-            child,
-            name,
-            log: Some(log_path.to_path_buf()),
-        }
-    }
-
-    /// SIGKILL, no chance to clean up.
-    fn kill9(mut self) {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("reap");
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if start.elapsed() > within {
-                let log = self
-                    .log
-                    .as_ref()
-                    .and_then(|p| std::fs::read_to_string(p).ok())
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                panic!(
-                    "{} did not exit within {within:?} of SIGTERM; log tail:\n{}",
-                    self.name,
-                    tail.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn cli(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_stardust"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "stardust {args:?} failed: {}{}",
-        stdout,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn healthy(url: &str) -> bool {
-    let out = Command::new(env!("CARGO_BIN_EXE_stardust"))
-        .args(["nodes", "--domain", url, "--json"])
-        .output();
-    out.is_ok_and(|o| o.status.success())
-}
 
 fn run_lifecycle(database: Option<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -155,6 +45,8 @@ fn run_lifecycle(database: Option<String>) {
         "5s",
         "--heartbeat",
         "500ms",
+        "--welcome-grant",
+        "100000",
     ];
     if let Some(db) = &database {
         domain_args.extend(["--database", db.as_str()]);
@@ -265,6 +157,19 @@ fn run_lifecycle(database: Option<String>) {
         );
     }
     assert!(domain.terminate(Duration::from_secs(30)).success());
+
+    // The ledger survived the kill: it verifies, and every task was paid exactly once.
+    let mut verify_args = vec!["ledger", "verify", "--data", data_s, "--json"];
+    if let Some(db) = &database {
+        verify_args.extend(["--database", db.as_str()]);
+    }
+    let audit = cli(&verify_args);
+    assert_eq!(audit["ok"], true, "{audit}");
+    assert_eq!(audit["tasks_paid"], TASKS, "{audit}");
+    assert_eq!(
+        audit["escrow_held"], 0,
+        "the finished job's escrow was settled or refunded"
+    );
 }
 
 #[test]

@@ -260,6 +260,23 @@ impl Client {
             .ok_or_else(|| Error::Decode(format!("no job_id in {v}")))
     }
 
+    /// `POST /v1/quote`: the price per SCU now, the job's maximum cost (what submission
+    /// holds in escrow) and the client's balance.
+    pub async fn quote(&self, spec: &JobSpec) -> Result<Value, Error> {
+        let body = serde_json::to_vec(spec).map_err(|e| Error::Decode(e.to_string()))?;
+        self.json(Method::POST, "/v1/quote", body).await
+    }
+
+    /// `GET /v1/account`: the client key's balances (submitter, operator, author, stake).
+    pub async fn account(&self) -> Result<Value, Error> {
+        self.json(Method::GET, "/v1/account", Vec::new()).await
+    }
+
+    /// `GET /v1/ledger`: ledger totals and the contribution multiplier.
+    pub async fn ledger(&self) -> Result<Value, Error> {
+        self.json(Method::GET, "/v1/ledger", Vec::new()).await
+    }
+
     /// `GET /v1/jobs/{id}`: state and counts.
     pub async fn job(&self, id: u64) -> Result<Value, Error> {
         self.json(Method::GET, &format!("/v1/jobs/{id}"), Vec::new())

@@ -286,7 +286,6 @@ pub struct Economy {
     pub adaptive: Adaptive,
 }
 
-
 /// A job to create.
 #[derive(Debug, Clone, Copy)]
 pub struct NewJob<'a> {
