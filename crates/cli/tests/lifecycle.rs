@@ -300,6 +300,8 @@ fn tls_end_to_end_with_a_private_ca() {
             &listen,
             "--data",
             &s("domain"),
+            "--welcome-grant",
+            "1000000",
             "--tls-cert",
             &s("cert.pem"),
             "--tls-key",
@@ -373,7 +375,15 @@ fn hostile_tasks_end_with_agreed_outcomes_and_the_nodes_keep_working() {
     let s = |p: &str| d.join(p).to_string_lossy().into_owned();
     let _domain = Proc::spawn(
         "domain",
-        &["domain", "--listen", &listen, "--data", &s("domain")],
+        &[
+            "domain",
+            "--listen",
+            &listen,
+            "--data",
+            &s("domain"),
+            "--welcome-grant",
+            "1000000",
+        ],
         &d.join("domain.log"),
     );
     wait_until("the domain", Duration::from_secs(30), || healthy(&url));

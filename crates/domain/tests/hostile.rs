@@ -27,6 +27,7 @@ async fn domain(tweak: impl FnOnce(&mut Config)) -> (Domain, tempfile::TempDir) 
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.max_request_bytes = 1 << 20;
     config.max_frame_bytes = 256 << 10;
+    config.welcome_grant = 1_000_000_000_000;
     tweak(&mut config);
     let d = Domain::start(config, key(200))
         .await

@@ -27,6 +27,7 @@ __all__ = [
     "KeyFileError",
     "JobFileError",
     "content_id",
+    "credits_to_micro",
     "load_key",
     "sign_request",
 ]
@@ -63,6 +64,19 @@ class KeyFileError(StardustError):
 
 class JobFileError(StardustError):
     """A job file or spec is not usable."""
+
+
+def credits_to_micro(value: Any, what: str = "amount") -> int:
+    """Credits (``10``, ``0.5``, ``"1.25"``) as integer micro-credits, exactly."""
+    import decimal
+    try:
+        d = decimal.Decimal(str(value))
+    except decimal.InvalidOperation as e:
+        raise JobFileError(f"{what}: {value!r} is not an amount of credits") from e
+    micro = d * 1_000_000
+    if d < 0 or micro != micro.to_integral_value():
+        raise JobFileError(f"{what}: {value!r} must be positive with at most 6 decimals")
+    return int(micro)
 
 
 def content_id(data: bytes) -> str:
@@ -212,6 +226,19 @@ class Client:
         body = json.dumps(spec).encode()
         return int(self._json("POST", "/v1/jobs", body)["job_id"])
 
+    def quote(self, spec: Union[Dict[str, Any], str, os.PathLike]) -> Dict[str, Any]:
+        """Prices a job now without submitting it: ``price_per_scu`` and ``max_cost`` (the
+        escrow submission holds) in micro-credits, the demand factor, ``balance`` and
+        ``affordable``. Accepts what :meth:`submit` accepts (a job file's files are
+        uploaded, as content-addressed blobs)."""
+        if not isinstance(spec, dict):
+            spec = self._load_job_file(Path(spec))
+        return self._json("POST", "/v1/quote", json.dumps(spec).encode())
+
+    def account(self) -> Dict[str, Any]:
+        """This key's balances in micro-credits: submitter, operator, author, stake."""
+        return self._json("GET", "/v1/account")["balances"]
+
     def status(self, job_id: int) -> Dict[str, Any]:
         """State and task counts: ``state``, ``tasks_total``, ``tasks_verified``, ..."""
         return self._json("GET", f"/v1/jobs/{job_id}")
@@ -293,4 +320,6 @@ class Client:
                 limits.setdefault(k, v)
         if isinstance(spec.get("seed"), int):
             spec["seed"] = str(spec["seed"])
+        if "price_limit" in spec:
+            spec["price_limit"] = credits_to_micro(spec["price_limit"], "price_limit")
         return spec

@@ -62,7 +62,8 @@ def domain(tmp_path):
     port = free_port()
     procs = []
     log = open(tmp_path / "domain.log", "w")
-    procs.append(subprocess.Popen([binary(), "domain", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "d")],
+    procs.append(subprocess.Popen([binary(), "domain", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "d"),
+                                   "--welcome-grant", "1000"],
                                   stdout=log, stderr=log, stdin=subprocess.DEVNULL))
     url = f"http://127.0.0.1:{port}"
     client = stardust.Client(url, tmp_path / "client.key")
@@ -96,6 +97,9 @@ def test_a_small_job_end_to_end(domain):
         'name = "py"\nmodule = "hello.wasm"\ninput = "in.txt"\nargs = ["{x}"]\nredundancy = 1\nseed = 3\n'
         '[limits]\nmemory = "32MiB"\ntimeout = "10s"\n[sweep.grid]\nx = [1, 2, 3]\n'
     )
+    quote = client.quote(tmp / "job.toml")
+    assert quote["tasks"] == 3 and quote["max_cost"] > 0
+    assert quote["balance"] == 0, "the welcome grant comes with the first submission"
     job = client.submit(tmp / "job.toml")
     seen = []
     final = client.wait(job, progress=seen.append, timeout=60)
@@ -106,6 +110,27 @@ def test_a_small_job_end_to_end(domain):
     assert [r["output_text"] for r in results] == [f"hello from task with 1 args: {i}\nPYTHON" for i in (1, 2, 3)]
     assert any(n["state"] == "online" for n in client.nodes())
     assert client.download(results[0]["output"]).decode().startswith("hello from task")
+    # Paid: the welcome grant minus what the three verified tasks cost; nothing left in escrow.
+    balances = client.account()
+    assert 0 < 1000 * 10**6 - balances["submitter"] < quote["max_cost"]
+    assert set(balances) == {"submitter", "operator", "author", "stake"}
+
+
+def test_an_unaffordable_job_is_refused_with_a_typed_error(domain):
+    client, tmp = domain
+    module = client.upload((ROOT / "test-programs" / "hello.wasm").read_bytes())
+    spec = {"module": module, "input": client.upload(b""), "redundancy": 3, "args": ["{x}"],
+            "limits": {"fuel": 10**13, "memory_bytes": 1 << 24, "wall_ms": 1000, "output_bytes": 1024},
+            "sweep": {"grid": {"x": list(range(100))}}}
+    quote = client.quote(spec)
+    assert quote["affordable"] is False and quote["max_cost"] > 1000 * 10**6
+    with pytest.raises(stardust.ApiError) as e:
+        client.submit(spec)
+    assert e.value.status == 402 and e.value.code == "insufficient_credits"
+    assert "stardust ledger grant" in e.value.message
+    with pytest.raises(stardust.JobFileError):
+        stardust.credits_to_micro("1.0000001")
+    assert stardust.credits_to_micro("2.5") == 2_500_000
 
 
 def test_api_errors_are_typed(domain):
