@@ -4,22 +4,21 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use stardust_domain::{Config, Domain, Rate};
 use stardust_proto::content::ContentId;
 use stardust_proto::envelope::{self, Context};
 use stardust_proto::identity::Identity;
 use stardust_proto::message::{
-    self, DomainMessage, Hello, NodeMessage, Nonce, ResultBatch, TaskResult, encode,
+    DomainMessage, Hello, NodeMessage, Nonce, ResultBatch, TaskResult, encode,
 };
 use stardust_proto::request;
 use stardust_proto::task::{Hardware, RunReport, Status, Tier};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-fn key(i: u8) -> Identity {
-    Identity::from_secret_bytes(&[i; 32])
-}
+mod common;
+use common::{Ws, join, key, next_domain};
 
 async fn domain(tweak: impl FnOnce(&mut Config)) -> (Domain, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -235,51 +234,6 @@ async fn rest_refusals_are_typed_and_counted() {
     d.shutdown().await;
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn next_domain(ws: &mut Ws) -> Option<DomainMessage> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .ok()??
-        {
-            Ok(Message::Binary(b)) => {
-                return message::decode::<DomainMessage>(&b, 1 << 20)
-                    .ok()
-                    .map(|(_, m)| m);
-            }
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
-
-/// Opens a node session; returns the socket after the welcome.
-async fn join(addr: SocketAddr, node: &Identity) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/nodes/connect"))
-        .await
-        .expect("connect");
-    let Some(DomainMessage::Challenge { nonce, .. }) = next_domain(&mut ws).await else {
-        panic!("no challenge")
-    };
-    let hello = Hello {
-        nonce,
-        agent: "test".into(),
-        slots: 1,
-        hardware: Hardware::default(),
-        tier: Tier::Small,
-    };
-    ws.send(Message::Binary(encode(node, &hello).into()))
-        .await
-        .expect("hello");
-    assert!(matches!(
-        next_domain(&mut ws).await,
-        Some(DomainMessage::Welcome { .. })
-    ));
-    ws
-}
-
 /// Reads until a reject arrives; returns its code.
 async fn next_reject(ws: &mut Ws) -> String {
     loop {
@@ -316,7 +270,7 @@ async fn node_session_refusals_leave_the_session_working() {
     );
 
     let node = key(6);
-    let mut ws = join(addr, &node).await;
+    let mut ws = join(addr, &node, 1).await;
     // Bad signature.
     let mut frame = encode(&node, &NodeMessage::Draining);
     let last = frame.len() - 1;
@@ -419,7 +373,7 @@ async fn node_session_refusals_leave_the_session_working() {
     assert_eq!(me["state"], "online");
 
     // An oversized frame closes that session only.
-    let mut other = join(addr, &key(8)).await;
+    let mut other = join(addr, &key(8), 1).await;
     let huge = envelope::seal(&key(8), Context::Node, &vec![b' '; 512 << 10]);
     let _ = other.send(Message::Binary(huge.into())).await;
     assert!(
