@@ -241,6 +241,12 @@ pub mod throughput {
         /// One single-task job at a time: submit → verified round trips.
         #[arg(long)]
         latency: bool,
+        /// Keep every task at its full redundancy (no adaptive replication).
+        #[arg(long)]
+        fixed_replication: bool,
+        /// Tasks of a first, unmeasured job that lets reputations settle.
+        #[arg(long, default_value_t = 0)]
+        warmup: u32,
         /// Print one JSON object as the last stdout line.
         #[arg(long)]
         json: bool,
@@ -321,10 +327,16 @@ pub mod throughput {
                     "input": input.to_string(),
                     "args": ["{i}"],
                     "redundancy": args.redundancy,
+                    "adaptive": !args.fixed_replication,
                     "limits": {"fuel": 1_000_000, "memory_bytes": 1 << 20, "wall_ms": 10_000, "output_bytes": 1024},
                     "sweep": {"grid": {"i": (0..n).collect::<Vec<_>>()}},
                 }))?)
             };
+            if args.warmup > 0 {
+                let job = client.submit(&spec(args.warmup)?).await?;
+                client.wait(job, |_| {}).await?;
+            }
+            let mut replicas_run = 0u64;
             let (tasks_per_s, mut latencies, elapsed) = if args.latency {
                 let mut lat = Vec::new();
                 let t0 = Instant::now();
@@ -359,6 +371,12 @@ pub mod throughput {
                     .filter_map(|t| t["finished_ms"].as_i64())
                     .map(|f| (f - created) as f64)
                     .collect();
+                replicas_run = tasks["tasks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t["replicas"].as_u64())
+                    .sum();
                 (f64::from(args.tasks) / e, lat, e)
             };
             latencies.sort_by(f64::total_cmp);
@@ -375,6 +393,9 @@ pub mod throughput {
                 "p50_ms": p50,
                 "p99_ms": p99,
                 "elapsed_s": elapsed,
+                "adaptive": !args.fixed_replication,
+                "replicas_per_task": replicas_run as f64 / f64::from(args.tasks),
+                "verification_overhead": replicas_run as f64 / f64::from(args.tasks) - 1.0,
             });
             if args.json {
                 println!("{result}");
@@ -383,6 +404,14 @@ pub mod throughput {
                     "{} tasks on {} nodes × {} slots, redundancy {}: {tasks_per_s:.0} tasks/s, submit→verified p50 {p50:.1} ms, p99 {p99:.1} ms ({elapsed:.2} s)",
                     args.tasks, args.nodes, args.slots, args.redundancy
                 );
+                if !args.latency {
+                    println!(
+                        "replicas run per verified task: {:.3} (verification overhead {:.1} %, {})",
+                        result["replicas_per_task"].as_f64().unwrap_or(0.0),
+                        100.0 * result["verification_overhead"].as_f64().unwrap_or(0.0),
+                        if args.fixed_replication { "fixed replication" } else { "adaptive replication" }
+                    );
+                }
             }
             Ok(std::process::ExitCode::SUCCESS)
         })
