@@ -270,19 +270,21 @@ pub fn nodes(conn: Conn) -> anyhow::Result<ExitCode> {
     let v = runtime()?.block_on(conn.client()?.nodes())?;
     print(&conn, &v, |v| {
         let mut out = format!(
-            "{:<12} {:<9} {:<9} {:>5} {:>7} {:>9}\n",
-            "node", "state", "tier", "cores", "running", "agreed"
+            "{:<12} {:<9} {:<9} {:>5} {:>7} {:>7} {:>10} {:>14}\n",
+            "node", "state", "tier", "cores", "running", "agreed", "reputation", "credits"
         );
         for n in v["nodes"].as_array().into_iter().flatten() {
             let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
             out.push_str(&format!(
-                "{:<12} {:<9} {:<9} {:>5} {:>7} {:>9}\n",
+                "{:<12} {:<9} {:<9} {:>5} {:>7} {:>7} {:>10.3} {:>14}\n",
                 text(&n["id"]).chars().take(10).collect::<String>(),
                 text(&n["state"]),
                 text(&n["tier"]),
                 text(&n["hardware"]["cores"]),
                 text(&n["running"]),
-                text(&n["agreed"])
+                text(&n["agreed"]),
+                n["reputation"].as_f64().unwrap_or(0.0),
+                crate::units::credits(n["credits"].as_i64().unwrap_or(0).into())
             ));
         }
         out.trim_end().to_string()
