@@ -153,7 +153,7 @@ fn status_line(v: &Value) -> String {
 }
 
 /// Draws a progress bar on stderr when it is a terminal.
-fn progress(v: &Value) {
+pub(crate) fn progress(v: &Value) {
     let err = std::io::stderr();
     if !err.is_terminal() {
         return;

@@ -110,6 +110,13 @@ fn domain_id(at: &Location) -> anyhow::Result<NodeId> {
 async fn check(at: &Location) -> anyhow::Result<Value> {
     let domain = domain_id(at)?;
     let store = at.open().await?;
+    audit(&store, domain).await
+}
+
+/// Re-derives the ledger of `store` from its records, signed by `domain`: a JSON summary
+/// with `ok` and, when it fails, `error` {`seq`, `id`, `message`}; `balances` maps each
+/// account to its re-derived balance.
+pub async fn audit(store: &Store, domain: NodeId) -> anyhow::Result<Value> {
     let mut records = Vec::new();
     let mut from = 0u64;
     loop {
@@ -187,6 +194,10 @@ async fn check(at: &Location) -> anyhow::Result<Value> {
             }
         }
     }
+    let balances: serde_json::Map<String, Value> = ledger
+        .balances()
+        .map(|(a, b)| (a.key(), json!(b)))
+        .collect();
     let sum = |f: &dyn Fn(&Account) -> bool| -> i128 {
         ledger
             .balances()
@@ -206,6 +217,7 @@ async fn check(at: &Location) -> anyhow::Result<Value> {
         "stake": sum(&|a| matches!(a, Account::Stake(_))),
         "tasks_paid": tasks_paid.len(),
         "slashes": slashes,
+        "balances": balances,
     }))
 }
 

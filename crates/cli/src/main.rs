@@ -8,6 +8,7 @@
 mod bench;
 mod client;
 mod config;
+mod demo;
 mod domain;
 mod jobfile;
 mod keys;
@@ -43,6 +44,9 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole network on this machine: a domain, local nodes, the hyperparameter-search
+    /// example, verified and paid, with a report.
+    Demo(demo::Args),
     /// Run a domain coordinator (REST API, node sessions, scheduling).
     Domain(domain::Args),
     /// Contribute this machine to a domain.
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
+        Command::Demo(args) => demo::main(args),
         Command::Domain(args) => domain::main(args, &sub),
         Command::Node(args) => node::main(args, &sub),
         Command::Submit(args) => client::submit(args),

@@ -270,7 +270,7 @@ fn committed_wasm_matches_sources() {
         );
         return;
     }
-    for dir in ["test-programs", "benchmarks/kernels"] {
+    for dir in ["test-programs", "benchmarks/kernels", "examples/hyperparam"] {
         let out = Command::new("bash")
             .arg(root().join("scripts/build-wasm.sh"))
             .arg(root().join(dir))
