@@ -59,6 +59,9 @@ pub struct Config {
     pub spot_rate: f64,
     /// Adaptive replication. Default: on, after 10 agreeing results, re-checks ≥ 5 %.
     pub adaptive: Adaptive,
+    /// Show jobs (names, progress, sweep results) on the dashboard to every visitor, not
+    /// only to requests from this machine (loopback). Default false.
+    pub public_dashboard: bool,
 }
 
 impl Config {
@@ -95,6 +98,7 @@ impl Config {
             stake: 0,
             spot_rate: 0.02,
             adaptive: Adaptive::default(),
+            public_dashboard: false,
         }
     }
 }

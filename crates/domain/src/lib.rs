@@ -5,12 +5,15 @@
 //!   lease expiry), configured by [`Config`].
 //! - [`store`]: durable state on SQLite or PostgreSQL, one code path, every transition one
 //!   transaction.
+//! - The dashboard at `/` (live over server-sent events), the contributor widget at
+//!   `/widget/{node}` and Prometheus metrics at `/metrics`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod config;
 mod http;
+mod metrics;
 pub mod ratelimit;
 mod service;
 pub mod store;

@@ -157,6 +157,28 @@ pub(crate) struct Shared {
     pub per_addr: Limiter<std::net::IpAddr>,
     /// Draws for adaptive replication and spot checks.
     pub rng: std::sync::Mutex<stardust_proto::rand::SplitMix64>,
+    pub metrics: crate::metrics::Metrics,
+    /// Throughput and queue depth, one sample per second, the last [`SAMPLES`].
+    pub samples: std::sync::Mutex<VecDeque<Sample>>,
+    /// Open dashboard event streams (bounded by [`MAX_STREAMS`]).
+    pub streams: Arc<tokio::sync::Semaphore>,
+}
+
+/// Samples kept for the dashboard's charts (five minutes).
+pub(crate) const SAMPLES: usize = 300;
+
+/// Dashboard event streams open at once.
+pub(crate) const MAX_STREAMS: usize = 64;
+
+/// One second of the domain's life, for the dashboard.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct Sample {
+    pub t_ms: i64,
+    /// Tasks verified in the second before `t_ms`.
+    pub tasks_per_s: f64,
+    /// Tasks waiting for a replica.
+    pub queue: u64,
+    pub nodes: usize,
 }
 
 impl Shared {
@@ -293,6 +315,9 @@ impl Domain {
             rng: std::sync::Mutex::new(stardust_proto::rand::SplitMix64::new(u64::from_le_bytes(
                 seed,
             ))),
+            metrics: crate::metrics::Metrics::default(),
+            samples: std::sync::Mutex::new(VecDeque::with_capacity(SAMPLES)),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             config,
         });
         let router = crate::http::router(shared.clone());
@@ -333,12 +358,13 @@ impl Domain {
         };
         let dispatcher = tokio::spawn(dispatch_loop(shared.clone()));
         let expiry = tokio::spawn(expiry_loop(shared.clone()));
+        let sampler = tokio::spawn(sample_loop(shared.clone()));
         tracing::info!(%addr, domain = %id, "domain listening");
         Ok(Self {
             addr,
             id,
             stop,
-            tasks: vec![server, dispatcher, expiry],
+            tasks: vec![server, dispatcher, expiry, sampler],
         })
     }
 
@@ -443,6 +469,10 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
             {
                 Leased::Yes(lease) => {
                     s.running.insert(lease, now);
+                    shared
+                        .metrics
+                        .dispatch_latency
+                        .observe((now - task.submitted_ms) as f64 / 1000.0);
                     let batch = batches.entry(node).or_default();
                     batch.push(Assignment {
                         lease,
@@ -504,6 +534,43 @@ async fn refresh_stake(shared: &Shared) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Records throughput and queue depth once a second for the dashboard.
+async fn sample_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut last = shared.metrics.verified.load(Ordering::Relaxed);
+    let mut last_t = now_ms();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let queue = match shared.store.backlog().await {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::warn!(error = %e, "sampling the queue failed");
+                continue;
+            }
+        };
+        let now = now_ms();
+        let verified = shared.metrics.verified.load(Ordering::Relaxed);
+        let dt = ((now - last_t) as f64 / 1000.0).max(0.001);
+        let sample = Sample {
+            t_ms: now,
+            tasks_per_s: (verified - last) as f64 / dt,
+            queue,
+            nodes: shared.sessions.lock().await.len(),
+        };
+        (last, last_t) = (verified, now);
+        if let Ok(mut s) = shared.samples.lock() {
+            if s.len() >= SAMPLES {
+                s.pop_front();
+            }
+            s.push_back(sample);
+        }
+    }
 }
 
 /// Expires overdue leases and tells their nodes to stop them.

@@ -3,6 +3,7 @@
 //! Every error is an [`ApiError`]: an HTTP status and a stable machine-readable `code`;
 //! internal errors are logged and never echoed to clients.
 
+mod dashboard;
 mod session;
 
 use std::collections::BTreeMap;
@@ -76,6 +77,13 @@ type ApiResult<T> = Result<T, ApiError>;
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.config.max_request_bytes;
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/widget/{node}", get(dashboard::widget))
+        .route("/metrics", get(dashboard::metrics))
+        .route("/v1/dashboard", get(dashboard::dashboard))
+        .route("/v1/events", get(dashboard::events))
+        .route("/v1/nodes/{id}", get(dashboard::node_stats))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/blobs/{id}", put(put_blob).get(get_blob))
@@ -91,6 +99,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/connect", get(session::connect))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            dashboard::count_requests,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             limit_address,

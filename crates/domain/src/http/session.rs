@@ -363,12 +363,34 @@ async fn results(
         {
             Ok(outcome) => {
                 tracing::debug!(node = %node.short(), lease = r.lease, ?outcome, "result recorded");
+                let m = &shared.metrics;
                 match &outcome {
-                    Recorded::Verified { records, .. } => judged.extend(records.iter().copied()),
+                    Recorded::Verified {
+                        records,
+                        agree,
+                        disagree,
+                        submitted_ms,
+                    } => {
+                        judged.extend(records.iter().copied());
+                        m.verified
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        m.end_to_end_latency
+                            .observe((now - submitted_ms) as f64 / 1000.0);
+                        m.verification
+                            .add(&[("outcome", "agree")], agree.len() as u64);
+                        m.verification
+                            .add(&[("outcome", "disagree")], disagree.len() as u64);
+                    }
                     Recorded::SpotCheck { record, passed } => {
                         if !passed {
                             tracing::warn!(node = %node.short(), lease = r.lease, "spot check failed");
                         }
+                        let outcome = if *passed {
+                            "spot_check_passed"
+                        } else {
+                            "spot_check_failed"
+                        };
+                        m.verification.inc(&[("outcome", outcome)]);
                         judged.push((node, *record));
                     }
                     _ => {}

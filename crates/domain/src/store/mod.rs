@@ -152,6 +152,8 @@ pub struct PendingTask {
     pub requirements: Requirements,
     /// Nodes holding an active or finished replica.
     pub replicas_on: Vec<NodeId>,
+    /// When its job was submitted (Unix ms).
+    pub submitted_ms: i64,
 }
 
 /// A lease held by a node, as needed to resume it after a reconnect.
@@ -178,6 +180,8 @@ pub enum Recorded {
         disagree: Vec<NodeId>,
         /// The judged nodes' records after the decision.
         records: Vec<(NodeId, Record)>,
+        /// When the task's job was submitted (Unix ms).
+        submitted_ms: i64,
     },
     /// A spot check (a known-answer task) was answered.
     SpotCheck {
@@ -691,6 +695,32 @@ impl Store {
         )
     }
 
+    /// The most recent jobs, newest first, with their counts.
+    pub async fn recent_jobs(&self, limit: u32) -> Result<Vec<JobRow>> {
+        let ids = sqlx::query("SELECT id FROM jobs ORDER BY id DESC LIMIT $1")
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for r in ids {
+            if let Some(j) = self.job(r.try_get::<i64, _>("id")? as JobId).await? {
+                out.push(j);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tasks of every job, by state.
+    pub async fn task_states(&self) -> Result<Vec<(String, u64)>> {
+        let rows =
+            sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state ORDER BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get::<i64, _>("n")? as u64)))
+            .collect()
+    }
+
     /// Task counts of a job.
     pub async fn counts(&self, job: JobId) -> Result<Counts> {
         let rows =
@@ -776,7 +806,7 @@ impl Store {
     /// Up to `limit` tasks that want another replica, highest priority and oldest first.
     pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
         let rows = sqlx::query(
-            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.spec FROM tasks t JOIN jobs j ON j.id = t.job_id
+            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.spec, j.created_ms FROM tasks t JOIN jobs j ON j.id = t.job_id
              WHERE t.state = 'pending' ORDER BY j.priority DESC, t.job_id, t.idx LIMIT $1",
         )
         .bind(i64::from(limit))
@@ -808,6 +838,7 @@ impl Store {
                 },
                 requirements: spec.requirements,
                 replicas_on,
+                submitted_ms: r.try_get("created_ms")?,
             });
         }
         Ok(out)
@@ -1189,12 +1220,14 @@ impl Store {
                     for (n, outcome) in votes {
                         records.push((n, Self::judge(&mut tx, n, outcome).await?));
                     }
-                    self.settle(&mut tx, job, task, &accepted, &agree, &disagree, now)
+                    let submitted_ms = self
+                        .settle(&mut tx, job, task, &accepted, &agree, &disagree, now)
                         .await?;
                     Recorded::Verified {
                         agree,
                         disagree,
                         records,
+                        submitted_ms,
                     }
                 }
                 Decision::NeedMore(k) => {
@@ -1280,7 +1313,8 @@ impl Store {
     /// Pays a verified task from its job's escrow — 80 % to the agreeing providers, 15 %
     /// treasury, 5 % module author, plus the minted contribution bonus — and slashes the
     /// losers' stake to the treasury. Charged: the accepted fuel (at most the limit) at the
-    /// job's price, once per agreeing replica up to the job's redundancy.
+    /// job's price, once per agreeing replica up to the job's redundancy. Returns when the
+    /// job was submitted.
     #[allow(
         clippy::too_many_arguments,
         reason = "one call site; the parts of a decision"
@@ -1294,14 +1328,14 @@ impl Store {
         agree: &[NodeId],
         disagree: &[NodeId],
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<i64> {
         let lock = if self.backend == Backend::Postgres {
             " FOR UPDATE"
         } else {
             ""
         };
         let j = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT spec, price, redundancy, author FROM jobs WHERE id = $1{lock}"
+            "SELECT spec, price, redundancy, author, created_ms FROM jobs WHERE id = $1{lock}"
         )))
         .bind(job)
         .fetch_one(&mut **tx)
@@ -1353,7 +1387,8 @@ impl Store {
         chain.compute_micro_scu = chain.compute_micro_scu.saturating_add(
             stardust_proto::scu::micro_scu(fuel).saturating_mul(agree.len() as u64),
         );
-        Self::close_chain(tx, chain).await
+        Self::close_chain(tx, chain).await?;
+        Ok(j.try_get("created_ms")?)
     }
 
     /// Moves up to one lease's worth of `node`'s stake to the treasury.

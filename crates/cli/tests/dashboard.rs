@@ -1,0 +1,248 @@
+//! The dashboard in a real headless Chromium (Debian's `chromium`, driven by npm
+//! `playwright-core` from `web/tests/dashboard.mjs`), against a real domain and two node
+//! processes that ran the hyperparameter sweep; and `/metrics` parsed as Prometheus text.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Proc, cli, free_port, healthy, root, wait_until};
+
+/// Whether the browser tooling is here; under CI it must be.
+fn browser_tooling() -> Result<(), String> {
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        return Err("node is not installed".into());
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !std::path::Path::new(&chromium).exists() {
+        return Err(format!(
+            "no Chromium at {chromium} (apt-get install chromium)"
+        ));
+    }
+    if !root().join("web/node_modules/playwright-core").exists() {
+        return Err("playwright-core is not installed (npm ci --prefix web)".into());
+    }
+    Ok(())
+}
+
+/// Checks the text exposition format 0.0.4 line by line; returns the family names.
+fn parse_prometheus(text: &str) -> Vec<String> {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut families = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(name_ok(name), "bad family name: {line}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            families.push(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment: {line}");
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "bad value: {line}"
+        );
+        let name = series.split('{').next().unwrap_or_default();
+        assert!(name_ok(name), "bad metric name: {line}");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            let inner = labels
+                .strip_prefix('{')
+                .and_then(|l| l.strip_suffix('}'))
+                .unwrap_or_else(|| panic!("bad label set: {line}"));
+            for pair in inner.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair
+                    .split_once("=\"")
+                    .unwrap_or_else(|| panic!("bad label: {line}"));
+                assert!(name_ok(k), "bad label name: {line}");
+                assert!(!v.trim_end_matches('"').contains('\n'));
+            }
+        }
+        let family = families.last().map(String::as_str).unwrap_or_default();
+        assert!(
+            name == family
+                || name
+                    .strip_prefix(family)
+                    .is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s)),
+            "sample {name} outside its family {family}"
+        );
+    }
+    families
+}
+
+fn http_get(url: &str) -> String {
+    let out = Command::new("curl").args(["-sf", url]).output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => {
+            // No curl: a minimal HTTP/1.1 GET.
+            use std::io::{Read, Write};
+            let rest = url.strip_prefix("http://").expect("http URL");
+            let (host, path) = rest
+                .split_once('/')
+                .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+            let mut s = std::net::TcpStream::connect(host).expect("connect");
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            )
+            .expect("write");
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).expect("read");
+            buf.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default()
+        }
+    }
+}
+
+#[test]
+fn dashboard_widget_and_metrics_in_a_real_browser() {
+    if let Err(why) = browser_tooling() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide the browser tooling: {why}"
+        );
+        eprintln!("SKIPPED dashboard browser test: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let s = |p: &str| d.join(p).to_string_lossy().into_owned();
+    let _domain = Proc::spawn(
+        "domain",
+        &[
+            "domain",
+            "--listen",
+            &listen,
+            "--data",
+            &s("domain"),
+            "--welcome-grant",
+            "100000",
+        ],
+        &d.join("domain.log"),
+    );
+    wait_until("the domain", Duration::from_secs(30), || healthy(&url));
+    let _nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            Proc::spawn(
+                "node",
+                &[
+                    "node",
+                    "--domain",
+                    &url,
+                    "--data",
+                    &s(&format!("node{i}")),
+                    "--slots",
+                    "1",
+                    "--no-bench",
+                ],
+                &d.join(format!("node{i}.log")),
+            )
+        })
+        .collect();
+    let key = s("client.key");
+    let job = root().join("examples/hyperparam/job.toml");
+    let status = cli(&[
+        "submit",
+        job.to_str().expect("utf-8"),
+        "--wait",
+        "--domain",
+        &url,
+        "--key",
+        &key,
+        "--json",
+    ]);
+    assert_eq!(status["state"], "completed", "{status}");
+    let node0 = cli(&["keys", "show", "--key", &s("node0/node.key"), "--json"]);
+    let node0 = node0["id"].as_str().expect("node id");
+
+    let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    std::fs::create_dir_all(&shots).expect("artifact dir");
+    let out = Command::new("node")
+        .arg(root().join("web/tests/dashboard.mjs"))
+        .args([
+            &url,
+            node0,
+            &status["job_id"].to_string(),
+            shots.to_str().expect("utf-8"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run node");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "browser checks failed:\n{log}");
+    assert!(log.contains("dashboard and widget OK"), "{log}");
+    let png = std::fs::read(shots.join("dashboard.png")).expect("screenshot kept");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    eprintln!("screenshots kept in {}", shots.display());
+
+    // Prometheus text, with the families the dashboard issue asks for.
+    let text = http_get(&format!("{url}/metrics"));
+    let families = parse_prometheus(&text);
+    for f in [
+        "stardust_tasks",
+        "stardust_dispatch_latency_seconds",
+        "stardust_end_to_end_latency_seconds",
+        "stardust_verification_outcomes_total",
+        "stardust_nodes_connected",
+        "stardust_ledger_events",
+        "stardust_ledger_microcredits",
+        "stardust_rejected_messages_total",
+        "stardust_http_requests_total",
+    ] {
+        assert!(
+            families.iter().any(|x| x == f),
+            "missing family {f}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("stardust_tasks{state=\"verified\"} 48\n"),
+        "{text}"
+    );
+    assert!(text.contains("stardust_nodes_connected 2\n"), "{text}");
+    assert!(
+        text.contains("stardust_http_requests_total{route=\"/v1/jobs\",status=\"201\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stardust_end_to_end_latency_seconds_count 48\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_prometheus_checker_can_fail() {
+    for bad in [
+        "# TYPE x counter\nx{a=\"1\"} notanumber\n",
+        "# TYPE x counter\ny 1\n",
+        "# TYPE 9x gauge\n",
+        "# TYPE x gauge\nx{a=1} 2\n",
+    ] {
+        assert!(
+            std::panic::catch_unwind(|| parse_prometheus(bad)).is_err(),
+            "{bad}"
+        );
+    }
+    assert_eq!(parse_prometheus("# HELP x h\n# TYPE x gauge\nx 1\n"), ["x"]);
+}
