@@ -50,6 +50,9 @@ pub struct Args {
     /// Agreeing results in a row before a node may run tasks as a single replica (0: off).
     #[arg(long, env = "STARDUST_ADAPTIVE_STREAK", default_value_t = 10)]
     adaptive_streak: u64,
+    /// Show jobs on the dashboard to every visitor (default: only to this machine).
+    #[arg(long, env = "STARDUST_PUBLIC_DASHBOARD")]
+    public_dashboard: bool,
 }
 
 pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
@@ -75,6 +78,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         f.set("stake", &mut args.stake, crate::units::parse_credits)?;
         f.set("spot_rate", &mut args.spot_rate, from_str)?;
         f.set("adaptive_streak", &mut args.adaptive_streak, from_str)?;
+        f.set("public_dashboard", &mut args.public_dashboard, from_str)?;
         f.set("tls_cert", &mut args.tls_cert, |s| {
             Ok(Some(PathBuf::from(s)))
         })?;
@@ -97,6 +101,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         config.stake = args.stake;
         config.spot_rate = args.spot_rate;
         config.adaptive.min_streak = args.adaptive_streak;
+        config.public_dashboard = args.public_dashboard;
         anyhow::ensure!(
             (0.0..=1.0).contains(&args.spot_rate),
             "--spot-rate must be between 0 and 1"
@@ -121,8 +126,9 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         );
         let domain = stardust_domain::Domain::start(config, identity).await?;
         eprintln!(
-            "stardust domain {} listening on {scheme}://{}",
+            "stardust domain {} listening on {scheme}://{} (dashboard: {scheme}://{}/)",
             domain.id(),
+            domain.addr(),
             domain.addr()
         );
         crate::signals::terminated().await;
