@@ -28,6 +28,13 @@ pub enum Command {
     /// Trivial tasks through the whole lifecycle (dispatch, sandboxed run, signed result,
     /// verification, durable state) on node processes: tasks/s and submit→verified latency.
     Throughput(throughput::Args),
+    /// Many simulated nodes (real keys, signatures and protocol over loopback) against one
+    /// coordinator process: connect time, coordinator RSS and CPU, heartbeat handling, tasks
+    /// served, dashboard snapshot time.
+    Scale(crate::scale::Args),
+    /// One simulator process of `bench scale` (internal).
+    #[command(hide = true)]
+    ScaleSim(crate::scale::SimArgs),
 }
 
 pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
@@ -38,6 +45,8 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
             json,
         } => sandbox(&kernels, quick, json),
         Command::Throughput(args) => throughput::main(args),
+        Command::Scale(args) => crate::scale::main(args),
+        Command::ScaleSim(args) => crate::scale::sim(args),
     }
 }
 

@@ -15,6 +15,7 @@ mod keys;
 mod ledger;
 mod node;
 mod run;
+mod scale;
 mod signals;
 mod units;
 

@@ -286,6 +286,43 @@ fn committed_wasm_matches_sources() {
 }
 
 #[test]
+fn bench_scale_smoke() {
+    let out = stardust()
+        .args([
+            "bench",
+            "scale",
+            "--nodes",
+            "20",
+            "--procs",
+            "2",
+            "--tasks",
+            "20",
+            "--duration",
+            "2s",
+            "--heartbeat",
+            "500ms",
+            "--json",
+        ])
+        .output()
+        .expect("bench scale");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
+    assert_eq!(v["nodes_connected"], 20, "{v}");
+    assert_eq!(v["tasks_served"], 20, "{v}");
+    assert!(v["rss_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{v}");
+    assert!(v["heartbeats"].as_u64().unwrap_or(0) >= 20, "{v}");
+    for k in ["connect_s", "heartbeat_lag_p99_ms", "dashboard_ms_median"] {
+        assert!(v[k].is_number(), "{k}: {v}");
+    }
+}
+
+#[test]
 fn bench_throughput_smoke() {
     for extra in [&["--tasks", "20"][..], &["--tasks", "5", "--latency"][..]] {
         let out = stardust()

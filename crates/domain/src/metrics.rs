@@ -135,6 +135,7 @@ pub(crate) struct Metrics {
     pub verification: CounterFamily,
     pub dispatch_latency: Histogram,
     pub end_to_end_latency: Histogram,
+    pub heartbeat_latency: Histogram,
     /// Tasks verified since start (drives the dashboard's throughput chart).
     pub verified: AtomicU64,
 }
@@ -146,6 +147,7 @@ impl Default for Metrics {
             verification: CounterFamily::default(),
             dispatch_latency: Histogram::new(LATENCY_BUCKETS),
             end_to_end_latency: Histogram::new(LATENCY_BUCKETS),
+            heartbeat_latency: Histogram::new(LATENCY_BUCKETS),
             verified: AtomicU64::new(0),
         }
     }
@@ -177,6 +179,11 @@ impl Metrics {
             out,
             "stardust_end_to_end_latency_seconds",
             "From a job's submission to each of its tasks being verified.",
+        );
+        self.heartbeat_latency.encode(
+            out,
+            "stardust_heartbeat_latency_seconds",
+            "From a heartbeat frame read off a node's socket to its leases renewed and its node row updated.",
         );
         let _ = writeln!(
             out,

@@ -43,8 +43,12 @@ pub(super) async fn connect(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
 ) -> Response {
     let max = shared.config.max_frame_bytes;
+    // Small buffers: most frames are heartbeats and acks, and a domain holds many sessions
+    // (the 128 KiB defaults cost ~140 KiB of memory per connected node).
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(8 << 10)
         .on_upgrade(move |socket| async move {
             run(socket, shared, addr).await;
         })
@@ -308,6 +312,7 @@ async fn heartbeat(
     free_slots: u32,
 ) -> FrameResult {
     let now = now_ms();
+    let started = std::time::Instant::now();
     let renewed = shared
         .store
         .renew_leases(node, running, now + shared.config.lease_ms)
@@ -317,6 +322,10 @@ async fn heartbeat(
             ("internal", "internal error".to_string())
         })?;
     let _ = shared.store.touch_node(node, now).await;
+    shared
+        .metrics
+        .heartbeat_latency
+        .observe(started.elapsed().as_secs_f64());
     let renewed: HashSet<LeaseId> = renewed.into_iter().collect();
     let recent = now - 2 * shared.config.heartbeat_ms as i64;
     let mut wake = false;
