@@ -50,6 +50,19 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Child processes killed (and reaped) when dropped, so a failed benchmark leaves nothing
+/// running.
+pub(crate) struct Kill(pub Vec<std::process::Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// (kernel, full-size args, quick args)
 const KERNELS: [(&str, &[&str], &[&str]); 4] = [
     ("matmul", &["256", "30"], &["96", "3"]),
@@ -226,7 +239,7 @@ fn sandbox(kernels: &Path, quick: bool, json: bool) -> anyhow::Result<ExitCode> 
 
 /// `stardust bench throughput`: N trivial tasks through the whole lifecycle.
 pub mod throughput {
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
     use anyhow::{Context as _, bail};
@@ -261,16 +274,7 @@ pub mod throughput {
         json: bool,
     }
 
-    struct Kill(Vec<Child>);
-
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
+    use super::Kill;
 
     fn percentile(sorted: &[f64], p: f64) -> f64 {
         if sorted.is_empty() {

@@ -69,16 +69,7 @@ pub struct SimArgs {
     duration: Duration,
 }
 
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use crate::bench::Kill;
 
 /// `sh -c 'ulimit -n N; exec stardust ARGS'`: a child with a raised descriptor limit.
 fn spawn_with_fds(args: &[String], fds: u32, log: &std::path::Path) -> anyhow::Result<Child> {

@@ -5,9 +5,8 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::{Proc, cli, free_port, healthy, root, wait_until};
+use common::{cli, root, start_domain, start_nodes};
 
 /// Whether the browser tooling is here; under CI it must be.
 fn browser_tooling() -> Result<(), String> {
@@ -121,42 +120,9 @@ fn dashboard_widget_and_metrics_in_a_real_browser() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
     let s = |p: &str| d.join(p).to_string_lossy().into_owned();
-    let _domain = Proc::spawn(
-        "domain",
-        &[
-            "domain",
-            "--listen",
-            &listen,
-            "--data",
-            &s("domain"),
-            "--welcome-grant",
-            "100000",
-        ],
-        &d.join("domain.log"),
-    );
-    wait_until("the domain", Duration::from_secs(30), || healthy(&url));
-    let _nodes: Vec<Proc> = (0..2)
-        .map(|i| {
-            Proc::spawn(
-                "node",
-                &[
-                    "node",
-                    "--domain",
-                    &url,
-                    "--data",
-                    &s(&format!("node{i}")),
-                    "--slots",
-                    "1",
-                    "--no-bench",
-                ],
-                &d.join(format!("node{i}.log")),
-            )
-        })
-        .collect();
+    let (_domain, url) = start_domain(d, &["--welcome-grant", "100000"]);
+    let _nodes = start_nodes(&url, d, 2, 1);
     let key = s("client.key");
     let job = root().join("examples/hyperparam/job.toml");
     let status = cli(&[

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Proc, cli, free_port, healthy, root, wait_until};
+use common::{cli, root, start_domain, start_nodes};
 
 fn stardust(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_stardust"))
@@ -44,46 +44,10 @@ fn jobs_are_paid_from_escrow_and_a_tampered_event_is_named() {
     std::fs::write(&job_file, job.to_string()).expect("job file");
     let job_s = job_file.to_str().expect("utf-8");
 
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
     let data = d.join("domain");
     let data_s = data.to_str().expect("utf-8");
-    let domain = Proc::spawn(
-        "domain",
-        &[
-            "domain",
-            "--listen",
-            &listen,
-            "--data",
-            data_s,
-            "--spot-rate",
-            "0",
-            "--price",
-            "1000",
-        ],
-        &d.join("domain.log"),
-    );
-    wait_until("the domain", Duration::from_secs(30), || healthy(&url));
-    let nodes: Vec<Proc> = (0..2)
-        .map(|i| {
-            let nd = d.join(format!("node{i}"));
-            Proc::spawn(
-                "node",
-                &[
-                    "node",
-                    "--domain",
-                    &url,
-                    "--data",
-                    nd.to_str().expect("utf-8"),
-                    "--slots",
-                    "2",
-                    "--no-bench",
-                ],
-                &d.join(format!("node{i}.log")),
-            )
-        })
-        .collect();
+    let (domain, url) = start_domain(d, &["--spot-rate", "0", "--price", "1000"]);
+    let nodes = start_nodes(&url, d, 2, 2);
     let key = d.join("client.key");
     let key_s = key.to_str().expect("utf-8");
     let conn = ["--domain", url.as_str(), "--key", key_s, "--json"];

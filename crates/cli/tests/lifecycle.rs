@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use common::{Proc, cli, free_port, healthy, root, wait_until};
+use common::{Proc, cli, free_port, healthy, root, start_domain, start_nodes, wait_until};
 
 const TASKS: usize = 200;
 const ITERATIONS: &str = "3000000";
@@ -369,43 +369,9 @@ fn hostile_tasks_end_with_agreed_outcomes_and_the_nodes_keep_working() {
     ] {
         std::fs::copy(root().join("test-programs").join(m), d.join(m)).expect("module");
     }
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
     let s = |p: &str| d.join(p).to_string_lossy().into_owned();
-    let _domain = Proc::spawn(
-        "domain",
-        &[
-            "domain",
-            "--listen",
-            &listen,
-            "--data",
-            &s("domain"),
-            "--welcome-grant",
-            "1000000",
-        ],
-        &d.join("domain.log"),
-    );
-    wait_until("the domain", Duration::from_secs(30), || healthy(&url));
-    let nodes: Vec<Proc> = (0..2)
-        .map(|i| {
-            let data = s(&format!("node{i}"));
-            Proc::spawn(
-                "node",
-                &[
-                    "node",
-                    "--domain",
-                    &url,
-                    "--data",
-                    &data,
-                    "--slots",
-                    "2",
-                    "--no-bench",
-                ],
-                &d.join(format!("node{i}.log")),
-            )
-        })
-        .collect();
+    let (_domain, url) = start_domain(d, &["--welcome-grant", "1000000"]);
+    let nodes = start_nodes(&url, d, 2, 2);
     let key = s("client.key");
     let run = |module: &str, limits: &str| -> Value {
         let file = d.join(format!("{module}.toml"));

@@ -95,6 +95,17 @@ impl Session {
     }
 }
 
+/// A node's state as the API shows it: `offline` without a session, else `draining`,
+/// `paused` or `online`.
+pub(crate) fn node_state(live: Option<&Session>) -> &'static str {
+    match live {
+        None => "offline",
+        Some(s) if s.draining => "draining",
+        Some(s) if s.paused => "paused",
+        Some(_) => "online",
+    }
+}
+
 /// Signatures of recent REST requests, to refuse replays; bounded.
 #[derive(Debug, Default)]
 pub(crate) struct ReplayGuard {

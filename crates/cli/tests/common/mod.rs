@@ -120,3 +120,48 @@ pub fn healthy(url: &str) -> bool {
         .output();
     out.is_ok_and(|o| o.status.success())
 }
+
+/// Starts `stardust domain` on a free loopback port with its data in `dir/domain` and
+/// `extra` flags; waits until it answers. Returns the process and its URL.
+pub fn start_domain(dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.join("domain");
+    let mut args = vec![
+        "domain",
+        "--listen",
+        &listen,
+        "--data",
+        data.to_str().expect("utf-8"),
+    ];
+    args.extend(extra);
+    let domain = Proc::spawn("domain", &args, &dir.join("domain.log"));
+    wait_until("the domain", Duration::from_secs(30), || healthy(&url));
+    (domain, url)
+}
+
+/// Starts `count` node processes (`--no-bench`) with `slots` slots each, data in
+/// `dir/node0`, `dir/node1`, ….
+pub fn start_nodes(url: &str, dir: &Path, count: usize, slots: u32) -> Vec<Proc> {
+    let slots = slots.to_string();
+    (0..count)
+        .map(|i| {
+            let data = dir.join(format!("node{i}"));
+            Proc::spawn(
+                "node",
+                &[
+                    "node",
+                    "--domain",
+                    url,
+                    "--data",
+                    data.to_str().expect("utf-8"),
+                    "--slots",
+                    &slots,
+                    "--no-bench",
+                ],
+                &dir.join(format!("node{i}.log")),
+            )
+        })
+        .collect()
+}

@@ -103,12 +103,7 @@ async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Value> {
         .iter()
         .map(|n| {
             let live = sessions.get(&n.id);
-            let state = match live {
-                None => "offline",
-                Some(s) if s.draining => "draining",
-                Some(s) if s.paused => "paused",
-                Some(_) => "online",
-            };
+            let state = crate::service::node_state(live);
             let (c, stake) = credits.get(&n.id).copied().unwrap_or_default();
             json!({
                 "id": n.id,

@@ -675,12 +675,7 @@ async fn nodes(State(shared): State<Arc<Shared>>) -> ApiResult<axum::Json<Value>
         .map(|n| {
             let (credits, stake) = credits.get(&n.id).copied().unwrap_or_default();
             let live = sessions.get(&n.id);
-            let state = match live {
-                None => "offline",
-                Some(s) if s.draining => "draining",
-                Some(s) if s.paused => "paused",
-                Some(_) => "online",
-            };
+            let state = crate::service::node_state(live);
             json!({
                 "id": n.id,
                 "tier": n.tier,
