@@ -10,5 +10,5 @@ if ! command -v redis-server >/dev/null; then
 fi
 python3 -m venv "$here/.venv"
 "$here/.venv/bin/pip" install --quiet --disable-pip-version-check \
-    "ray==2.*" "dask[distributed]==2025.*" "celery[redis]==5.*" "redis==5.*"
+    "ray>=2.40,<3" "dask[distributed]" "celery[redis]>=5.4,<6"
 "$here/.venv/bin/python" -c "import ray, dask, distributed, celery, redis; print('ray', ray.__version__, '· dask', dask.__version__, '· celery', celery.__version__)"

@@ -376,20 +376,21 @@ pub mod throughput {
                     bail!("not every task was verified: {status}");
                 }
                 let created = status["created_ms"].as_i64().unwrap_or(0);
-                let tasks = client.tasks(job, 0, args.tasks).await?;
-                let lat: Vec<f64> = tasks["tasks"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+                let mut all = Vec::new();
+                while (all.len() as u32) < args.tasks {
+                    let page = client.tasks(job, all.len() as u32, 10_000).await?;
+                    let page = page["tasks"].as_array().cloned().unwrap_or_default();
+                    if page.is_empty() {
+                        break;
+                    }
+                    all.extend(page);
+                }
+                let lat: Vec<f64> = all
+                    .iter()
                     .filter_map(|t| t["finished_ms"].as_i64())
                     .map(|f| (f - created) as f64)
                     .collect();
-                replicas_run = tasks["tasks"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|t| t["replicas"].as_u64())
-                    .sum();
+                replicas_run = all.iter().filter_map(|t| t["replicas"].as_u64()).sum();
                 (f64::from(args.tasks) / e, lat, e)
             };
             latencies.sort_by(f64::total_cmp);

@@ -22,7 +22,7 @@ use stardust_proto::content::ContentId;
 use stardust_proto::identity::{Identity, NodeId};
 use stardust_proto::job::{JobSpec, Trial};
 use stardust_proto::task::{
-    Hardware, JobId, LeaseId, Requirements, RunReport, TaskId, TaskSpec, Tier,
+    Hardware, JobId, LeaseId, Limits, Requirements, RunReport, TaskId, TaskSpec, Tier,
 };
 use stardust_scheduler::pricing;
 use stardust_scheduler::quorum::{self, Decision};
@@ -412,6 +412,11 @@ impl Store {
                             sqlx::query("PRAGMA foreign_keys = ON")
                                 .execute(&mut *conn)
                                 .await?;
+                            // 64 MiB of page cache (the default 2 MiB made large jobs
+                            // re-read their pages from the OS on every status query).
+                            sqlx::query("PRAGMA cache_size = -65536")
+                                .execute(&mut *conn)
+                                .await?;
                             Ok(())
                         })
                     })
@@ -583,8 +588,8 @@ impl Store {
             .deadline_s
             .map(|s| now.saturating_add(id_i64(s).saturating_mul(1000)));
         let row = sqlx::query(
-            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive)
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
         )
         .bind(owner.to_string())
         .bind(spec.name.as_str())
@@ -597,6 +602,10 @@ impl Store {
         .bind(id_i64(price))
         .bind(author.to_string())
         .bind(i64::from(spec.adaptive))
+        .bind(to_json(&Terms {
+            limits: spec.limits,
+            requirements: spec.requirements.clone(),
+        }))
         .fetch_one(&mut *tx)
         .await?;
         let job: i64 = row.try_get("id")?;
@@ -804,18 +813,38 @@ impl Store {
     }
 
     /// Up to `limit` tasks that want another replica, highest priority and oldest first.
+    ///
+    /// Open jobs are listed first (few), then each job's pending tasks are read in index
+    /// order (`tasks_by_state`: state, job, position) up to what is still wanted: no sort
+    /// over every pending task, which made each dispatch round O(pending) and a large job
+    /// O(n²).
     pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
-        let rows = sqlx::query(
-            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.spec, j.created_ms FROM tasks t JOIN jobs j ON j.id = t.job_id
-             WHERE t.state = 'pending' ORDER BY j.priority DESC, t.job_id, t.idx LIMIT $1",
+        let jobs = sqlx::query(
+            "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
         )
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
+        let mut rows = Vec::new();
+        for j in jobs {
+            let wanted = i64::from(limit) - rows.len() as i64;
+            if wanted <= 0 {
+                break;
+            }
+            rows.extend(
+                sqlx::query(
+                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, j.spec, j.created_ms FROM tasks t JOIN jobs j ON j.id = t.job_id
+                     WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
+                )
+                .bind(j.try_get::<i64, _>("id")?)
+                .bind(wanted)
+                .fetch_all(&self.pool)
+                .await?,
+            );
+        }
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let task: i64 = r.try_get("id")?;
-            let spec: JobSpec = json("job spec", &r.try_get::<String, _>("spec")?)?;
+            let terms = terms(&r)?;
             let holders = sqlx::query(
                 "SELECT node FROM leases WHERE task_id = $1 AND state IN ('active', 'done')",
             )
@@ -833,10 +862,10 @@ impl Store {
                     module: parse("job module", &r.try_get::<String, _>("module")?)?,
                     input: parse("task input", &r.try_get::<String, _>("input")?)?,
                     args: json("task args", &r.try_get::<String, _>("args")?)?,
-                    limits: spec.limits,
+                    limits: terms.limits,
                     seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
                 },
-                requirements: spec.requirements,
+                requirements: terms.requirements,
                 replicas_on,
                 submitted_ms: r.try_get("created_ms")?,
             });
@@ -1049,20 +1078,20 @@ impl Store {
     /// The spec a node runs for `task`.
     pub async fn task_spec(&self, task: TaskId) -> Result<Option<TaskSpec>> {
         let row = sqlx::query(
-            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.spec FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
+            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, j.spec FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
         )
         .bind(id_i64(task))
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
-            let spec: JobSpec = json("job spec", &r.try_get::<String, _>("spec")?)?;
+            let terms = terms(&r)?;
             Ok(TaskSpec {
                 task,
                 job: r.try_get::<i64, _>("job_id")? as JobId,
                 module: parse("job module", &r.try_get::<String, _>("module")?)?,
                 input: parse("task input", &r.try_get::<String, _>("input")?)?,
                 args: json("task args", &r.try_get::<String, _>("args")?)?,
-                limits: spec.limits,
+                limits: terms.limits,
                 seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
             })
         })
@@ -1335,16 +1364,16 @@ impl Store {
             ""
         };
         let j = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT spec, price, redundancy, author, created_ms FROM jobs WHERE id = $1{lock}"
+            "SELECT terms, spec, price, redundancy, author, created_ms FROM jobs WHERE id = $1{lock}"
         )))
         .bind(job)
         .fetch_one(&mut **tx)
         .await?;
-        let spec: JobSpec = json("job spec", &j.try_get::<String, _>("spec")?)?;
+        let limits = terms(&j)?.limits;
         let price = j.try_get::<i64, _>("price")? as u64;
         let redundancy = j.try_get::<i64, _>("redundancy")? as usize;
         let author: Option<String> = j.try_get("author")?;
-        let fuel = accepted.fuel_used.min(spec.limits.fuel);
+        let fuel = accepted.fuel_used.min(limits.fuel);
         let paid = agree.len().min(redundancy.max(1)) as u64;
         let charge = pricing::replica_charge(fuel, price).saturating_mul(paid);
         let mut chain = self.chain(tx).await?;
@@ -1527,23 +1556,28 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
         }
+        // Existence, not counts: counting a large job's open tasks on every result made
+        // recording results O(n²) over the job.
         let open = sqlx::query(
-            "SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state IN ('pending', 'running')",
+            "SELECT 1 AS one FROM tasks WHERE state IN ('pending', 'running') AND job_id = $1 LIMIT 1",
         )
         .bind(job)
-        .fetch_one(&mut **tx)
-        .await?
-        .try_get::<i64, _>("n")?;
-        if open > 0 {
+        .fetch_optional(&mut **tx)
+        .await?;
+        if open.is_some() {
             return Ok(());
         }
-        let verified =
-            sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state = 'verified'")
-                .bind(job)
-                .fetch_one(&mut **tx)
-                .await?
-                .try_get::<i64, _>("n")?;
-        let state = if verified > 0 { "completed" } else { "failed" };
+        let verified = sqlx::query(
+            "SELECT 1 AS one FROM tasks WHERE state = 'verified' AND job_id = $1 LIMIT 1",
+        )
+        .bind(job)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let state = if verified.is_some() {
+            "completed"
+        } else {
+            "failed"
+        };
         let ended = sqlx::query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
             .bind(state)
             .bind(now)
@@ -1808,6 +1842,28 @@ impl Store {
 pub const UPTIME_MAX_GAP_MS: i64 = 60_000;
 
 const NODE_COLUMNS: &str = "id, hardware, tier, slots, last_seen_ms, agreed, disagreed, rep_good, rep_bad, streak, spot_passed, spot_failed, uptime_ms";
+
+/// What every task of a job runs under, kept apart from the spec (whose sweep can be
+/// large) so dispatch and settlement need not parse the whole spec per task.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Terms {
+    limits: Limits,
+    requirements: Requirements,
+}
+
+/// A job row's terms: its `terms` column, or its spec for jobs stored before it existed.
+fn terms(r: &AnyRow) -> Result<Terms> {
+    match r.try_get::<Option<String>, _>("terms")? {
+        Some(t) => json("job terms", &t),
+        None => {
+            let spec: JobSpec = json("job spec", &r.try_get::<String, _>("spec")?)?;
+            Ok(Terms {
+                limits: spec.limits,
+                requirements: spec.requirements,
+            })
+        }
+    }
+}
 
 fn node_row(r: &AnyRow) -> Result<NodeRow> {
     Ok(NodeRow {

@@ -223,4 +223,22 @@ ALTER TABLE nodes ADD COLUMN uptime_ms BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN uptime_paid BIGINT NOT NULL DEFAULT 0
 "#,
     },
+    Migration {
+        version: 3,
+        name: "indexes for dispatch and spot checks; job terms apart from the spec",
+        sqlite: r#"
+CREATE INDEX jobs_by_state ON jobs (state, priority, id);
+CREATE INDEX tasks_by_state_id ON tasks (state, id);
+CREATE INDEX tasks_by_job_state ON tasks (job_id, state);
+CREATE INDEX leases_by_task_state ON leases (task_id, state, id);
+ALTER TABLE jobs ADD COLUMN terms TEXT
+"#,
+        postgres: r#"
+CREATE INDEX jobs_by_state ON jobs (state, priority, id);
+CREATE INDEX tasks_by_state_id ON tasks (state, id);
+CREATE INDEX tasks_by_job_state ON tasks (job_id, state);
+CREATE INDEX leases_by_task_state ON leases (task_id, state, id);
+ALTER TABLE jobs ADD COLUMN terms TEXT
+"#,
+    },
 ];
