@@ -315,13 +315,12 @@ async fn heartbeat(
     let started = std::time::Instant::now();
     let renewed = shared
         .store
-        .renew_leases(node, running, now + shared.config.lease_ms)
+        .heartbeat(node, running, now + shared.config.lease_ms, now)
         .await
         .map_err(|e| {
-            tracing::error!(error = %e, "renewing leases failed");
+            tracing::error!(error = %e, "recording a heartbeat failed");
             ("internal", "internal error".to_string())
         })?;
-    let _ = shared.store.touch_node(node, now).await;
     shared
         .metrics
         .heartbeat_latency

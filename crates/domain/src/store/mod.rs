@@ -1025,21 +1025,48 @@ impl Store {
         leases: &[LeaseId],
         deadline_ms: i64,
     ) -> Result<Vec<LeaseId>> {
-        let mut renewed = Vec::with_capacity(leases.len());
         let mut tx = self.pool.begin().await?;
+        let renewed = Self::renew_in(&mut tx, node, leases, deadline_ms).await?;
+        tx.commit().await?;
+        Ok(renewed)
+    }
+
+    /// A heartbeat in one transaction: renews `node`'s active leases among `leases` to
+    /// `deadline_ms` (returning those renewed) and marks the node seen at `now`, counting
+    /// uptime and minting its reward ([`Store::touch_node`]).
+    pub async fn heartbeat(
+        &self,
+        node: NodeId,
+        leases: &[LeaseId],
+        deadline_ms: i64,
+        now: i64,
+    ) -> Result<Vec<LeaseId>> {
+        let mut tx = self.pool.begin().await?;
+        let renewed = Self::renew_in(&mut tx, node, leases, deadline_ms).await?;
+        self.touch_in(&mut tx, node, now).await?;
+        tx.commit().await?;
+        Ok(renewed)
+    }
+
+    async fn renew_in(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        node: NodeId,
+        leases: &[LeaseId],
+        deadline_ms: i64,
+    ) -> Result<Vec<LeaseId>> {
+        let mut renewed = Vec::with_capacity(leases.len());
         for lease in leases {
             let n = sqlx::query("UPDATE leases SET deadline_ms = $1 WHERE id = $2 AND node = $3 AND state = 'active'")
                 .bind(deadline_ms)
                 .bind(id_i64(*lease))
                 .bind(node.to_string())
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?
                 .rows_affected();
             if n == 1 {
                 renewed.push(*lease);
             }
         }
-        tx.commit().await?;
         Ok(renewed)
     }
 
@@ -1771,12 +1798,23 @@ impl Store {
     /// uptime (gaps over [`UPTIME_MAX_GAP_MS`] count as offline), and mints the uptime
     /// reward for each whole period online.
     pub async fn touch_node(&self, id: NodeId, now: i64) -> Result<()> {
-        use stardust_ledger::curve::{UPTIME_PER_PERIOD, UPTIME_PERIOD_MS};
         let mut tx = self.pool.begin().await?;
+        self.touch_in(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn touch_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        id: NodeId,
+        now: i64,
+    ) -> Result<()> {
+        use stardust_ledger::curve::{UPTIME_PER_PERIOD, UPTIME_PERIOD_MS};
         let Some(r) =
             sqlx::query("SELECT last_seen_ms, uptime_ms, uptime_paid FROM nodes WHERE id = $1")
                 .bind(id.to_string())
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?
         else {
             return Ok(());
@@ -1798,10 +1836,10 @@ impl Store {
         .bind(uptime)
         .bind(periods.max(paid))
         .bind(id.to_string())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if periods > paid && self.signer.is_some() {
-            let mut chain = self.chain(&mut tx).await?;
+            let mut chain = self.chain(tx).await?;
             let post = Post {
                 id: format!("uptime:{id}:{periods}"),
                 from: Account::Mint,
@@ -1809,10 +1847,9 @@ impl Store {
                 amount: (periods - paid) as u64 * UPTIME_PER_PERIOD,
                 reason: Reason::Uptime,
             };
-            self.post_valid(&mut tx, &mut chain, post, now).await?;
-            Self::close_chain(&mut tx, chain).await?;
+            self.post_valid(tx, &mut chain, post, now).await?;
+            Self::close_chain(tx, chain).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 

@@ -1035,3 +1035,35 @@ async fn heartbeats_count_uptime_and_mint_its_reward() {
         audited(&store).await;
     }
 }
+
+#[tokio::test]
+async fn a_heartbeat_renews_only_its_own_leases_and_counts_uptime_in_one_go() {
+    for (store, _dir) in backends().await {
+        join(&store, &[1, 2]).await;
+        job(&store, 1, 2).await;
+        let pending = store.pending_tasks(10).await.expect("pending");
+        let mine = store
+            .lease(pending[0].spec.task, node(1), 0, 1_000)
+            .await
+            .expect("lease")
+            .expect("mine");
+        let theirs = store
+            .lease(pending[1].spec.task, node(2), 0, 1_000)
+            .await
+            .expect("lease")
+            .expect("theirs");
+        let renewed = store
+            .heartbeat(node(1), &[mine, theirs, 999_999], 60_000, 5_000)
+            .await
+            .expect("heartbeat");
+        assert_eq!(renewed, vec![mine]);
+        // Only node 1's lease survives an expiry at t = 30 s.
+        let expired = store
+            .expire_leases(30_000, MAX_ATTEMPTS)
+            .await
+            .expect("expire");
+        assert_eq!(expired, vec![(theirs, node(2))]);
+        let n = store.node(node(1)).await.expect("node").expect("exists");
+        assert_eq!((n.last_seen_ms, n.uptime_ms), (5_000, 5_000));
+    }
+}
