@@ -8,6 +8,8 @@
 //! of the transaction, always after any task or job row (the lock order everywhere is
 //! task → job → ledger head), so concurrent writers queue instead of forking the chain.
 
+use std::collections::BTreeMap;
+
 use sqlx::Row;
 use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
 use stardust_proto::identity::NodeId;
@@ -24,11 +26,13 @@ pub(crate) struct Post {
     pub reason: Reason,
 }
 
-/// The head of the chain, locked for the current transaction.
+/// The head of the chain, locked for the current transaction, and the balance changes of
+/// the events posted through it (written once per account by [`Store::close_chain`]).
 #[derive(Debug)]
 pub(crate) struct Chain {
     seq: u64,
     head: String,
+    deltas: BTreeMap<Account, i128>,
     /// µSCU of verified compute to date (the contribution curve's `x`).
     pub compute_micro_scu: u64,
 }
@@ -62,6 +66,7 @@ impl Store {
         Ok(Chain {
             seq: row.try_get::<i64, _>("seq")? as u64,
             head: row.try_get("head")?,
+            deltas: BTreeMap::new(),
             compute_micro_scu: row.try_get::<i64, _>("compute_micro_scu")? as u64,
         })
     }
@@ -76,6 +81,11 @@ impl Store {
             .map(|r| r.try_get::<i64, _>("amount"))
             .transpose()?
             .map_or(0, i128::from))
+    }
+
+    /// A balance as of `tx`, with the movements posted through `chain` so far.
+    pub(crate) async fn balance_now(tx: &mut Tx, chain: &Chain, account: Account) -> Result<i128> {
+        Ok(Self::balance_in(tx, account).await? + chain.deltas.get(&account).copied().unwrap_or(0))
     }
 
     /// Whether an event id is already in the ledger.
@@ -110,7 +120,7 @@ impl Store {
             amount: post.amount,
             reason: post.reason,
         };
-        let from_balance = Self::balance_in(tx, event.from).await?;
+        let from_balance = Self::balance_now(tx, chain, event.from).await?;
         if let Err(e) = stardust_ledger::check(&event, from_balance) {
             return Ok(Err(e));
         }
@@ -122,17 +132,9 @@ impl Store {
             .bind(now)
             .execute(&mut **tx)
             .await?;
-        let amount = event.amount as i64;
-        for (account, delta) in [(event.from, -amount), (event.to, amount)] {
-            sqlx::query(
-                "INSERT INTO balances (account, amount) VALUES ($1, $2)
-                 ON CONFLICT (account) DO UPDATE SET amount = balances.amount + excluded.amount",
-            )
-            .bind(account.key())
-            .bind(delta)
-            .execute(&mut **tx)
-            .await?;
-        }
+        let amount = i128::from(event.amount);
+        *chain.deltas.entry(event.from).or_default() -= amount;
+        *chain.deltas.entry(event.to).or_default() += amount;
         chain.seq += 1;
         chain.head = stardust_ledger::link(&record);
         Ok(Ok(()))
@@ -157,8 +159,23 @@ impl Store {
         }
     }
 
-    /// Writes the head back; call once before committing `tx`.
+    /// Writes the balance changes (one upsert per account touched) and the head back; call
+    /// once before committing `tx`.
     pub(crate) async fn close_chain(tx: &mut Tx, chain: Chain) -> Result<()> {
+        for (account, delta) in &chain.deltas {
+            if *delta == 0 {
+                continue;
+            }
+            let delta = i64::try_from(*delta).map_err(|_| corrupt("balance change", delta))?;
+            sqlx::query(
+                "INSERT INTO balances (account, amount) VALUES ($1, $2)
+                 ON CONFLICT (account) DO UPDATE SET amount = balances.amount + excluded.amount",
+            )
+            .bind(account.key())
+            .bind(delta)
+            .execute(&mut **tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE ledger_head SET seq = $1, head = $2, compute_micro_scu = $3 WHERE one = 1",
         )

@@ -657,7 +657,7 @@ impl Store {
                     reason: Reason::Escrow { job: job as JobId },
                 };
                 if self.post(&mut tx, &mut chain, escrow, now).await?.is_err() {
-                    let balance = Self::balance_in(&mut tx, submitter).await?;
+                    let balance = Self::balance_now(&mut tx, &chain, submitter).await?;
                     tx.rollback().await?;
                     return Err(CreateJobError::Insufficient {
                         needed: maximum,
@@ -1458,7 +1458,7 @@ impl Store {
         now: i64,
     ) -> Result<()> {
         let stake = Account::Stake(node);
-        let held = Self::balance_in(tx, stake).await?.max(0) as u64;
+        let held = Self::balance_now(tx, chain, stake).await?.max(0) as u64;
         let amount = self.economy.stake.min(held);
         self.post_valid(
             tx,
