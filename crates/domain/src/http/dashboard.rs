@@ -70,7 +70,7 @@ pub(crate) async fn count_requests(
 }
 
 /// Operator balances and stakes, by node.
-async fn credits(shared: &Shared) -> ApiResult<HashMap<NodeId, (i128, i128)>> {
+pub(crate) async fn credits(shared: &Shared) -> ApiResult<HashMap<NodeId, (i128, i128)>> {
     let mut out: HashMap<NodeId, (i128, i128)> = HashMap::new();
     for (account, balance) in shared.store.balances().await? {
         match account {
@@ -155,15 +155,13 @@ async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Value> {
             jobs.iter()
                 .map(|j| {
                     let done = j.counts.verified + j.counts.failed + j.counts.cancelled;
-                    json!({
-                        "job_id": j.id,
-                        "name": j.name,
-                        "state": j.state,
-                        "tasks_total": j.counts.total,
-                        "tasks_verified": j.counts.verified,
-                        "tasks_failed": j.counts.failed,
-                        "progress": if j.counts.total == 0 { 1.0 } else { done as f64 / j.counts.total as f64 },
-                    })
+                    let mut v = super::job_json(j);
+                    v["progress"] = json!(if j.counts.total == 0 {
+                        1.0
+                    } else {
+                        done as f64 / j.counts.total as f64
+                    });
+                    v
                 })
                 .collect(),
         );

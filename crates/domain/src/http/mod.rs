@@ -658,17 +658,7 @@ async fn cancel(
 
 async fn nodes(State(shared): State<Arc<Shared>>) -> ApiResult<axum::Json<Value>> {
     let stored = shared.store.nodes().await?;
-    let mut credits = std::collections::HashMap::new();
-    for (account, balance) in shared.store.balances().await? {
-        if let Account::Operator(n) | Account::Stake(n) = account {
-            let e = credits.entry(n).or_insert((0i128, 0i128));
-            if matches!(account, Account::Operator(_)) {
-                e.0 = balance;
-            } else {
-                e.1 = balance;
-            }
-        }
-    }
+    let credits = dashboard::credits(&shared).await?;
     let sessions = shared.sessions.lock().await;
     let list: Vec<Value> = stored
         .iter()
