@@ -16,6 +16,19 @@ fn stardust() -> Command {
     c
 }
 
+/// Runs the binary with `args`, requires success, and returns its last stdout line as JSON.
+fn last_json_of(args: &[&str]) -> Value {
+    let out = stardust().args(args).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "stardust {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("stardust {args:?}: {e}: {stdout}"))
+}
+
 fn run_json(program: &str, extra: &[&str]) -> (Output, Value) {
     let out = stardust()
         .args(["run", &format!("test-programs/{program}"), "--json"])
@@ -234,18 +247,7 @@ fn keys_new_show_and_permission_check() {
 
 #[test]
 fn bench_sandbox_smoke() {
-    let out = stardust()
-        .args(["bench", "sandbox", "--quick", "--json"])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json: Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
+    let json = last_json_of(&["bench", "sandbox", "--quick", "--json"]);
     assert_eq!(json["kernels"].as_array().map(Vec::len), Some(4));
     assert!(
         json["trivial"]["mean_us"]
@@ -287,32 +289,21 @@ fn committed_wasm_matches_sources() {
 
 #[test]
 fn bench_scale_smoke() {
-    let out = stardust()
-        .args([
-            "bench",
-            "scale",
-            "--nodes",
-            "20",
-            "--procs",
-            "2",
-            "--tasks",
-            "20",
-            "--duration",
-            "2s",
-            "--heartbeat",
-            "500ms",
-            "--json",
-        ])
-        .output()
-        .expect("bench scale");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
+    let v = last_json_of(&[
+        "bench",
+        "scale",
+        "--nodes",
+        "20",
+        "--procs",
+        "2",
+        "--tasks",
+        "20",
+        "--duration",
+        "2s",
+        "--heartbeat",
+        "500ms",
+        "--json",
+    ]);
     assert_eq!(v["nodes_connected"], 20, "{v}");
     assert_eq!(v["tasks_served"], 20, "{v}");
     assert!(v["rss_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{v}");
@@ -325,27 +316,17 @@ fn bench_scale_smoke() {
 #[test]
 fn bench_throughput_smoke() {
     for extra in [&["--tasks", "20"][..], &["--tasks", "5", "--latency"][..]] {
-        let out = stardust()
-            .args([
-                "bench",
-                "throughput",
-                "--nodes",
-                "1",
-                "--slots",
-                "2",
-                "--json",
-            ])
-            .args(extra)
-            .output()
-            .expect("spawn");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let json: Value =
-            serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json");
+        let mut args = vec![
+            "bench",
+            "throughput",
+            "--nodes",
+            "1",
+            "--slots",
+            "2",
+            "--json",
+        ];
+        args.extend(extra);
+        let json = last_json_of(&args);
         for field in ["tasks", "nodes", "tasks_per_s", "p50_ms", "p99_ms"] {
             assert!(json.get(field).is_some(), "{field} in {json}");
         }
