@@ -103,6 +103,13 @@ pub enum JobCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Wait for the job to end, with a progress bar; exits non-zero unless it completed.
+    Wait {
+        /// The job id.
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Verified results, with small outputs inline.
     Results {
         /// The job id.
@@ -191,22 +198,30 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         if !args.conn.json {
             eprintln!("submitted job {job}; waiting");
         }
-        let status = client.wait(job, progress).await?;
-        if std::io::stderr().is_terminal() {
-            eprintln!();
-        }
-        print(&args.conn, &status, status_line);
-        Ok(if status["state"] == "completed" {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
+        wait(&client, &args.conn, job).await
+    })
+}
+
+/// Waits for `job` to end, prints its status; success only when it completed.
+async fn wait(client: &stardust_sdk::Client, conn: &Conn, job: u64) -> anyhow::Result<ExitCode> {
+    let status = client.wait(job, progress).await?;
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    print(conn, &status, status_line);
+    Ok(if status["state"] == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 
 pub fn job(cmd: JobCommand) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     match cmd {
+        JobCommand::Wait { id, conn } => {
+            return rt.block_on(async { wait(&conn.client()?, &conn, id).await });
+        }
         JobCommand::Status { id, conn } => {
             let v = rt.block_on(conn.client()?.job(id))?;
             print(&conn, &v, status_line);

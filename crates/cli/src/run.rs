@@ -38,6 +38,10 @@ pub struct Args {
     /// Print a JSON report as the last stdout line.
     #[arg(long)]
     json: bool,
+    /// Also write the metered module (what nodes run) to this file, e.g. to run it in
+    /// another host such as the browser node's (`Stardust.run`).
+    #[arg(long, value_name = "FILE")]
+    save_metered: Option<PathBuf>,
     /// Arguments passed to the guest after `argv[0]`.
     #[arg(last = true)]
     args: Vec<String>,
@@ -98,6 +102,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             stardust_meter::instrument(&m).map_err(|e| e.to_string())
         }
     });
+    if let (Some(path), Ok(m)) = (&args.save_metered, &metered) {
+        std::fs::write(path, m).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let (out, metered_id) = match metered {
         Ok(metered) => (
             sandbox.run_bytes(&metered, &task),

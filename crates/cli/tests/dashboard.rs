@@ -6,25 +6,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{cli, root, start_domain, start_nodes};
-
-/// Whether the browser tooling is here; under CI it must be.
-fn browser_tooling() -> Result<(), String> {
-    let node = Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        return Err("node is not installed".into());
-    }
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !std::path::Path::new(&chromium).exists() {
-        return Err(format!(
-            "no Chromium at {chromium} (apt-get install chromium)"
-        ));
-    }
-    if !root().join("web/node_modules/playwright-core").exists() {
-        return Err("playwright-core is not installed (npm ci --prefix web)".into());
-    }
-    Ok(())
-}
+use common::{browser_available, cli, root, start_domain, start_nodes};
 
 /// Checks the text exposition format 0.0.4 line by line; returns the family names.
 fn parse_prometheus(text: &str) -> Vec<String> {
@@ -110,12 +92,7 @@ fn http_get(url: &str) -> String {
 
 #[test]
 fn dashboard_widget_and_metrics_in_a_real_browser() {
-    if let Err(why) = browser_tooling() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide the browser tooling: {why}"
-        );
-        eprintln!("SKIPPED dashboard browser test: {why}");
+    if !browser_available("dashboard browser test") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

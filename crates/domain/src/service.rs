@@ -514,6 +514,13 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
                         break;
                     }
                 }
+                Leased::Untrusted => {
+                    // A browser without the reputation for this replica: try other nodes.
+                    replicas_on.push(node);
+                    if views.iter().all(|v| replicas_on.contains(&v.id)) {
+                        break;
+                    }
+                }
                 Leased::No => break,
             }
             if views.iter().all(|v| replicas_on.contains(&v.id)) {

@@ -22,6 +22,14 @@
 //! [`Adaptive::min_streak`], the task runs as a single replica, except with probability
 //! `max(1 / streak, floor)`, when it keeps its full redundancy as a re-check. New nodes
 //! always get redundancy.
+//!
+//! # Browser nodes
+//!
+//! A browser tab is cheap to open in thousands, so a browser node never holds a task's only
+//! replica, and never pairs only with other untrusted browsers, until it has a streak of
+//! [`BROWSER_TRUST_STREAK`] agreeing results ([`may_stand_alone`]).
+
+use stardust_proto::task::Tier;
 
 /// How much older evidence weighs after each new outcome.
 pub const FORGET: f64 = 0.98;
@@ -72,6 +80,18 @@ impl Record {
     }
 }
 
+/// Consecutive agreeing results a browser node needs before it may hold a task's only
+/// replica: until then, every task it runs has a replica on another kind of node (or on a
+/// browser that earned it).
+pub const BROWSER_TRUST_STREAK: u64 = 10;
+
+/// Whether a node of `tier` with `streak` consecutive agreeing results may be a task's sole
+/// replica, or the only other replica beside an untrusted browser. Native nodes always may
+/// (adaptive replication still decides how many replicas a task gets).
+pub fn may_stand_alone(tier: Tier, streak: u64) -> bool {
+    tier != Tier::Browser || streak >= BROWSER_TRUST_STREAK
+}
+
 /// Adaptive replication settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Adaptive {
@@ -106,6 +126,15 @@ impl Adaptive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn browsers_stand_alone_only_after_earning_a_streak() {
+        assert!(may_stand_alone(Tier::Small, 0));
+        assert!(may_stand_alone(Tier::Large, 0));
+        assert!(!may_stand_alone(Tier::Browser, 0));
+        assert!(!may_stand_alone(Tier::Browser, BROWSER_TRUST_STREAK - 1));
+        assert!(may_stand_alone(Tier::Browser, BROWSER_TRUST_STREAK));
+    }
 
     fn run(outcomes: &[Outcome]) -> Record {
         outcomes.iter().fold(Record::default(), |r, o| r.update(*o))

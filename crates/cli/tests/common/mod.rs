@@ -165,3 +165,37 @@ pub fn start_nodes(url: &str, dir: &Path, count: usize, slots: u32) -> Vec<Proc>
         })
         .collect()
 }
+
+/// Whether the browser tooling is here; under CI it must be.
+pub fn browser_tooling() -> Result<(), String> {
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        return Err("node is not installed".into());
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !std::path::Path::new(&chromium).exists() {
+        return Err(format!(
+            "no Chromium at {chromium} (apt-get install chromium)"
+        ));
+    }
+    if !root().join("web/node_modules/playwright-core").exists() {
+        return Err("playwright-core is not installed (npm ci --prefix web)".into());
+    }
+    Ok(())
+}
+
+/// Whether a browser test can run here. Under CI the tooling must be present; elsewhere a
+/// missing tool skips the test, printing why.
+pub fn browser_available(test: &str) -> bool {
+    match browser_tooling() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must provide the browser tooling: {why}"
+            );
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}

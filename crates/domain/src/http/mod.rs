@@ -3,6 +3,7 @@
 //! Every error is an [`ApiError`]: an HTTP status and a stable machine-readable `code`;
 //! internal errors are logged and never echoed to clients.
 
+mod contrib;
 mod dashboard;
 mod session;
 
@@ -83,10 +84,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(dashboard::metrics))
         .route("/v1/dashboard", get(dashboard::dashboard))
         .route("/v1/events", get(dashboard::events))
-        .route("/v1/nodes/{id}", get(dashboard::node_stats))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
-        .route("/v1/blobs/{id}", put(put_blob).get(get_blob))
         .route("/v1/jobs", post(submit))
         .route("/v1/quote", post(quote))
         .route("/v1/account", get(account))
@@ -98,6 +97,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/connect", get(session::connect))
+        .merge(browser_routes())
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
@@ -108,6 +108,26 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             limit_address,
         ))
         .with_state(shared)
+}
+
+/// The routes a browser node calls from its embedding page's origin (see [`contrib`]).
+fn browser_routes() -> Router<Arc<Shared>> {
+    let preflight = contrib::preflight;
+    Router::new()
+        .route("/contrib.js", get(contrib::script).options(preflight))
+        .route(
+            "/contrib/noble-ed25519.js",
+            get(contrib::noble).options(preflight),
+        )
+        .route(
+            "/v1/blobs/{id}",
+            put(put_blob).get(get_blob).options(preflight),
+        )
+        .route(
+            "/v1/nodes/{id}",
+            get(dashboard::node_stats).options(preflight),
+        )
+        .route_layer(axum::middleware::from_fn(contrib::any_origin))
 }
 
 /// Refuses requests beyond the per-address rate, before any other work.

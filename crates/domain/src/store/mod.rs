@@ -339,6 +339,19 @@ pub enum Leased {
     No,
     /// The node's stake does not cover another lease.
     NoStake,
+    /// The node is a browser without the reputation to be this task's only replica, or the
+    /// only replica beside other untrusted browsers; another node may take it.
+    Untrusted,
+}
+
+/// [`stardust_scheduler::reputation::may_stand_alone`] for a node row's tier and streak (a node without a row
+/// is treated as native).
+fn may_stand_alone_row(tier: Option<String>, streak: Option<i64>) -> bool {
+    // The column holds the tier as JSON (`"browser"`); anything unreadable counts as native.
+    let tier = tier
+        .and_then(|t| serde_json::from_str::<Tier>(&t).ok())
+        .unwrap_or(Tier::Standard);
+    stardust_scheduler::reputation::may_stand_alone(tier, streak.unwrap_or(0).max(0) as u64)
 }
 
 /// The store.
@@ -919,29 +932,46 @@ impl Store {
             }
         }
         let held = sqlx::query(
-            "SELECT node FROM leases WHERE task_id = $1 AND state IN ('active', 'done')",
+            "SELECT l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
+             WHERE l.task_id = $1 AND l.state IN ('active', 'done')",
         )
         .bind(id_i64(task))
         .fetch_all(&mut *tx)
         .await?;
         let mut count = 0i64;
+        // Whether some replica is on a node that may stand alone (not an untrusted browser).
+        let mut vouched = false;
         for h in &held {
             if h.try_get::<String, _>("node")? == node_s {
                 return Ok(Leased::No);
             }
             count += 1;
+            vouched |= may_stand_alone_row(
+                h.try_get::<Option<String>, _>("tier")?,
+                h.try_get::<Option<i64>, _>("streak")?,
+            );
         }
+        let me = sqlx::query("SELECT tier, streak FROM nodes WHERE id = $1")
+            .bind(&node_s)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let streak = me
+            .as_ref()
+            .map(|r| r.try_get::<i64, _>("streak"))
+            .transpose()?
+            .unwrap_or(0) as u64;
+        let trusted = match &me {
+            Some(r) => may_stand_alone_row(r.try_get("tier")?, Some(streak as i64)),
+            None => true,
+        };
         if count == 0 {
             // First replica (again, after failed attempts): decide the replication.
-            let streak = sqlx::query("SELECT streak FROM nodes WHERE id = $1")
-                .bind(&node_s)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.try_get::<i64, _>("streak"))
-                .transpose()?
-                .unwrap_or(0) as u64;
-            let single = adaptive && redundancy > 1 && self.economy.adaptive.single(streak, draw);
+            let single =
+                adaptive && redundancy > 1 && trusted && self.economy.adaptive.single(streak, draw);
             let wanted = if single { 1 } else { redundancy.max(replicas) };
+            if wanted < 2 && !trusted {
+                return Ok(Leased::Untrusted);
+            }
             if wanted != replicas {
                 sqlx::query("UPDATE tasks SET replicas = $1 WHERE id = $2")
                     .bind(wanted)
@@ -953,6 +983,11 @@ impl Store {
         }
         if count >= replicas {
             return Ok(Leased::No);
+        }
+        if !trusted && !vouched && count + 1 >= replicas {
+            // The last replica: an untrusted browser may not complete a set of untrusted
+            // browsers.
+            return Ok(Leased::Untrusted);
         }
         let row = sqlx::query(
             "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES ($1, $2, 'active', $3, $4) RETURNING id",

@@ -35,7 +35,7 @@ impl Store {
         Ok(
             match self.create_lease(task, node, now, lease_ms, 0.5).await? {
                 Leased::Yes(l) => Some(l),
-                Leased::No | Leased::NoStake => None,
+                Leased::No | Leased::NoStake | Leased::Untrusted => None,
             },
         )
     }
@@ -1065,5 +1065,59 @@ async fn a_heartbeat_renews_only_its_own_leases_and_counts_uptime_in_one_go() {
         assert_eq!(expired, vec![(theirs, node(2))]);
         let n = store.node(node(1)).await.expect("node").expect("exists");
         assert_eq!((n.last_seen_ms, n.uptime_ms), (5_000, 5_000));
+    }
+}
+
+#[tokio::test]
+async fn untrusted_browsers_never_hold_a_task_alone_nor_only_with_browsers() {
+    for (store, _dir) in backends().await {
+        join(&store, &[1]).await;
+        for b in [7, 8] {
+            store
+                .upsert_node(node(b), &Hardware::default(), Tier::Browser, 2, 0)
+                .await
+                .expect("browser");
+        }
+        let lease = async |t: TaskId, n: u8, draw: f64| {
+            store
+                .create_lease(t, node(n), 0, 10_000, draw)
+                .await
+                .expect("lease")
+        };
+        // Redundancy 1: a new browser may not run it; a native node may.
+        priced_job(&store, node(100), 1, 1, 0).await.expect("job");
+        let t = store.pending_tasks(1).await.expect("pending")[0].spec.task;
+        assert_eq!(lease(t, 7, 0.5).await, Leased::Untrusted);
+        assert!(matches!(lease(t, 1, 0.5).await, Leased::Yes(_)));
+        // Redundancy 2: one browser replica, but a second browser may not complete the pair.
+        priced_job(&store, node(100), 2, 11, 0).await.expect("job");
+        let t = store.pending_tasks(1).await.expect("pending")[0].spec.task;
+        let Leased::Yes(a) = lease(t, 7, 0.5).await else {
+            panic!("a browser may take the first of two replicas")
+        };
+        assert_eq!(lease(t, 8, 0.5).await, Leased::Untrusted);
+        let Leased::Yes(b) = lease(t, 1, 0.5).await else {
+            panic!("a native node completes the pair")
+        };
+        record(&store, a, node(7), t, &report(b"x", 9)).await;
+        record(&store, b, node(1), t, &report(b"x", 9)).await;
+        // Nine more agreements give browser 7 a streak of ten: it has earned its reputation.
+        for _ in 0..9 {
+            let t = store.pending_tasks(1).await.expect("pending")[0].spec.task;
+            let (Leased::Yes(a), Leased::Yes(b)) = (lease(t, 7, 0.0).await, lease(t, 1, 0.0).await)
+            else {
+                panic!("leases")
+            };
+            record(&store, a, node(7), t, &report(b"x", 9)).await;
+            record(&store, b, node(1), t, &report(b"x", 9)).await;
+        }
+        let seven = store.node(node(7)).await.expect("n").expect("n");
+        assert_eq!(seven.record.streak, 10);
+        let t = store.pending_tasks(1).await.expect("pending")[0].spec.task;
+        assert!(matches!(lease(t, 8, 0.0).await, Leased::Yes(_)));
+        assert!(
+            matches!(lease(t, 7, 0.0).await, Leased::Yes(_)),
+            "a trusted browser may pair with a new one"
+        );
     }
 }

@@ -1,0 +1,93 @@
+// A page with the browser node's script tag, in a real headless Chromium, against a real
+// domain. Driven over stdin/stdout by crates/cli/tests/browser.rs:
+//
+//   node web/tests/contrib.mjs DOMAIN_URL SCREENSHOT_DIR
+//
+// Serves an embedding page from its own loopback origin (so every call to the domain is
+// cross-origin, as on a real site), loads `DOMAIN/contrib.js` with a script tag, calls
+// `Stardust.contribute`, and prints `READY NODE_ID`. On the stdin line `FINISH` it prints
+// `FINAL {json}`: the node's stats, every task event, the longest main-thread stall, frame
+// rate, the widget's credits for the browser's id, and timings; then exits.
+// Chromium: $CHROMIUM or /usr/bin/chromium (Debian's), never a downloaded one.
+import { createServer } from "node:http";
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+const [domain, shots] = process.argv.slice(2);
+if (!domain || !shots) {
+  console.error("usage: contrib.mjs DOMAIN_URL SCREENSHOT_DIR");
+  process.exit(2);
+}
+
+const page_html = `<!doctype html>
+<html><head><meta charset="utf-8"><title>An article with a Stardust contributor</title></head>
+<body>
+<h1>Reading, while this tab contributes</h1>
+<p id="state">starting</p><p>Tasks: <span id="tasks">0</span>, credits: <span id="credits">0</span></p>
+<script src="${domain}/contrib.js"></script>
+<script>
+  window.events = []; window.errorsSeen = [];
+  window.maxGap = 0; let last = performance.now();
+  setInterval(() => { const now = performance.now(); window.maxGap = Math.max(window.maxGap, now - last); last = now; }, 20);
+  window.scriptLoadedAt = performance.now();
+  window.ready = Stardust.contribute({
+    domain: ${JSON.stringify(domain)}, cpuLimit: 1, pauseWhenActive: false,
+    onTask: (e) => { events.push(Object.assign({ at: performance.now() }, e)); document.getElementById("tasks").textContent = events.length; },
+    onCredit: (c) => { document.getElementById("credits").textContent = (c / 1e6).toFixed(6); },
+    onError: (e) => { errorsSeen.push(String(e.message)); console.warn("stardust: " + e.message); },
+  }).then((n) => { window.node = n; document.getElementById("state").textContent = "contributing as " + n.id; return n.id; });
+</script>
+</body></html>`;
+
+const server = createServer((req, res) => {
+  res.writeHead(200, { "content-type": "text/html; charset=utf-8" });
+  res.end(page_html);
+});
+await new Promise((r) => server.listen(0, "127.0.0.1", r));
+const origin = `http://127.0.0.1:${server.address().port}`;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"],
+});
+const errors = [];
+try {
+  const page = await browser.newPage({ viewport: { width: 900, height: 500 } });
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("console", (m) => console.error("page: " + m.text()));
+  await page.goto(origin + "/", { waitUntil: "load" });
+  const id = await page.evaluate(() => window.ready);
+  console.log("READY " + id);
+
+  const lines = createInterface({ input: process.stdin });
+  for await (const line of lines) {
+    if (line.trim() !== "FINISH") continue;
+    const final = await page.evaluate(async () => {
+      // A frame-rate sample: the page keeps drawing while workers run.
+      const fps = await new Promise((resolve) => {
+        let n = 0; const start = performance.now();
+        const tick = (now) => { n++; if (now - start < 1000) requestAnimationFrame(tick); else resolve(n * 1000 / (now - start)); };
+        requestAnimationFrame(tick);
+      });
+      const stats = await window.node.refresh();
+      return { stats, events: window.events, errors: window.errorsSeen, max_gap_ms: window.maxGap, fps,
+        script_loaded_ms: window.scriptLoadedAt };
+    });
+    await page.screenshot({ path: shots + "/contrib-page.png" });
+    const widget = await browser.newPage({ viewport: { width: 360, height: 240 } });
+    await widget.goto(`${domain}/widget/${id}`);
+    await widget.waitForSelector("body[data-loaded='1']", { timeout: 20000 });
+    final.widget_credits = Number((await widget.$eval("#credits", (e) => e.textContent)).replace(/,/g, ""));
+    await widget.screenshot({ path: shots + "/contrib-widget.png" });
+    await page.evaluate(() => window.node.disconnect());
+    final.page_errors = errors;
+    console.log("FINAL " + JSON.stringify(final));
+    break;
+  }
+} finally {
+  await browser.close();
+  server.close();
+  // stdin may still be open: end here rather than wait for it.
+  process.exit(process.exitCode || 0);
+}
