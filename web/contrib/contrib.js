@@ -585,7 +585,12 @@
     function setReason(reason, on) {
       const had = s.reasons.size;
       if (on) s.reasons.add(reason); else s.reasons.delete(reason);
-      if (had !== s.reasons.size) { try { o.onState({ paused: s.reasons.size > 0, reasons: [...s.reasons] }); } catch (_) { /* */ } pump(); }
+      if (had !== s.reasons.size) {
+        try { o.onState({ paused: s.reasons.size > 0, reasons: [...s.reasons] }); } catch (_) { /* the page's */ }
+        // Tell the domain at once (free_slots = 0 while paused), not at the next heartbeat.
+        if ((had === 0) !== (s.reasons.size === 0)) heartbeat().catch(err);
+        pump();
+      }
     }
     const listeners = [];
     const listen = (target, ev, fn) => { target.addEventListener(ev, fn, { passive: true }); listeners.push([target, ev, fn]); };

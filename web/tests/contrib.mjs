@@ -5,7 +5,9 @@
 //
 // Serves an embedding page from its own loopback origin (so every call to the domain is
 // cross-origin, as on a real site), loads `DOMAIN/contrib.js` with a script tag, calls
-// `Stardust.contribute`, and prints `READY NODE_ID`. On the stdin line `FINISH` it prints
+// `Stardust.contribute`, and prints `READY NODE_ID`. On the stdin line `PAUSE` it pauses the
+// node and hides the tab (prints `PAUSED {stats}`); on `RESUME` it resumes, then shows the
+// tab (prints `RESUMED {hidden, visible}`, the stats after each step). On `FINISH` it prints
 // `FINAL {json}`: the node's stats, every task event, the longest main-thread stall, frame
 // rate, the widget's credits for the browser's id, and timings; then exits.
 // Chromium: $CHROMIUM or /usr/bin/chromium (Debian's), never a downloaded one.
@@ -29,6 +31,14 @@ const page_html = `<!doctype html>
   window.events = []; window.errorsSeen = [];
   window.maxGap = 0; let last = performance.now();
   setInterval(() => { const now = performance.now(); window.maxGap = Math.max(window.maxGap, now - last); last = now; }, 20);
+  // The lowest frame rate over any whole second of the session.
+  window.minFps = Infinity; let frames = 0, second = performance.now();
+  const frame = (now) => {
+    frames++;
+    if (now - second >= 1000) { window.minFps = Math.min(window.minFps, frames * 1000 / (now - second)); frames = 0; second = now; }
+    requestAnimationFrame(frame);
+  };
+  requestAnimationFrame(frame);
   window.scriptLoadedAt = performance.now();
   window.ready = Stardust.contribute({
     domain: ${JSON.stringify(domain)}, cpuLimit: 1, pauseWhenActive: false,
@@ -61,17 +71,30 @@ try {
   console.log("READY " + id);
 
   const lines = createInterface({ input: process.stdin });
+  const setVisibility = (state) => page.evaluate((state) => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => state });
+    document.dispatchEvent(new Event("visibilitychange"));
+  }, state);
   for await (const line of lines) {
+    if (line.trim() === "PAUSE") {
+      // The owner pauses, and the tab goes to the background.
+      await page.evaluate(() => window.node.pause());
+      await setVisibility("hidden");
+      console.log("PAUSED " + JSON.stringify(await page.evaluate(() => window.node.stats())));
+      continue;
+    }
+    if (line.trim() === "RESUME") {
+      await page.evaluate(() => window.node.resume());
+      const hidden = await page.evaluate(() => window.node.stats());
+      await setVisibility("visible");
+      const visible = await page.evaluate(() => window.node.stats());
+      console.log("RESUMED " + JSON.stringify({ hidden, visible }));
+      continue;
+    }
     if (line.trim() !== "FINISH") continue;
     const final = await page.evaluate(async () => {
-      // A frame-rate sample: the page keeps drawing while workers run.
-      const fps = await new Promise((resolve) => {
-        let n = 0; const start = performance.now();
-        const tick = (now) => { n++; if (now - start < 1000) requestAnimationFrame(tick); else resolve(n * 1000 / (now - start)); };
-        requestAnimationFrame(tick);
-      });
       const stats = await window.node.refresh();
-      return { stats, events: window.events, errors: window.errorsSeen, max_gap_ms: window.maxGap, fps,
+      return { stats, events: window.events, errors: window.errorsSeen, max_gap_ms: window.maxGap, min_fps: window.minFps,
         script_loaded_ms: window.scriptLoadedAt };
     });
     await page.screenshot({ path: shots + "/contrib-page.png" });
