@@ -864,6 +864,7 @@
           uptime_ms: Math.round(s.uptimeMs + (s.connected ? performance.now() - s.connectedAt : 0)),
           connected: s.connected, paused: paused(), reasons: [...s.reasons], running: s.running.size,
           queued: s.queue.length, unacked: s.unacked.size, slots, first_task_ms: s.firstTaskMs, key: id.kind,
+          fps: Math.round(s.fps),
         };
       },
       refresh() { return refreshStats(true).then(() => this.stats()); },

@@ -7,7 +7,8 @@
 // cross-origin, as on a real site), loads `DOMAIN/contrib.js` with a script tag, calls
 // `Stardust.contribute`, and prints `READY NODE_ID`. On the stdin line `PAUSE` it pauses the
 // node and hides the tab (prints `PAUSED {stats}`); on `RESUME` it resumes, then shows the
-// tab (prints `RESUMED {hidden, visible}`, the stats after each step). On `FINISH` it prints
+// tab (prints `RESUMED {hidden, visible}`, the stats after each step). On `JANK` it keeps the
+// page's main thread busy for 3 s (prints `JANKED {states, now}`). On `FINISH` it prints
 // `FINAL {json}`: the node's stats, every task event, the longest main-thread stall, frame
 // rate, the widget's credits for the browser's id, and timings; then exits.
 // Chromium: $CHROMIUM or /usr/bin/chromium (Debian's), never a downloaded one.
@@ -28,7 +29,7 @@ const page_html = `<!doctype html>
 <p id="state">starting</p><p>Tasks: <span id="tasks">0</span>, credits: <span id="credits">0</span></p>
 <script src="${domain}/contrib.js"></script>
 <script>
-  window.events = []; window.errorsSeen = [];
+  window.events = []; window.errorsSeen = []; window.states = [];
   window.maxGap = 0; let last = performance.now();
   setInterval(() => { const now = performance.now(); window.maxGap = Math.max(window.maxGap, now - last); last = now; }, 20);
   // The lowest frame rate over any whole second of the session.
@@ -44,6 +45,7 @@ const page_html = `<!doctype html>
     domain: ${JSON.stringify(domain)}, cpuLimit: 1, pauseWhenActive: false,
     onTask: (e) => { events.push(Object.assign({ at: performance.now() }, e)); document.getElementById("tasks").textContent = events.length; },
     onCredit: (c) => { document.getElementById("credits").textContent = (c / 1e6).toFixed(6); },
+    onState: (st) => states.push(Object.assign({ at: performance.now() }, st)),
     onError: (e) => { errorsSeen.push(String(e.message)); console.warn("stardust: " + e.message); },
   }).then((n) => { window.node = n; document.getElementById("state").textContent = "contributing as " + n.id; return n.id; });
 </script>
@@ -89,6 +91,22 @@ try {
       await setVisibility("visible");
       const visible = await page.evaluate(() => window.node.stats());
       console.log("RESUMED " + JSON.stringify({ hidden, visible }));
+      continue;
+    }
+    if (line.trim() === "JANK") {
+      // The page's own work hogs the main thread for 3 s (150 ms of every 170 ms): the node
+      // must step back while frames are slow, and come back after.
+      const seen = await page.evaluate(async () => {
+        const from = window.states.length;
+        const kept = [window.maxGap, window.minFps]; // the test's own stall is not the node's
+        const jank = setInterval(() => { const end = performance.now() + 150; while (performance.now() < end); }, 170);
+        await new Promise((r) => setTimeout(r, 3000));
+        clearInterval(jank);
+        await new Promise((r) => setTimeout(r, 2500));
+        [window.maxGap, window.minFps] = kept;
+        return { states: window.states.slice(from), now: window.node.stats() };
+      });
+      console.log("JANKED " + JSON.stringify(seen));
       continue;
     }
     if (line.trim() !== "FINISH") continue;

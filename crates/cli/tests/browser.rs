@@ -255,7 +255,7 @@ fn the_browser_host_matches_the_native_sandbox_bit_for_bit() {
             None,
             vec![],
             0,
-            limits(stardust_proto::task::MAX_SAFE_INTEGER, 32 << 20, 1500, 4096),
+            limits(stardust_proto::task::MAX_SAFE_INTEGER, 32 << 20, 3000, 4096),
             false,
         ),
     ];
@@ -347,9 +347,11 @@ fn the_browser_host_matches_the_native_sandbox_bit_for_bit() {
         );
     }
     assert_eq!(got["noble_matches_webcrypto"], true, "{got}");
+    // The 3 s deadline case alone would stall a page that ran tasks on its main thread for
+    // 3 s; the bound leaves room for a loaded CI machine.
     let gap = got["max_gap_ms"].as_f64().expect("gap");
     assert!(
-        gap < 1000.0,
+        gap < 2000.0,
         "the page stalled {gap} ms while tasks ran in workers"
     );
 }
@@ -518,6 +520,18 @@ fn a_browser_tab_and_a_native_node_verify_a_job_together() {
         || state() == "online",
     );
 
+    // When the page's frame rate drops, the node steps back, and returns once it recovers.
+    writeln!(stdin, "JANK").expect("jank");
+    let janked: Value = serde_json::from_str(&next_line("JANKED ")).expect("json");
+    let states = janked["states"].as_array().expect("states");
+    assert!(
+        states.iter().any(|s| s["reasons"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("frame_rate")))),
+        "no back-off on a slow frame rate: {janked}"
+    );
+    assert_eq!(janked["now"]["paused"], false, "{janked}");
+
     writeln!(stdin, "FINISH").expect("finish");
     let final_: Value = serde_json::from_str(&next_line("FINAL ")).expect("final json");
     drop(stdin);
@@ -582,8 +596,10 @@ fn a_browser_tab_and_a_native_node_verify_a_job_together() {
             assert_eq!(t["status"], status, "{t}");
         }
     }
+    // Each spinning task burns about 4 s: run on the main thread, it would stall the page
+    // that long. The bound leaves room for a loaded CI machine.
     let gap = final_["max_gap_ms"].as_f64().expect("gap");
-    assert!(gap < 1000.0, "the page stalled for {gap} ms");
+    assert!(gap < 2000.0, "the page stalled for {gap} ms");
     assert_eq!(final_["page_errors"], json!([]), "{final_}");
 
     // The browser's key is credited, the page heard of it, and the widget shows it.
