@@ -406,6 +406,20 @@
     return new Worker(workerUrl);
   }
 
+  // Calls `fn` every `ms` from a worker's timer: a hidden tab's own timers may be throttled
+  // to one wake-up a minute (Chrome's intensive throttling), which would let leases lapse.
+  function ticker(ms, fn) {
+    try {
+      const url = URL.createObjectURL(new Blob(["setInterval(() => postMessage(0), " + Number(ms) + ");"], { type: "text/javascript" }));
+      const w = new Worker(url);
+      w.onmessage = fn;
+      return { stop() { w.terminate(); URL.revokeObjectURL(url); } };
+    } catch (_) {
+      const t = setInterval(fn, ms); // a page whose policy forbids blob: workers
+      return { stop() { clearInterval(t); } };
+    }
+  }
+
   // ---------------------------------------------------------------------------------------
   // Keys: Ed25519 through WebCrypto, else the vendored @noble/ed25519; kept in IndexedDB.
   // ---------------------------------------------------------------------------------------
@@ -828,7 +842,7 @@
               if (env.message.type !== "welcome") { ws.close(); return; }
               stage = "live"; s.connected = true; s.connectedAt = performance.now(); s.sent.clear();
               const every = Math.min(60000, Math.max(100, env.message.heartbeat_ms));
-              s.heartbeatTimer = setInterval(() => { heartbeat().catch(err); }, every);
+              s.heartbeatTimer = ticker(every, () => { heartbeat().catch(err); });
               heartbeat().catch(err);
               return;
             }
@@ -837,7 +851,7 @@
         };
         ws.onclose = () => {
           if (s.connected) s.uptimeMs += performance.now() - s.connectedAt;
-          s.connected = false; clearInterval(s.heartbeatTimer); resolve();
+          s.connected = false; if (s.heartbeatTimer) s.heartbeatTimer.stop(); s.heartbeatTimer = null; resolve();
         };
         ws.onerror = () => { /* onclose follows */ };
       });
