@@ -680,8 +680,14 @@
           if (res.ok) {
             const bytes = new Uint8Array(await res.arrayBuffer());
             if (C.contentId(bytes) !== cid) throw new Error("blob " + cid + " does not match its content id");
-            if (s.blobs.size >= 16) s.blobs.delete(s.blobs.keys().next().value);
+            // Bounded: at most 16 blobs and 64 MiB, oldest first out.
             s.blobs.set(cid, bytes);
+            let total = 0;
+            for (const b of s.blobs.values()) total += b.length;
+            while (s.blobs.size > 1 && (s.blobs.size > 16 || total > (64 << 20))) {
+              const [oldest, b] = s.blobs.entries().next().value;
+              s.blobs.delete(oldest); total -= b.length;
+            }
             return bytes;
           }
         } catch (e) { if (e.fatal) throw e; }
@@ -775,6 +781,7 @@
         }
         case "cancel":
           for (const l of msg.leases) { s.cancelled.add(l); s.unacked.delete(l); }
+          while (s.cancelled.size > 4096) s.cancelled.delete(s.cancelled.values().next().value);
           s.queue = s.queue.filter((a) => !s.cancelled.has(a.lease));
           break;
         case "ack":

@@ -81,9 +81,17 @@ try {
     const same = (x, y) => x.length === y.length && x.every((v, i) => v === y[i]);
     return same(a, b) && same(pubA, pubB) && await ed.verifyAsync(a, msg, pubA);
   });
+  // Bad options are refused with a message naming the option.
+  const refusals = await page.evaluate(async () => {
+    const out = [];
+    for (const o of [{}, { domain: "ftp://x" }, { domain: "http://127.0.0.1:1", cpuLimit: 0 }]) {
+      try { await Stardust.contribute(o); out.push("accepted"); } catch (e) { out.push(e.message); }
+    }
+    return out;
+  });
   const maxGap = await page.evaluate(() => window.maxGap);
   if (errors.length) throw new Error("script errors: " + errors.join("; "));
-  console.log("PARITY " + JSON.stringify({ reports, hashes, noble_matches_webcrypto: noble, max_gap_ms: maxGap }));
+  console.log("PARITY " + JSON.stringify({ reports, hashes, noble_matches_webcrypto: noble, max_gap_ms: maxGap, refusals }));
 } finally {
   await browser.close();
   server.close();

@@ -347,6 +347,18 @@ fn the_browser_host_matches_the_native_sandbox_bit_for_bit() {
         );
     }
     assert_eq!(got["noble_matches_webcrypto"], true, "{got}");
+    let refusals = got["refusals"].as_array().expect("refusals");
+    for (i, option) in [
+        "`domain` is required",
+        "`domain` must be",
+        "`cpuLimit` must be",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let msg = refusals[i].as_str().unwrap_or_default();
+        assert!(msg.contains(option), "refusal {i}: {msg}");
+    }
     // The 3 s deadline case alone would stall a page that ran tasks on its main thread for
     // 3 s; the bound leaves room for a loaded CI machine.
     let gap = got["max_gap_ms"].as_f64().expect("gap");
