@@ -173,6 +173,62 @@ pub(crate) struct Shared {
     pub samples: std::sync::Mutex<VecDeque<Sample>>,
     /// Open dashboard event streams (bounded by [`MAX_STREAMS`]).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Heartbeats waiting to be written, batched by [`heartbeat_loop`].
+    pub beats: mpsc::Sender<Beat>,
+}
+
+/// One node's heartbeat on its way to the store, with where to answer.
+pub(crate) struct Beat {
+    pub node: NodeId,
+    pub leases: Vec<LeaseId>,
+    /// The leases renewed, or `Err` when the store failed (logged by the writer).
+    pub reply: tokio::sync::oneshot::Sender<Result<Vec<LeaseId>, ()>>,
+}
+
+/// Heartbeats written in one transaction at most.
+const MAX_BEATS_PER_TRANSACTION: usize = 512;
+
+/// Writes heartbeats: everything that arrived while the previous batch was being written
+/// goes in one transaction, so the writer keeps up with many nodes (one transaction per
+/// heartbeat cost 0.44 cores at 5,000 nodes) while a lone heartbeat waits for nothing.
+async fn heartbeat_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Beat>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return,
+            b = rx.recv() => match b { Some(b) => b, None => return },
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BEATS_PER_TRANSACTION {
+            match rx.try_recv() {
+                Ok(b) => batch.push(b),
+                Err(_) => break,
+            }
+        }
+        let list: Vec<(NodeId, Vec<LeaseId>)> = batch
+            .iter_mut()
+            .map(|b| (b.node, std::mem::take(&mut b.leases)))
+            .collect();
+        let now = now_ms();
+        match shared
+            .store
+            .heartbeats(&list, now + shared.config.lease_ms, now)
+            .await
+        {
+            Ok(renewed) => {
+                for (b, r) in batch.into_iter().zip(renewed) {
+                    let _ = b.reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, beats = batch.len(), "recording heartbeats failed");
+                for b in batch {
+                    let _ = b.reply.send(Err(()));
+                }
+            }
+        }
+    }
 }
 
 /// Samples kept for the dashboard's charts (five minutes).
@@ -312,6 +368,7 @@ impl Domain {
         })?;
         let (stop, shutdown) = watch::channel(false);
         let id = identity.id();
+        let (beats, beats_rx) = mpsc::channel(4 * MAX_BEATS_PER_TRANSACTION);
         let shared = Arc::new(Shared {
             store,
             identity,
@@ -329,6 +386,7 @@ impl Domain {
             metrics: crate::metrics::Metrics::default(),
             samples: std::sync::Mutex::new(VecDeque::with_capacity(SAMPLES)),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            beats,
             config,
         });
         let router = crate::http::router(shared.clone());
@@ -370,12 +428,13 @@ impl Domain {
         let dispatcher = tokio::spawn(dispatch_loop(shared.clone()));
         let expiry = tokio::spawn(expiry_loop(shared.clone()));
         let sampler = tokio::spawn(sample_loop(shared.clone()));
+        let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), beats_rx));
         tracing::info!(%addr, domain = %id, "domain listening");
         Ok(Self {
             addr,
             id,
             stop,
-            tasks: vec![server, dispatcher, expiry, sampler],
+            tasks: vec![server, dispatcher, expiry, sampler, heartbeats],
         })
     }
 

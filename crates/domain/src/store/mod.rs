@@ -1076,11 +1076,29 @@ impl Store {
         deadline_ms: i64,
         now: i64,
     ) -> Result<Vec<LeaseId>> {
+        let mut renewed = self
+            .heartbeats(&[(node, leases.to_vec())], deadline_ms, now)
+            .await?;
+        Ok(renewed.pop().unwrap_or_default())
+    }
+
+    /// Several nodes' heartbeats in one transaction (the domain batches those that arrive
+    /// together): for each, [`Store::heartbeat`]'s renewal and uptime. Returns each node's
+    /// renewed leases, in order.
+    pub async fn heartbeats(
+        &self,
+        beats: &[(NodeId, Vec<LeaseId>)],
+        deadline_ms: i64,
+        now: i64,
+    ) -> Result<Vec<Vec<LeaseId>>> {
         let mut tx = self.pool.begin().await?;
-        let renewed = Self::renew_in(&mut tx, node, leases, deadline_ms).await?;
-        self.touch_in(&mut tx, node, now).await?;
+        let mut out = Vec::with_capacity(beats.len());
+        for (node, leases) in beats {
+            out.push(Self::renew_in(&mut tx, *node, leases, deadline_ms).await?);
+            self.touch_in(&mut tx, *node, now).await?;
+        }
         tx.commit().await?;
-        Ok(renewed)
+        Ok(out)
     }
 
     async fn renew_in(
@@ -1089,19 +1107,28 @@ impl Store {
         leases: &[LeaseId],
         deadline_ms: i64,
     ) -> Result<Vec<LeaseId>> {
+        // One statement per chunk of leases (a node lists a few; a hostile list is chunked).
+        const CHUNK: usize = 256;
         let mut renewed = Vec::with_capacity(leases.len());
-        for lease in leases {
-            let n = sqlx::query("UPDATE leases SET deadline_ms = $1 WHERE id = $2 AND node = $3 AND state = 'active'")
+        let node = node.to_string();
+        for chunk in leases.chunks(CHUNK) {
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+            let sql = format!(
+                "UPDATE leases SET deadline_ms = $1 WHERE node = $2 AND state = 'active' AND id IN ({}) RETURNING id",
+                list.join(", ")
+            );
+            // Safe: the dynamic part is only generated placeholders.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(deadline_ms)
-                .bind(id_i64(*lease))
-                .bind(node.to_string())
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-            if n == 1 {
-                renewed.push(*lease);
+                .bind(&node);
+            for lease in chunk {
+                q = q.bind(id_i64(*lease));
+            }
+            for row in q.fetch_all(&mut **tx).await? {
+                renewed.push(row.try_get::<i64, _>("id")? as LeaseId);
             }
         }
+        renewed.sort_unstable();
         Ok(renewed)
     }
 
@@ -1846,33 +1873,30 @@ impl Store {
         now: i64,
     ) -> Result<()> {
         use stardust_ledger::curve::{UPTIME_PER_PERIOD, UPTIME_PERIOD_MS};
-        let Some(r) =
-            sqlx::query("SELECT last_seen_ms, uptime_ms, uptime_paid FROM nodes WHERE id = $1")
-                .bind(id.to_string())
-                .fetch_optional(&mut **tx)
-                .await?
+        // One statement: SET expressions see the row as it was, so the gap is measured
+        // from the previous sign of life.
+        let Some(r) = sqlx::query(
+            "UPDATE nodes SET uptime_ms = uptime_ms + CASE WHEN $1 - last_seen_ms BETWEEN 0 AND $2 THEN $1 - last_seen_ms ELSE 0 END,
+             last_seen_ms = $1 WHERE id = $3 RETURNING uptime_ms, uptime_paid",
+        )
+        .bind(now)
+        .bind(UPTIME_MAX_GAP_MS)
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
         else {
             return Ok(());
         };
-        let last: i64 = r.try_get("last_seen_ms")?;
         let paid = r.try_get::<i64, _>("uptime_paid")?;
-        let gap = now - last;
-        let uptime = r.try_get::<i64, _>("uptime_ms")?
-            + if (0..=UPTIME_MAX_GAP_MS).contains(&gap) {
-                gap
-            } else {
-                0
-            };
+        let uptime = r.try_get::<i64, _>("uptime_ms")?;
         let periods = uptime / UPTIME_PERIOD_MS as i64;
-        sqlx::query(
-            "UPDATE nodes SET last_seen_ms = $1, uptime_ms = $2, uptime_paid = $3 WHERE id = $4",
-        )
-        .bind(now)
-        .bind(uptime)
-        .bind(periods.max(paid))
-        .bind(id.to_string())
-        .execute(&mut **tx)
-        .await?;
+        if periods > paid {
+            sqlx::query("UPDATE nodes SET uptime_paid = $1 WHERE id = $2")
+                .bind(periods)
+                .bind(id.to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
         if periods > paid && self.signer.is_some() {
             let mut chain = self.chain(tx).await?;
             let post = Post {

@@ -1040,7 +1040,7 @@ async fn heartbeats_count_uptime_and_mint_its_reward() {
 async fn a_heartbeat_renews_only_its_own_leases_and_counts_uptime_in_one_go() {
     for (store, _dir) in backends().await {
         join(&store, &[1, 2]).await;
-        job(&store, 1, 2).await;
+        job(&store, 1, 3).await;
         let pending = store.pending_tasks(10).await.expect("pending");
         let mine = store
             .lease(pending[0].spec.task, node(1), 0, 1_000)
@@ -1065,6 +1065,26 @@ async fn a_heartbeat_renews_only_its_own_leases_and_counts_uptime_in_one_go() {
         assert_eq!(expired, vec![(theirs, node(2))]);
         let n = store.node(node(1)).await.expect("node").expect("exists");
         assert_eq!((n.last_seen_ms, n.uptime_ms), (5_000, 5_000));
+        // Heartbeats batched in one transaction answer each node for itself.
+        let third = store
+            .lease(pending[2].spec.task, node(2), 6_000, 60_000)
+            .await
+            .expect("lease")
+            .expect("third");
+        let renewed = store
+            .heartbeats(
+                &[
+                    (node(1), vec![mine, third]),
+                    (node(2), vec![third, mine, theirs]),
+                ],
+                90_000,
+                10_000,
+            )
+            .await
+            .expect("heartbeats");
+        assert_eq!(renewed, vec![vec![mine], vec![third]]);
+        let n = store.node(node(2)).await.expect("node").expect("exists");
+        assert_eq!(n.last_seen_ms, 10_000);
     }
 }
 
