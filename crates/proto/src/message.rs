@@ -225,11 +225,24 @@ pub fn encode<M: Message>(identity: &Identity, message: &M) -> Vec<u8> {
 /// Verifies an envelope for `M`'s context and parses its body.
 pub fn decode<M: Message>(bytes: &[u8], max_len: usize) -> Result<(NodeId, M), DecodeError> {
     let opened = envelope::open(bytes, M::CONTEXT, max_len)?;
-    let message = serde_json::from_slice(opened.body).map_err(|e| DecodeError::Body {
+    Ok((opened.signer, parse(&opened)?))
+}
+
+/// Parses the body of an envelope already opened (and so verified) by
+/// [`envelope::open_any`], as `M`: for a receiver that looks at the context first, so the
+/// signature is checked once.
+pub fn parse<M: Message>(opened: &envelope::Opened<'_>) -> Result<M, DecodeError> {
+    if opened.context != M::CONTEXT {
+        return Err(OpenError::WrongContext {
+            expected: M::CONTEXT,
+            found: opened.context,
+        }
+        .into());
+    }
+    serde_json::from_slice(opened.body).map_err(|e| DecodeError::Body {
         context: M::CONTEXT,
         reason: e.to_string(),
-    })?;
-    Ok((opened.signer, message))
+    })
 }
 
 #[cfg(test)]

@@ -276,8 +276,8 @@ async fn handle_frame(
     }
     match opened.context {
         Context::Node => {
-            let (_, msg) = message::decode::<NodeMessage>(bytes, shared.config.max_frame_bytes)
-                .map_err(decode_err)?;
+            // The envelope was verified above: parse its body only.
+            let msg = message::parse::<NodeMessage>(&opened).map_err(decode_err)?;
             match msg {
                 NodeMessage::Heartbeat {
                     running,
@@ -294,8 +294,7 @@ async fn handle_frame(
             }
         }
         Context::Result => {
-            let (_, batch) = message::decode::<ResultBatch>(bytes, shared.config.max_frame_bytes)
-                .map_err(decode_err)?;
+            let batch = message::parse::<ResultBatch>(&opened).map_err(decode_err)?;
             results(shared, node, bytes, batch, outbox).await
         }
         other => Err((
