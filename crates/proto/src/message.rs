@@ -480,6 +480,19 @@ mod tests {
     }
 
     #[test]
+    fn parse_checks_the_context_of_an_opened_envelope() {
+        let id = Identity::from_secret_bytes(&[9; 32]);
+        let bytes = encode(&id, &ResultBatch { results: vec![] });
+        let opened = envelope::open_any(&bytes, envelope::DEFAULT_MAX_LEN).expect("valid");
+        let err = parse::<NodeMessage>(&opened).expect_err("wrong context");
+        assert_eq!(err.code(), "wrong_context");
+        assert_eq!(
+            parse::<ResultBatch>(&opened).expect("parses"),
+            ResultBatch { results: vec![] }
+        );
+    }
+
+    #[test]
     fn malformed_body_is_typed() {
         let id = Identity::from_secret_bytes(&[9; 32]);
         let bytes = envelope::seal(&id, Context::Node, b"{\"type\":\"heartbeat\"}");
