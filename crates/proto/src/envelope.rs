@@ -20,7 +20,7 @@
 
 use std::fmt;
 
-use crate::identity::{Identity, NodeId, VerifyError};
+use crate::identity::{Identity, NodeId, Verifier, VerifyError};
 
 /// The four magic bytes that open every envelope.
 pub const MAGIC: [u8; 4] = *b"SDST";
@@ -163,6 +163,16 @@ pub fn seal(identity: &Identity, context: Context, body: &[u8]) -> Vec<u8> {
 
 /// Parses and verifies `bytes` without asserting its context; at most `max_len` bytes.
 pub fn open_any(bytes: &[u8], max_len: usize) -> Result<Opened<'_>, OpenError> {
+    open_any_known(bytes, max_len, None)
+}
+
+/// [`open_any`], verifying with `known`'s decoded key when the envelope's signer is that key
+/// (any other signer is verified as usual): the same checks and errors, less work.
+pub fn open_any_known<'a>(
+    bytes: &'a [u8],
+    max_len: usize,
+    known: Option<&Verifier>,
+) -> Result<Opened<'a>, OpenError> {
     if bytes.len() > max_len {
         return Err(OpenError::Oversized {
             len: bytes.len(),
@@ -214,7 +224,11 @@ pub fn open_any(bytes: &[u8], max_len: usize) -> Result<Opened<'_>, OpenError> {
         .try_into()
         .map_err(|_| OpenError::Truncated)?;
     let signer = NodeId::from_bytes(key);
-    signer.verify(&bytes[..sig_at], &sig).map_err(|e| match e {
+    let verified = match known {
+        Some(v) if v.id() == signer => v.verify(&bytes[..sig_at], &sig),
+        _ => signer.verify(&bytes[..sig_at], &sig),
+    };
+    verified.map_err(|e| match e {
         VerifyError::BadPublicKey => OpenError::BadPublicKey,
         _ => OpenError::BadSignature,
     })?;
@@ -253,6 +267,31 @@ mod tests {
         let opened = open(&env, Context::Result, DEFAULT_MAX_LEN).expect("valid");
         assert_eq!(opened.signer, id.id());
         assert_eq!(opened.body, b"{\"x\":1}");
+    }
+
+    #[test]
+    fn a_known_key_verifies_the_same_as_an_unknown_one() {
+        let id = identity();
+        let other = Identity::from_secret_bytes(&[3; 32]);
+        let known = Verifier::new(id.id()).expect("a valid key");
+        let env = seal(&id, Context::Node, b"{}");
+        let opened = open_any_known(&env, DEFAULT_MAX_LEN, Some(&known)).expect("valid");
+        assert_eq!(opened.signer, id.id());
+        // Another signer is verified with its own key.
+        let theirs = seal(&other, Context::Node, b"{}");
+        let opened = open_any_known(&theirs, DEFAULT_MAX_LEN, Some(&known)).expect("valid");
+        assert_eq!(opened.signer, other.id());
+        // A flipped body byte fails either way.
+        for (env, who) in [(env, "known"), (theirs, "other")] {
+            let mut bad = env.clone();
+            let at = bad.len() - 65;
+            bad[at] ^= 1;
+            assert_eq!(
+                open_any_known(&bad, DEFAULT_MAX_LEN, Some(&known)).map(|o| o.signer),
+                Err(OpenError::BadSignature),
+                "{who}"
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use stardust_proto::envelope::{self, Context};
-use stardust_proto::identity::NodeId;
+use stardust_proto::identity::{NodeId, Verifier};
 use stardust_proto::message::{
     self, Assignment, DecodeError, DomainMessage, Hello, NodeMessage, Nonce, ResultBatch, encode,
 };
@@ -196,6 +196,8 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
     });
 
     let mut bad = 0u32;
+    // The node's key, decoded once for every frame of the session (its hello verified it).
+    let verifier = Verifier::new(node).ok();
     let mut shutdown = shared.shutdown.clone();
     let frames = crate::ratelimit::Limiter::new(shared.config.rate_per_session, 1);
     loop {
@@ -232,7 +234,9 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
             ));
             continue;
         }
-        if let Err((code, msg)) = handle_frame(&shared, node, &bytes, &outbox).await {
+        if let Err((code, msg)) =
+            handle_frame(&shared, node, verifier.as_ref(), &bytes, &outbox).await
+        {
             bad += 1;
             shared.rejections.count(code);
             tracing::debug!(node = %node.short(), code, msg, "refused a frame");
@@ -263,10 +267,11 @@ fn decode_err(e: DecodeError) -> (&'static str, String) {
 async fn handle_frame(
     shared: &Shared,
     node: NodeId,
+    verifier: Option<&Verifier>,
     bytes: &[u8],
     outbox: &mpsc::Sender<Vec<u8>>,
 ) -> FrameResult {
-    let opened = envelope::open_any(bytes, shared.config.max_frame_bytes)
+    let opened = envelope::open_any_known(bytes, shared.config.max_frame_bytes, verifier)
         .map_err(|e| decode_err(e.into()))?;
     if opened.signer != node {
         return Err((
