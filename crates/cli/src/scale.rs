@@ -390,23 +390,47 @@ pub fn sim(args: SimArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A simulated node: like a real one, it retries with backoff until its session opens (a
+/// crowd connecting at once meets the domain's per-address rate limit).
 async fn node(
     domain: std::net::SocketAddr,
     source: std::net::IpAddr,
     key: Identity,
     stop: Instant,
 ) -> anyhow::Result<u64> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match open_session(domain, source, &key).await {
+            Ok((mut ws, heartbeat_ms)) => return serve(&mut ws, &key, heartbeat_ms, stop).await,
+            Err(_) if Instant::now() < stop => {
+                let jitter = u64::from(key.secret_bytes()[2]) * wait.as_millis() as u64 / 512;
+                tokio::time::sleep(wait + Duration::from_millis(jitter)).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+fn next(b: &[u8]) -> Option<DomainMessage> {
+    message::decode::<DomainMessage>(b, 1 << 24)
+        .ok()
+        .map(|(_, m)| m)
+}
+
+async fn open_session(
+    domain: std::net::SocketAddr,
+    source: std::net::IpAddr,
+    key: &Identity,
+) -> anyhow::Result<(Ws, u64)> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(std::net::SocketAddr::new(source, 0))?;
     let tcp = socket.connect(domain).await?;
     tcp.set_nodelay(true)?;
     let (mut ws, _) =
         tokio_tungstenite::client_async(format!("ws://{domain}/v1/nodes/connect"), tcp).await?;
-    let next = |b: &[u8]| {
-        message::decode::<DomainMessage>(b, 1 << 24)
-            .ok()
-            .map(|(_, m)| m)
-    };
     let nonce = loop {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) => {
@@ -429,8 +453,7 @@ async fn node(
         },
         tier: Tier::Small,
     };
-    ws.send(Message::Binary(encode(&key, &hello).into()))
-        .await?;
+    ws.send(Message::Binary(encode(key, &hello).into())).await?;
     let heartbeat_ms = loop {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) => match next(&b) {
@@ -442,6 +465,15 @@ async fn node(
             _ => bail!("no welcome"),
         }
     };
+    Ok((ws, heartbeat_ms))
+}
+
+async fn serve(
+    ws: &mut Ws,
+    key: &Identity,
+    heartbeat_ms: u64,
+    stop: Instant,
+) -> anyhow::Result<u64> {
     let output = ContentId::of(OUTPUT);
     let mut running: Vec<LeaseId> = Vec::new();
     let mut seq = 0u64;
