@@ -489,7 +489,7 @@ async fn serve(
             _ = tick.tick() => {
                 seq += 1;
                 let hb = NodeMessage::Heartbeat { seq, running: running.clone(), free_slots: 1 };
-                ws.send(Message::Binary(encode(&key, &hb).into())).await?;
+                ws.send(Message::Binary(encode(key, &hb).into())).await?;
             }
             frame = ws.next() => {
                 let Some(Ok(frame)) = frame else { bail!("the domain closed the session") };
@@ -515,7 +515,7 @@ async fn serve(
                             });
                         }
                         results += batch.len() as u64;
-                        ws.send(Message::Binary(encode(&key, &ResultBatch { results: batch }).into())).await?;
+                        ws.send(Message::Binary(encode(key, &ResultBatch { results: batch }).into())).await?;
                     }
                     Some(DomainMessage::Ack { leases } | DomainMessage::Cancel { leases }) => {
                         running.retain(|l| !leases.contains(l));
