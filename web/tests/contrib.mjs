@@ -7,7 +7,8 @@
 // cross-origin, as on a real site), loads `DOMAIN/contrib.js` with a script tag, calls
 // `Stardust.contribute`, and prints `READY NODE_ID`. On the stdin line `PAUSE` it pauses the
 // node and hides the tab (prints `PAUSED {stats}`); on `RESUME` it resumes, then shows the
-// tab (prints `RESUMED {hidden, visible}`, the stats after each step). On `JANK` it keeps the
+// tab (prints `RESUMED {hidden, visible}`, the stats after each step). On `ACTIVE` it moves
+// the mouse (prints `ACTIVE_DONE {during, after}`). On `JANK` it keeps the
 // page's main thread busy for 3 s (prints `JANKED {states, now}`). On `FINISH` it prints
 // `FINAL {json}`: the node's stats, every task event, the longest main-thread stall, frame
 // rate, the widget's credits for the browser's id, and timings; then exits.
@@ -42,7 +43,7 @@ const page_html = `<!doctype html>
   requestAnimationFrame(frame);
   window.scriptLoadedAt = performance.now();
   window.ready = Stardust.contribute({
-    domain: ${JSON.stringify(domain)}, cpuLimit: 1, pauseWhenActive: false,
+    domain: ${JSON.stringify(domain)}, cpuLimit: 1, pauseWhenActive: true, activeMs: 1000,
     onTask: (e) => { events.push(Object.assign({ at: performance.now() }, e)); document.getElementById("tasks").textContent = events.length; },
     onCredit: (c) => { document.getElementById("credits").textContent = (c / 1e6).toFixed(6); },
     onState: (st) => states.push(Object.assign({ at: performance.now() }, st)),
@@ -91,6 +92,15 @@ try {
       await setVisibility("visible");
       const visible = await page.evaluate(() => window.node.stats());
       console.log("RESUMED " + JSON.stringify({ hidden, visible }));
+      continue;
+    }
+    if (line.trim() === "ACTIVE") {
+      // The visitor moves the mouse: the node pauses, and resumes a second after the input.
+      for (let i = 0; i < 5; i++) await page.mouse.move(100 + i * 20, 100 + i * 10);
+      const during = await page.evaluate(() => window.node.stats());
+      await new Promise((r) => setTimeout(r, 2000));
+      const after = await page.evaluate(() => window.node.stats());
+      console.log("ACTIVE_DONE " + JSON.stringify({ during, after }));
       continue;
     }
     if (line.trim() === "JANK") {

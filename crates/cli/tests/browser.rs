@@ -532,6 +532,12 @@ fn a_browser_tab_and_a_native_node_verify_a_job_together() {
         || state() == "online",
     );
 
+    // A visitor's input pauses the node until they have been still for `activeMs`.
+    writeln!(stdin, "ACTIVE").expect("active");
+    let active: Value = serde_json::from_str(&next_line("ACTIVE_DONE ")).expect("json");
+    assert_eq!(active["during"]["reasons"], json!(["active"]), "{active}");
+    assert_eq!(active["after"]["paused"], false, "{active}");
+
     // When the page's frame rate drops, the node steps back, and returns once it recovers.
     writeln!(stdin, "JANK").expect("jank");
     let janked: Value = serde_json::from_str(&next_line("JANKED ")).expect("json");
