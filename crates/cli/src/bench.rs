@@ -50,6 +50,49 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Set by `stardust bench` on the processes it starts, to its own process id: they exit
+/// when their parent is no longer that process (the bench is gone, even killed by a signal
+/// that left it no time to reap them; [`Kill`] covers every other way out).
+pub const EXIT_WITH_PARENT: &str = "STARDUST_EXIT_WITH_PARENT";
+
+/// The value of [`EXIT_WITH_PARENT`] for this process's children.
+pub fn parent_marker() -> String {
+    std::process::id().to_string()
+}
+
+/// With [`EXIT_WITH_PARENT`] set, exits as soon as this process's parent is not the process
+/// it names (checked now, then twice a second).
+pub fn exit_with_parent() {
+    let Some(expected) = std::env::var(EXIT_WITH_PARENT)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    else {
+        return;
+    };
+    let orphaned = move || std::os::unix::process::parent_id() != expected;
+    let leave = || {
+        eprintln!("stardust: the process that started this one is gone; exiting");
+        std::process::exit(1);
+    };
+    if orphaned() {
+        leave();
+    }
+    let watch = move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            if orphaned() {
+                leave();
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(watch)
+    {
+        eprintln!("stardust: cannot watch the parent process: {e}");
+    }
+}
+
 /// Child processes killed (and reaped) when dropped, so a failed benchmark leaves nothing
 /// running.
 pub(crate) struct Kill(pub Vec<std::process::Child>);
@@ -309,6 +352,7 @@ pub mod throughput {
             let mut children = Kill(Vec::new());
             for i in 0..args.nodes {
                 let child = Command::new(&exe)
+                    .env(crate::bench::EXIT_WITH_PARENT, crate::bench::parent_marker())
                     .args(["node", "--domain", &url, "--slots", &args.slots.to_string(), "--no-bench", "--data"])
                     .arg(dir.path().join(format!("node{i}")))
                     .stdin(Stdio::null())

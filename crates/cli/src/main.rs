@@ -88,6 +88,7 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    bench::exit_with_parent();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

@@ -82,6 +82,10 @@ fn spawn_with_fds(args: &[String], fds: u32, log: &std::path::Path) -> anyhow::R
         ))
         .arg(exe)
         .args(args)
+        .env(
+            crate::bench::EXIT_WITH_PARENT,
+            crate::bench::parent_marker(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

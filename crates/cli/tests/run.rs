@@ -333,3 +333,58 @@ fn bench_throughput_smoke() {
         assert!(json["tasks_per_s"].as_f64().is_some_and(|t| t > 0.0));
     }
 }
+
+/// Whether process `pid` is gone (or a zombie nobody reaped).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn processes_a_bench_starts_exit_when_it_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // A parent (sh) starts a domain in the background and exits at once, as a bench killed
+    // by a signal would; the domain is re-parented and must notice.
+    let script = format!(
+        "[ -n \"$2\" ] && export STARDUST_EXIT_WITH_PARENT=$$; \"$0\" domain --listen 127.0.0.1:{port} --data \"$1\" >/dev/null 2>&1 & echo $!",
+    );
+    let run = |watch: bool| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(&script)
+            .arg(env!("CARGO_BIN_EXE_stardust"))
+            .arg(dir.path().join(if watch { "watched" } else { "unwatched" }))
+            .arg(if watch { "watch" } else { "" })
+            .env_remove("STARDUST_EXIT_WITH_PARENT")
+            .stdin(Stdio::null());
+        let out = c.output().expect("sh");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let watched = run(true);
+    let start = std::time::Instant::now();
+    while !gone(&watched) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the watched domain {watched} outlived its parent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Without the variable, nothing changes: the domain keeps running (then is killed here).
+    let unwatched = run(false);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let alive = !gone(&unwatched);
+    let _ = Command::new("kill").args(["-9", &unwatched]).status();
+    assert!(
+        alive,
+        "a domain without the watch must not exit with its parent"
+    );
+}
