@@ -525,7 +525,7 @@
   // ---------------------------------------------------------------------------------------
   const VERSION = "0.1.0";
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  const RESEND_AFTER_MS = 10000, MAX_FRAME = 16 << 20, MAX_QUEUED_PER_SLOT = 8;
+  const RESEND_AFTER_MS = 10000, MAX_FRAME = 16 << 20, MAX_QUEUED_PER_SLOT = 8, RELEASE_AFTER_MS = 30000;
 
   // Runs a metered module in a fresh worker, like `stardust run` does natively: a local
   // conformance check of this host, also used by the node for every task.
@@ -590,7 +590,7 @@
       queue: [], running: new Map(), cancelled: new Set(), unacked: new Map(), sent: new Map(),
       reasons: new Set(), blobs: new Map(), modules: new Map(), workers: [],
       tasks: 0, fuel: 0, busyMs: 0, connectedAt: 0, uptimeMs: 0, credits: 0, reputation: null, firstTaskMs: null,
-      lastInput: 0, restUntil: 0, fps: 60, dutyFactor: 1,
+      lastInput: 0, restUntil: 0, fps: 60, dutyFactor: 1, pausedAt: 0,
     };
     const t0 = performance.now();
     const err = (e) => { try { o.onError(e instanceof Error ? e : new Error(String(e))); } catch (_) { /* caller's */ } };
@@ -599,6 +599,7 @@
     function setReason(reason, on) {
       const had = s.reasons.size;
       if (on) s.reasons.add(reason); else s.reasons.delete(reason);
+      if (had === 0 && s.reasons.size > 0) s.pausedAt = performance.now();
       if (had !== s.reasons.size) {
         try { o.onState({ paused: s.reasons.size > 0, reasons: [...s.reasons] }); } catch (_) { /* the page's */ }
         // Tell the domain at once (free_slots = 0 while paused), not at the next heartbeat.
@@ -649,6 +650,9 @@
 
     async function heartbeat() {
       if (!s.connected) return;
+      // Queued work does not wait out a long pause: after RELEASE_AFTER_MS its leases are no
+      // longer renewed, so they lapse and the domain gives the tasks to another node.
+      if (paused() && s.queue.length && performance.now() - s.pausedAt > RELEASE_AFTER_MS) s.queue = [];
       const running = [...s.running.keys(), ...s.queue.map((a) => a.lease)];
       const free = paused() ? 0 : Math.max(0, slots - running.length);
       await send("stardust/v1/node", { type: "heartbeat", seq: ++s.seq, running, free_slots: free });
