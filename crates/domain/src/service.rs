@@ -80,6 +80,7 @@ impl Session {
             running: self.running.len() as u32,
             reputation: self.record.score(),
             latency_ms: self.latency_ms,
+            streak: self.record.streak,
         }
     }
 
@@ -510,6 +511,7 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
                 requirements: &task.requirements,
                 limits: &task.spec.limits,
                 replicas_on: &replicas_on,
+                sole: task.redundancy <= 1,
             };
             let Ok(node) = matching::pick(&need, &views) else {
                 break;

@@ -39,6 +39,8 @@ pub struct NodeView {
     pub reputation: f64,
     /// Measured round-trip latency to the domain, milliseconds.
     pub latency_ms: u32,
+    /// Consecutive agreeing results (see [`crate::reputation`]).
+    pub streak: u64,
 }
 
 /// Why one node cannot take one task.
@@ -73,6 +75,8 @@ pub enum Rejection {
     Label(String),
     /// A browser node, and the task's deadline is too long for a browser tab.
     TooLongForBrowser,
+    /// A browser node without the streak to hold a task's only replica.
+    UntrustedBrowser,
 }
 
 impl fmt::Display for Rejection {
@@ -87,6 +91,11 @@ impl fmt::Display for Rejection {
             Rejection::NoGpu => f.write_str("lack a usable GPU"),
             Rejection::Tier { need } => write!(f, "are below tier {need:?}"),
             Rejection::Label(l) => write!(f, "lack label {l:?}"),
+            Rejection::UntrustedBrowser => write!(
+                f,
+                "are browsers without the record to run a task alone ({} agreeing results in a row)",
+                crate::reputation::BROWSER_TRUST_STREAK
+            ),
             Rejection::TooLongForBrowser => write!(
                 f,
                 "are browsers (tasks over {} s)",
@@ -117,6 +126,9 @@ pub struct Need<'a> {
     pub limits: &'a Limits,
     /// Nodes that already hold a replica of the task.
     pub replicas_on: &'a [NodeId],
+    /// The replica asked for would be the task's only one (its job wants one replica): only
+    /// a node that [may stand alone](crate::reputation::may_stand_alone) can take it.
+    pub sole: bool,
 }
 
 /// Why `node` cannot take the task, checked in a fixed order (availability first, then
@@ -151,6 +163,9 @@ pub fn check(need: &Need<'_>, node: &NodeView) -> Result<(), Rejection> {
     }
     if node.tier == Tier::Browser && need.limits.wall_ms > BROWSER_MAX_WALL_MS {
         return Err(Rejection::TooLongForBrowser);
+    }
+    if need.sole && !crate::reputation::may_stand_alone(node.tier, node.streak) {
+        return Err(Rejection::UntrustedBrowser);
     }
     if node.running >= node.slots {
         return Err(Rejection::Busy);
@@ -255,6 +270,7 @@ mod tests {
             running: 0,
             reputation: 0.5,
             latency_ms: 1,
+            streak: 0,
         }
     }
 
@@ -276,6 +292,7 @@ mod tests {
             requirements: &req,
             limits: &l,
             replicas_on: &[],
+            sole: false,
         };
         let why = pick(&need, &nodes).expect_err("nobody fits");
         assert_eq!(why.to_string(), "3 nodes: 2 lack 4 GiB memory, 1 busy");
@@ -305,6 +322,7 @@ mod tests {
             requirements: &req,
             limits: &l,
             replicas_on: &[],
+            sole: false,
         };
         assert_eq!(check(&need, &plain), Err(Rejection::NoGpu));
         assert_eq!(check(&need, &gpu), Ok(()));
@@ -316,6 +334,7 @@ mod tests {
             requirements: &req,
             limits: &l,
             replicas_on: &[],
+            sole: false,
         };
         assert_eq!(check(&need, &plain), Err(Rejection::Cores { need: 16 }));
         let req = Requirements {
@@ -326,6 +345,7 @@ mod tests {
             requirements: &req,
             limits: &l,
             replicas_on: &[],
+            sole: false,
         };
         assert_eq!(
             check(&need, &plain),
@@ -345,6 +365,7 @@ mod tests {
             requirements: &req,
             limits: &l,
             replicas_on: &taken,
+            sole: false,
         };
         let nodes = [a.clone(), b.clone()];
         assert_eq!(pick(&need, &nodes).expect("b fits").id, b.id);
@@ -353,6 +374,7 @@ mod tests {
             requirements: &req,
             limits: &l,
             replicas_on: &taken,
+            sole: false,
         };
         assert_eq!(
             pick(&need, &nodes).expect_err("none").to_string(),
@@ -380,7 +402,8 @@ mod tests {
                 &Need {
                     requirements: &req,
                     limits: &long,
-                    replicas_on: &[]
+                    replicas_on: &[],
+                    sole: false,
                 },
                 &browser
             ),
@@ -391,12 +414,26 @@ mod tests {
                 &Need {
                     requirements: &req,
                     limits: &short,
-                    replicas_on: &[]
+                    replicas_on: &[],
+                    sole: false,
                 },
                 &browser
             ),
             Ok(())
         );
+        // A task's only replica: not for a new browser, for one with a streak, for any
+        // native node.
+        let sole = Need {
+            requirements: &req,
+            limits: &short,
+            replicas_on: &[],
+            sole: true,
+        };
+        assert_eq!(check(&sole, &browser), Err(Rejection::UntrustedBrowser));
+        let mut trusted = browser.clone();
+        trusted.streak = crate::reputation::BROWSER_TRUST_STREAK;
+        assert_eq!(check(&sole, &trusted), Ok(()));
+        assert_eq!(check(&sole, &node(8, 4, 8)), Ok(()));
         let mut paused = node(7, 4, 8);
         paused.state = NodeState::Paused;
         assert_eq!(
@@ -404,7 +441,8 @@ mod tests {
                 &Need {
                     requirements: &req,
                     limits: &short,
-                    replicas_on: &[]
+                    replicas_on: &[],
+                    sole: false,
                 },
                 &paused
             ),
@@ -420,6 +458,7 @@ mod tests {
             requirements: &req,
             limits: &l,
             replicas_on: &[],
+            sole: false,
         };
         let mut good = node(1, 4, 8);
         good.reputation = 0.9;

@@ -625,6 +625,7 @@ async fn why(
             requirements: &p.requirements,
             limits: &p.spec.limits,
             replicas_on: &p.replicas_on,
+            sole: p.redundancy <= 1,
         };
         let why = match matching::pick(&need, &views) {
             Ok(_) => "a node can take it: it will be leased in the next dispatch round".to_string(),

@@ -154,6 +154,8 @@ pub struct PendingTask {
     pub replicas_on: Vec<NodeId>,
     /// When its job was submitted (Unix ms).
     pub submitted_ms: i64,
+    /// Its job's redundancy (adaptive replication may still run it as one replica).
+    pub redundancy: u8,
 }
 
 /// A lease held by a node, as needed to resume it after a reconnect.
@@ -845,7 +847,7 @@ impl Store {
             }
             rows.extend(
                 sqlx::query(
-                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, j.spec, j.created_ms FROM tasks t JOIN jobs j ON j.id = t.job_id
+                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, j.spec, j.created_ms, j.redundancy FROM tasks t JOIN jobs j ON j.id = t.job_id
                      WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
                 )
                 .bind(j.try_get::<i64, _>("id")?)
@@ -881,6 +883,7 @@ impl Store {
                 requirements: terms.requirements,
                 replicas_on,
                 submitted_ms: r.try_get("created_ms")?,
+                redundancy: r.try_get::<i64, _>("redundancy")?.clamp(0, 255) as u8,
             });
         }
         Ok(out)

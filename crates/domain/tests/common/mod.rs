@@ -38,6 +38,11 @@ pub async fn next_domain(ws: &mut Ws) -> Option<DomainMessage> {
 
 /// Opens a node session; returns the socket after the welcome.
 pub async fn join(addr: SocketAddr, node: &Identity, slots: u32) -> Ws {
+    join_as(addr, node, slots, Tier::Small).await
+}
+
+/// [`join`] declaring `tier`.
+pub async fn join_as(addr: SocketAddr, node: &Identity, slots: u32, tier: Tier) -> Ws {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/nodes/connect"))
         .await
         .expect("connect");
@@ -53,7 +58,7 @@ pub async fn join(addr: SocketAddr, node: &Identity, slots: u32) -> Ws {
             memory_bytes: 8 << 30,
             ..Hardware::default()
         },
-        tier: Tier::Small,
+        tier,
     };
     ws.send(Message::Binary(encode(node, &hello).into()))
         .await
