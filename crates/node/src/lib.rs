@@ -128,6 +128,8 @@ struct Shared {
     work: Notify,
     results: Notify,
     paused: AtomicBool,
+    /// Since when the owner policy pauses the node.
+    paused_since: std::sync::Mutex<Option<Instant>>,
     draining: AtomicBool,
 }
 
@@ -191,6 +193,7 @@ pub async fn run(
         work: Notify::new(),
         results: Notify::new(),
         paused: AtomicBool::new(false),
+        paused_since: std::sync::Mutex::new(None),
         draining: AtomicBool::new(false),
     });
     let mut workers = Vec::new();
@@ -422,6 +425,15 @@ async fn session(
             () = shared.results.notified() => {}
             _ = heartbeat.tick() => {
                 seq += 1;
+                let paused_for = shared.paused_since.lock().ok().and_then(|s| s.map(|t| t.elapsed()));
+                if policy::release_queued(paused_for) {
+                    let mut queue = shared.queue.lock().await;
+                    if !queue.is_empty() {
+                        // Not renewed from now on: the leases lapse and the tasks go elsewhere.
+                        tracing::info!(leases = queue.len(), "paused for long: releasing queued work");
+                        queue.clear();
+                    }
+                }
                 let mut running: Vec<LeaseId> = shared.running.lock().await.iter().copied().collect();
                 running.extend(shared.queue.lock().await.iter().map(|a| a.lease));
                 let busy = running.len() as u32;
@@ -639,6 +651,9 @@ async fn idle_watch(shared: Arc<Shared>) {
         if let Some(s) = policy::sample() {
             let paused = gate.update(s);
             if paused != shared.paused.swap(paused, Ordering::Relaxed) {
+                if let Ok(mut since) = shared.paused_since.lock() {
+                    *since = paused.then(Instant::now);
+                }
                 tracing::info!(
                     paused,
                     "owner policy: {}",

@@ -17,6 +17,15 @@ pub fn rest_after(ran: Duration, limit: f64) -> Duration {
     ran.mul_f64((1.0 - limit) / limit)
 }
 
+/// How long queued (not yet started) work waits out a pause before the node lets its leases
+/// lapse, so the domain gives the tasks to another node (the browser node does the same).
+pub const RELEASE_QUEUED_AFTER: Duration = Duration::from_secs(30);
+
+/// Whether a node paused for `paused_for` (None: not paused) should release its queued work.
+pub fn release_queued(paused_for: Option<Duration>) -> bool {
+    paused_for.is_some_and(|d| d > RELEASE_QUEUED_AFTER)
+}
+
 /// CPU time counters at one instant, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuSample {
@@ -105,6 +114,11 @@ mod tests {
     #[test]
     fn duty_cycle() {
         assert_eq!(rest_after(Duration::from_secs(3), 1.0), Duration::ZERO);
+        assert!(!release_queued(None));
+        assert!(!release_queued(Some(Duration::from_secs(5))));
+        assert!(release_queued(Some(
+            RELEASE_QUEUED_AFTER + Duration::from_secs(1)
+        )));
         assert_eq!(
             rest_after(Duration::from_secs(3), 0.5),
             Duration::from_secs(3)
