@@ -14,7 +14,7 @@ use stardust_proto::message::{self, DomainMessage};
 use stardust_proto::task::Tier;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{join_as, key};
+use common::{join_as, key, upload_hello};
 
 /// The number of tasks in the next assignment, if one comes `within`.
 async fn assigned(ws: &mut common::Ws, within: Duration) -> Option<usize> {
@@ -43,16 +43,7 @@ async fn a_new_browser_never_runs_a_task_alone_and_why_says_so() {
     let mut browser = join_as(addr, &key(7), 2, Tier::Browser).await;
 
     let client = stardust_sdk::Client::new(&format!("http://{addr}"), key(100)).expect("client");
-    let module = client
-        .put_blob(
-            std::fs::read(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../test-programs/hello.wasm"
-            ))
-            .expect("module"),
-        )
-        .await
-        .expect("upload");
+    let module = upload_hello(&client).await;
     let input = client.put_blob(b"x".to_vec()).await.expect("input");
     let spec = |redundancy: u8| -> stardust_proto::job::JobSpec {
         serde_json::from_value(serde_json::json!({

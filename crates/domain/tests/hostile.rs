@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
-use common::{Ws, join, key, next_domain};
+use common::{Ws, join, key, next_domain, upload_hello};
 
 async fn domain(tweak: impl FnOnce(&mut Config)) -> (Domain, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -196,16 +196,7 @@ async fn rest_refusals_are_typed_and_counted() {
     );
 
     // Someone else's job is invisible.
-    let module = client
-        .put_blob(
-            std::fs::read(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../test-programs/hello.wasm"
-            ))
-            .expect("hello"),
-        )
-        .await
-        .expect("up");
+    let module = upload_hello(&client).await;
     let mut ok = spec(1);
     ok.module = module;
     let job = client.submit(&ok).await.expect("submits");

@@ -19,7 +19,7 @@ use stardust_proto::message::{self, DomainMessage, ResultBatch, TaskResult, enco
 use stardust_proto::task::{RunReport, Status};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{join, key};
+use common::{join, key, upload_hello};
 
 const TASKS: usize = 30;
 
@@ -138,16 +138,7 @@ async fn a_lying_node_is_outvoted_slashed_and_ranked_last() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let module = client
-        .put_blob(
-            std::fs::read(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../test-programs/hello.wasm"
-            ))
-            .expect("module"),
-        )
-        .await
-        .expect("upload");
+    let module = upload_hello(&client).await;
     let input = client.put_blob(b"x".to_vec()).await.expect("input");
     let spec: stardust_proto::job::JobSpec = serde_json::from_value(serde_json::json!({
         "name": "liar",

@@ -69,3 +69,13 @@ pub async fn join_as(addr: SocketAddr, node: &Identity, slots: u32, tier: Tier) 
     ));
     ws
 }
+
+/// Uploads `test-programs/hello.wasm` through `client`; returns its content id.
+pub async fn upload_hello(client: &stardust_sdk::Client) -> stardust_proto::content::ContentId {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../test-programs/hello.wasm"
+    ))
+    .expect("test-programs/hello.wasm");
+    client.put_blob(bytes).await.expect("upload hello.wasm")
+}
