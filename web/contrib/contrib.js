@@ -653,8 +653,10 @@
       // Queued work does not wait out a long pause: after RELEASE_AFTER_MS its leases are no
       // longer renewed, so they lapse and the domain gives the tasks to another node.
       if (paused() && s.queue.length && performance.now() - s.pausedAt > RELEASE_AFTER_MS) s.queue = [];
-      const running = [...s.running.keys(), ...s.queue.map((a) => a.lease)];
-      const free = paused() ? 0 : Math.max(0, slots - running.length);
+      const held = [...s.running.keys(), ...s.queue.map((a) => a.lease)];
+      const free = paused() ? 0 : Math.max(0, slots - held.length);
+      // Finished but unacknowledged leases are listed too: they stay ours until recorded.
+      const running = [...held, ...s.unacked.keys()];
       await send("stardust/v1/node", { type: "heartbeat", seq: ++s.seq, running, free_slots: free });
       // Unacknowledged results go again after a while (the domain may have dropped a frame).
       const now = performance.now();

@@ -11,7 +11,7 @@
 //! A simulated node is the real protocol without a sandbox: its own Ed25519 key, the
 //! signed hello answering the challenge, signed heartbeats on the domain's interval listing
 //! its leases, and a signed result for each assignment (all simulated nodes answer the same
-//! pre-uploaded output, so replicas agree). Bounded: `--nodes` ≤ 100,000, `--duration`
+//! small output, inline in the result as real nodes send it, so replicas agree). Bounded: `--nodes` ≤ 100,000, `--duration`
 //! ≤ 10 min.
 
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -23,12 +23,12 @@ use serde_json::{Value, json};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::Identity;
 use stardust_proto::message::{
-    self, DomainMessage, Hello, NodeMessage, ResultBatch, TaskResult, encode,
+    self, DomainMessage, Hello, Inline, NodeMessage, ResultBatch, TaskResult, encode,
 };
 use stardust_proto::task::{Hardware, LeaseId, RunReport, Status, Tier};
 use tokio_tungstenite::tungstenite::Message;
 
-/// The output every simulated node reports (uploaded once by the orchestrator).
+/// The output every simulated node reports (inline in its results).
 const OUTPUT: &[u8] = b"simulated\n";
 
 #[derive(Debug, clap::Args)]
@@ -245,7 +245,6 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let output = client.put_blob(OUTPUT.to_vec()).await?;
         let (rss_idle, _) = proc_stats(domain_pid);
         let per = args.nodes.div_ceil(args.procs);
         let started = Instant::now();
@@ -281,7 +280,6 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        let _ = output;
         let module = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)?;
         let module = client.put_blob(module).await?;
         let input = client.put_blob(Vec::new()).await?;
@@ -516,6 +514,8 @@ async fn serve(
                                     wall_ms: 0,
                                     detail: None,
                                 },
+                                // As a real node does with a small output.
+                                output: Some(Inline(OUTPUT.to_vec())),
                             });
                         }
                         results += batch.len() as u64;

@@ -15,6 +15,7 @@ pub mod config;
 mod http;
 mod metrics;
 pub mod ratelimit;
+mod recorder;
 mod service;
 pub mod store;
 mod tls;

@@ -25,7 +25,7 @@ use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::Config;
 use crate::ratelimit::Limiter;
-use crate::store::{Economy, Leased, Retry, Store, StoreError};
+use crate::store::{Economy, Leased, PendingTask, Retry, Store, StoreError, Want};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -49,9 +49,11 @@ pub(crate) struct Session {
     /// Round trip measured at the handshake (challenge sent → hello received), ms.
     pub latency_ms: u32,
     pub slots: u32,
-    /// Leases the node may hold at once: `slots × lease_ahead`, so a slot never waits a
-    /// round trip for its next task.
+    /// Leases the node may hold at least: `slots × lease_ahead`, so a slot never waits a
+    /// round trip for its next task. More while it finishes tasks quickly ([`Pace`]).
     pub capacity: u32,
+    /// How fast it has been finishing tasks.
+    pub pace: Pace,
     /// The node's owner policy has paused it (it reported no free slot with fewer leases
     /// than slots).
     pub paused: bool,
@@ -76,7 +78,7 @@ impl Session {
             } else {
                 NodeState::Online
             },
-            slots: self.capacity.min(self.stake_slots.unwrap_or(u32::MAX)),
+            slots: self.capacity().min(self.stake_slots.unwrap_or(u32::MAX)),
             running: self.running.len() as u32,
             reputation: self.record.score(),
             latency_ms: self.latency_ms,
@@ -89,9 +91,60 @@ impl Session {
         if self.paused || self.draining {
             0
         } else {
-            self.capacity
+            self.capacity()
                 .min(self.stake_slots.unwrap_or(u32::MAX))
                 .saturating_sub(self.running.len() as u32)
+        }
+    }
+
+    /// Leases the node may hold now: enough for [`LEASE_DEPTH_MS`] of its recent pace, at
+    /// least `slots × lease_ahead`, at most [`MAX_LEASE_AHEAD`] per slot (fewer for browsers,
+    /// whose library queues fewer). Tasks of a millisecond need a deep queue to keep a
+    /// node busy across the round trips of results and assignments; long tasks keep the
+    /// shallow one, so work is not parked on one node while others idle.
+    pub fn capacity(&self) -> u32 {
+        let per_slot = if self.tier == Tier::Browser {
+            MAX_LEASE_AHEAD_BROWSER
+        } else {
+            MAX_LEASE_AHEAD
+        };
+        let deep = (self.pace.per_s * LEASE_DEPTH_MS as f64 / 1000.0).ceil() as u32;
+        let most = self.slots.saturating_mul(per_slot);
+        self.capacity.max(deep).min(most.max(self.capacity))
+    }
+}
+
+/// Work leased ahead to a node that finishes tasks quickly, in milliseconds of its pace.
+pub(crate) const LEASE_DEPTH_MS: u64 = 250;
+
+/// Leases per slot at most (the reference node queues up to 64: room for a lease the
+/// domain counts as finished a moment early).
+pub(crate) const MAX_LEASE_AHEAD: u32 = 48;
+
+/// Leases per slot at most for a browser node (its library queues up to 8).
+pub(crate) const MAX_LEASE_AHEAD_BROWSER: u32 = 6;
+
+/// A node's recent rate of finished tasks, measured over windows of at least a quarter second.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Pace {
+    since_ms: i64,
+    count: u32,
+    /// Tasks per second over the last closed window.
+    pub per_s: f64,
+}
+
+impl Pace {
+    /// Counts `n` tasks finished at `now` (0 on a heartbeat: an idle node's pace decays).
+    pub fn record(&mut self, n: usize, now: i64) {
+        if self.since_ms == 0 {
+            self.since_ms = now;
+        }
+        self.count = self.count.saturating_add(n as u32);
+        let span = now - self.since_ms;
+        if span >= 250 {
+            self.per_s = f64::from(self.count) * 1000.0 / span as f64;
+            self.since_ms = now;
+            self.count = 0;
         }
     }
 }
@@ -176,6 +229,8 @@ pub(crate) struct Shared {
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Heartbeats waiting to be written, batched by [`heartbeat_loop`].
     pub beats: mpsc::Sender<Beat>,
+    /// Result frames waiting to be recorded, batched by [`crate::recorder`].
+    pub filed: mpsc::Sender<crate::recorder::Filed>,
 }
 
 /// One node's heartbeat on its way to the store, with where to answer.
@@ -370,6 +425,7 @@ impl Domain {
         let (stop, shutdown) = watch::channel(false);
         let id = identity.id();
         let (beats, beats_rx) = mpsc::channel(4 * MAX_BEATS_PER_TRANSACTION);
+        let (filed, filed_rx) = mpsc::channel(crate::recorder::MAX_FRAMES_WAITING);
         let shared = Arc::new(Shared {
             store,
             identity,
@@ -388,6 +444,7 @@ impl Domain {
             samples: std::sync::Mutex::new(VecDeque::with_capacity(SAMPLES)),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             beats,
+            filed,
             config,
         });
         let router = crate::http::router(shared.clone());
@@ -430,12 +487,13 @@ impl Domain {
         let expiry = tokio::spawn(expiry_loop(shared.clone()));
         let sampler = tokio::spawn(sample_loop(shared.clone()));
         let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), beats_rx));
+        let recorder = tokio::spawn(crate::recorder::run(shared.clone(), filed_rx));
         tracing::info!(%addr, domain = %id, "domain listening");
         Ok(Self {
             addr,
             id,
             stop,
-            tasks: vec![server, dispatcher, expiry, sampler, heartbeats],
+            tasks: vec![server, dispatcher, expiry, sampler, heartbeats, recorder],
         })
     }
 
@@ -501,64 +559,82 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
     let now = now_ms();
     let mut batches: HashMap<NodeId, Vec<Assignment>> = HashMap::new();
     let mut sessions = shared.sessions.lock().await;
-    for task in pending {
-        // Snapshot of candidate nodes with their current load.
-        let views: Vec<NodeView> = sessions.values().map(Session::view).collect();
-        let mut replicas_on = task.replicas_on.clone();
-        // A task may want more than one replica now: lease as many as fit.
-        loop {
-            let need = Need {
-                requirements: &task.requirements,
-                limits: &task.spec.limits,
-                replicas_on: &replicas_on,
-                sole: task.redundancy <= 1,
-            };
-            let Ok(node) = matching::pick(&need, &views) else {
-                break;
-            };
-            let node = node.id;
-            // Re-check capacity against leases made earlier in this round.
-            let Some(s) = sessions.get_mut(&node) else {
-                break;
-            };
-            if s.free() == 0 {
-                replicas_on.push(node);
-                if views.iter().all(|v| replicas_on.contains(&v.id)) {
+    // Candidate nodes with their load, kept in step with what this round proposes.
+    let mut views: Vec<NodeView> = sessions.values().map(Session::view).collect();
+    let index: HashMap<NodeId, usize> = views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
+    let mut open: Vec<Wanting> = pending.into_iter().map(Wanting::new).collect();
+    for _ in 0..MAX_PASSES {
+        // Match every replica still wanted; then lease them all in one transaction.
+        let mut wants = Vec::new();
+        let mut of = Vec::new();
+        for (i, w) in open.iter_mut().enumerate() {
+            while !w.done && w.held + w.proposed < w.wanted {
+                let need = Need {
+                    requirements: &w.task.requirements,
+                    limits: &w.task.spec.limits,
+                    replicas_on: &w.excluded,
+                    sole: w.task.redundancy <= 1,
+                };
+                let Ok(node) = matching::pick(&need, &views) else {
+                    w.done = true;
                     break;
-                }
-                continue;
-            }
-            match shared
-                .store
-                .create_lease(
-                    task.spec.task,
+                };
+                let node = node.id;
+                views[index[&node]].running += 1;
+                w.excluded.push(node);
+                w.proposed += 1;
+                wants.push(Want {
+                    task: w.task.spec.task,
                     node,
-                    now,
-                    shared.config.lease_ms,
-                    shared.draw(),
-                )
-                .await?
-            {
+                    draw: shared.draw(),
+                });
+                of.push(i);
+            }
+        }
+        if wants.is_empty() {
+            break;
+        }
+        let outcomes = shared
+            .store
+            .create_leases(&wants, now, shared.config.lease_ms)
+            .await?;
+        let mut again = false;
+        for ((want, i), (leased, replicas)) in wants.iter().zip(of).zip(outcomes) {
+            let w = &mut open[i];
+            w.proposed -= 1;
+            let node = want.node;
+            let view = index[&node];
+            let Some(s) = sessions.get_mut(&node) else {
+                continue;
+            };
+            match leased {
                 Leased::Yes(lease) => {
                     s.running.insert(lease, now);
+                    w.held += 1;
+                    // The first lease decided the task's replication.
+                    let replicas = usize::from(replicas);
+                    again |= w.wanted != replicas && replicas > w.held;
+                    w.wanted = replicas;
                     shared
                         .metrics
                         .dispatch_latency
-                        .observe((now - task.submitted_ms) as f64 / 1000.0);
+                        .observe((now - w.task.submitted_ms) as f64 / 1000.0);
                     let batch = batches.entry(node).or_default();
                     batch.push(Assignment {
                         lease,
-                        spec: task.spec.clone(),
+                        spec: w.task.spec.clone(),
                         lease_ms: shared.config.lease_ms as u64,
                     });
-                    replicas_on.push(node);
-                    if s.free() > 0 && shared.draw() < shared.config.spot_rate {
+                    // A spot check only in room left after every replica proposed this pass.
+                    let room = views[view].running < views[view].slots;
+                    if room && s.free() > 0 && shared.draw() < shared.config.spot_rate {
                         let spot = shared
                             .store
                             .create_spot_check(node, now, shared.config.lease_ms, shared.draw())
                             .await?;
                         if let Some((lease, spec)) = spot {
                             s.running.insert(lease, now);
+                            views[view].running += 1;
                             batch.push(Assignment {
                                 lease,
                                 spec,
@@ -569,24 +645,24 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
                 }
                 Leased::NoStake => {
                     // The stake changed since the round began: no more for this node now.
+                    views[view].running -= 1;
                     s.stake_slots = Some(s.running.len() as u32);
-                    replicas_on.push(node);
-                    if views.iter().all(|v| replicas_on.contains(&v.id)) {
-                        break;
-                    }
+                    views[view].slots = s.running.len() as u32;
+                    again = true;
                 }
                 Leased::Untrusted => {
                     // A browser without the reputation for this replica: try other nodes.
-                    replicas_on.push(node);
-                    if views.iter().all(|v| replicas_on.contains(&v.id)) {
-                        break;
-                    }
+                    views[view].running -= 1;
+                    again = true;
                 }
-                Leased::No => break,
+                Leased::No => {
+                    views[view].running -= 1;
+                    w.done = true;
+                }
             }
-            if views.iter().all(|v| replicas_on.contains(&v.id)) {
-                break;
-            }
+        }
+        if !again {
+            break;
         }
     }
     for (node, tasks) in batches {
@@ -599,6 +675,47 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Matching and leasing passes in one dispatch round at most: a pass after the first only
+/// serves what the previous one learned (a refused node, a task's replication decided).
+const MAX_PASSES: usize = 4;
+
+/// A pending task during a dispatch round.
+struct Wanting {
+    task: PendingTask,
+    /// Nodes that hold, were proposed, or refused a replica of it.
+    excluded: Vec<NodeId>,
+    /// Replicas held (before the round and leased in it).
+    held: usize,
+    /// Replicas proposed in the current pass.
+    proposed: usize,
+    /// Replicas it wants; before its first lease under adaptive replication, one (that
+    /// lease decides).
+    wanted: usize,
+    /// Nothing more for it this round.
+    done: bool,
+}
+
+impl Wanting {
+    fn new(task: PendingTask) -> Self {
+        let held = task.replicas_on.len();
+        let wanted = if held > 0 {
+            usize::from(task.replicas)
+        } else if task.adaptive && task.redundancy > 1 {
+            1
+        } else {
+            usize::from(task.redundancy.max(task.replicas))
+        };
+        Wanting {
+            excluded: task.replicas_on.clone(),
+            held,
+            proposed: 0,
+            wanted,
+            done: false,
+            task,
+        }
+    }
 }
 
 /// Sets each session's lease cap from its node's stake.
@@ -689,4 +806,65 @@ async fn expiry_loop(shared: Arc<Shared>) {
 
 pub(crate) fn next_session(shared: &Shared) -> u64 {
     shared.next_session.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(tier: Tier, slots: u32) -> Session {
+        let (outbox, _) = mpsc::channel(1);
+        Session {
+            id: 1,
+            node: stardust_proto::identity::Identity::from_secret_bytes(&[1; 32]).id(),
+            hardware: Hardware::default(),
+            tier,
+            record: Default::default(),
+            stake_slots: None,
+            latency_ms: 0,
+            slots,
+            capacity: slots * 2,
+            pace: Pace::default(),
+            paused: false,
+            draining: false,
+            running: HashMap::new(),
+            outbox,
+        }
+    }
+
+    #[test]
+    fn a_fast_node_is_leased_deeper_a_slow_or_idle_one_is_not() {
+        let mut s = session(Tier::Standard, 2);
+        assert_eq!(
+            s.capacity(),
+            4,
+            "slots × lease_ahead before any pace is known"
+        );
+        // 1,000 tasks/s: 250 ms of work is 250 leases, capped at 48 per slot.
+        s.pace.record(0, 1_000);
+        s.pace.record(300, 1_300);
+        assert_eq!(s.pace.per_s, 1_000.0);
+        assert_eq!(s.capacity(), 96);
+        // 40 tasks/s: 10 leases.
+        s.pace.record(12, 1_600);
+        assert_eq!(s.capacity(), 10);
+        // Long tasks (2/s) keep the floor.
+        s.pace.record(1, 2_100);
+        assert_eq!(s.capacity(), 4);
+        // Idle heartbeats decay the pace.
+        s.pace.record(300, 2_200);
+        s.pace.record(0, 2_400);
+        assert!(s.capacity() > 4);
+        s.pace.record(0, 3_000);
+        assert_eq!(s.capacity(), 4);
+        // A window shorter than a quarter second changes nothing yet.
+        s.pace.record(1_000, 3_100);
+        assert_eq!(s.capacity(), 4);
+        // Browsers are capped lower: their library queues fewer.
+        let mut b = session(Tier::Browser, 2);
+        b.pace.record(0, 5_000);
+        b.pace.record(10_000, 6_000);
+        assert_eq!(b.capacity(), 12);
+        assert_eq!(b.free(), 12);
+    }
 }

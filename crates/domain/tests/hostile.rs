@@ -10,7 +10,7 @@ use stardust_proto::content::ContentId;
 use stardust_proto::envelope::{self, Context};
 use stardust_proto::identity::Identity;
 use stardust_proto::message::{
-    DomainMessage, Hello, NodeMessage, Nonce, ResultBatch, TaskResult, encode,
+    DomainMessage, Hello, Inline, NodeMessage, Nonce, ResultBatch, TaskResult, encode,
 };
 use stardust_proto::request;
 use stardust_proto::task::{Hardware, RunReport, Status, Tier};
@@ -324,6 +324,7 @@ async fn node_session_refusals_leave_the_session_working() {
             lease: 424_242,
             task: 1,
             report,
+            output: None,
         }],
     };
     ws.send(Message::Binary(encode(&node, &batch).into()))
@@ -335,6 +336,31 @@ async fn node_session_refusals_leave_the_session_working() {
         match next_domain(&mut ws).await {
             Some(DomainMessage::Ack { leases }) => got_ack = leases == [424_242],
             Some(DomainMessage::Reject { code, .. }) => got_reject = code == "not_leased",
+            Some(_) => {}
+            None => panic!("session closed"),
+        }
+    }
+    // Inline output bytes that are not what the report names: refused before anything is
+    // looked up, and acknowledged.
+    let batch = ResultBatch {
+        results: vec![TaskResult {
+            lease: 434_343,
+            task: 1,
+            report: batch.results[0].report.clone(),
+            output: Some(Inline(b"not out".to_vec())),
+        }],
+    };
+    ws.send(Message::Binary(encode(&node, &batch).into()))
+        .await
+        .expect("send");
+    let (mut got_ack, mut got_reject) = (false, false);
+    while !(got_ack && got_reject) {
+        match next_domain(&mut ws).await {
+            Some(DomainMessage::Ack { leases }) => got_ack = leases == [434_343],
+            Some(DomainMessage::Reject { code, message }) => {
+                got_reject =
+                    code == "not_leased" && message.contains("inline output does not match")
+            }
             Some(_) => {}
             None => panic!("session closed"),
         }

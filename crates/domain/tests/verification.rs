@@ -57,6 +57,7 @@ async fn liar(addr: SocketAddr, me: Identity) {
                 lease: a.lease,
                 task: a.spec.task,
                 report,
+                output: None,
             });
         }
         let frame = encode(&me, &ResultBatch { results });

@@ -32,7 +32,8 @@ use futures_util::{SinkExt, StreamExt};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::{Identity, NodeId};
 use stardust_proto::message::{
-    self, Assignment, DomainMessage, Hello, NodeMessage, ResultBatch, TaskResult, encode,
+    self, Assignment, DomainMessage, Hello, Inline, MAX_INLINE_OUTPUT, NodeMessage, ResultBatch,
+    TaskResult, encode,
 };
 use stardust_proto::task::{Hardware, LeaseId};
 use stardust_sandbox::{Sandbox, Task};
@@ -255,7 +256,13 @@ async fn sessions(
 }
 
 /// Most queued assignments per slot.
-const MAX_QUEUED_PER_SLOT: usize = 8;
+const MAX_QUEUED_PER_SLOT: usize = 64;
+
+/// Results in one frame at most.
+const MAX_RESULTS_PER_FRAME: usize = 256;
+
+/// Inline output bytes in one result frame at most.
+const MAX_INLINE_PER_FRAME: usize = 4 * 1024 * 1024;
 
 /// How long a sent result may wait for its acknowledgement before it is sent again.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
@@ -405,10 +412,17 @@ async fn session(
         let batch: Vec<TaskResult> = {
             let unacked = shared.unacked.lock().await;
             sent.retain(|lease, at| unacked.contains_key(lease) && at.elapsed() < RESEND_AFTER);
+            // Bounded in count and in inline bytes (a frame stays far below the domain's
+            // 16 MiB limit).
+            let mut inline = 0usize;
             unacked
                 .values()
                 .filter(|r| !sent.contains_key(&r.lease))
-                .take(256)
+                .take(MAX_RESULTS_PER_FRAME)
+                .take_while(|r| {
+                    inline += r.output.as_ref().map_or(0, |o| o.0.len());
+                    inline <= MAX_INLINE_PER_FRAME
+                })
                 .cloned()
                 .collect()
         };
@@ -434,9 +448,19 @@ async fn session(
                         queue.clear();
                     }
                 }
-                let mut running: Vec<LeaseId> = shared.running.lock().await.iter().copied().collect();
-                running.extend(shared.queue.lock().await.iter().map(|a| a.lease));
-                let busy = running.len() as u32;
+                // One consistent picture (the locks in the workers' order): finished but
+                // unacknowledged leases are listed too, since they stay this node's until
+                // the domain records them.
+                let (running, busy) = {
+                    let queue = shared.queue.lock().await;
+                    let now_running = shared.running.lock().await;
+                    let unacked = shared.unacked.lock().await;
+                    let mut list: Vec<LeaseId> = now_running.iter().copied().collect();
+                    list.extend(queue.iter().map(|a| a.lease));
+                    let busy = list.len() as u32;
+                    list.extend(unacked.keys().copied());
+                    (list, busy)
+                };
                 let free_slots = if shared.paused.load(Ordering::Relaxed) || shared.draining.load(Ordering::Relaxed) {
                     0
                 } else {
@@ -532,10 +556,18 @@ async fn worker(shared: Arc<Shared>, slot: u32) {
         let notified = shared.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // A lease moves queue → running → unacked with the locks of both sides held (always
+        // in that order), so a heartbeat, which holds all three, lists it at every moment: a
+        // lease missing from one heartbeat counts as free at the domain, which would lease
+        // this node more than it queues.
         let next = {
             let paused = shared.paused.load(Ordering::Relaxed);
             let mut queue = shared.queue.lock().await;
-            if paused { None } else { queue.pop_front() }
+            let next = if paused { None } else { queue.pop_front() };
+            if let Some(a) = &next {
+                shared.running.lock().await.insert(a.lease);
+            }
+            next
         };
         let Some(assignment) = next else {
             tokio::select! {
@@ -546,17 +578,20 @@ async fn worker(shared: Arc<Shared>, slot: u32) {
         };
         let lease = assignment.lease;
         if shared.cancelled.lock().await.contains(&lease) {
+            shared.running.lock().await.remove(&lease);
             continue;
         }
-        shared.running.lock().await.insert(lease);
         let started = Instant::now();
         let result = execute(&shared, &assignment).await;
-        shared.running.lock().await.remove(&lease);
-        if let Some(result) = result
-            && !shared.cancelled.lock().await.contains(&lease)
         {
-            shared.unacked.lock().await.insert(lease, result);
-            shared.results.notify_one();
+            let mut running = shared.running.lock().await;
+            if let Some(result) = result
+                && !shared.cancelled.lock().await.contains(&lease)
+            {
+                shared.unacked.lock().await.insert(lease, result);
+                shared.results.notify_one();
+            }
+            running.remove(&lease);
         }
         let rest = policy::rest_after(started.elapsed(), shared.config.cpu_limit);
         if !rest.is_zero() {
@@ -621,13 +656,30 @@ async fn execute(shared: &Arc<Shared>, a: &Assignment) -> Option<TaskResult> {
     })
     .await
     .ok()?;
-    // The output goes up first: the domain refuses a result whose bytes it does not have.
+    // A small output travels inside the signed result; a larger one goes up first (the
+    // domain refuses a result whose bytes it does not have).
+    let inline = out.output.len() <= MAX_INLINE_OUTPUT;
+    if !inline {
+        upload(shared, &out.output, a.lease).await?;
+    }
+    tracing::debug!(lease = a.lease, status = %out.report.status, fuel = out.report.fuel_used, "task done");
+    Some(TaskResult {
+        lease: a.lease,
+        task: a.spec.task,
+        report: out.report,
+        output: inline.then_some(Inline(out.output)),
+    })
+}
+
+/// Uploads an output, retrying while the domain is unreachable; `None` if the lease was
+/// cancelled meanwhile.
+async fn upload(shared: &Shared, output: &[u8], lease: LeaseId) -> Option<()> {
     let mut wait = Duration::from_millis(200);
     loop {
-        match shared.client.put_blob(out.output.clone()).await {
-            Ok(_) => break,
+        match shared.client.put_blob(output.to_vec()).await {
+            Ok(_) => return Some(()),
             Err(e) => {
-                if shared.cancelled.lock().await.contains(&a.lease) {
+                if shared.cancelled.lock().await.contains(&lease) {
                     return None;
                 }
                 tracing::debug!(error = %e, "uploading an output failed; retrying");
@@ -636,12 +688,6 @@ async fn execute(shared: &Arc<Shared>, a: &Assignment) -> Option<TaskResult> {
             }
         }
     }
-    tracing::debug!(lease = a.lease, status = %out.report.status, fuel = out.report.fuel_used, "task done");
-    Some(TaskResult {
-        lease: a.lease,
-        task: a.spec.task,
-        report: out.report,
-    })
 }
 
 /// Samples the machine's load and pauses work while others use it.

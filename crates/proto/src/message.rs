@@ -52,6 +52,35 @@ impl<'de> Deserialize<'de> for Nonce {
     }
 }
 
+/// The largest output a node may carry inside its result instead of uploading it first.
+pub const MAX_INLINE_OUTPUT: usize = 64 * 1024;
+
+/// Bytes inside a JSON body: standard base64 with padding on the wire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Inline(pub Vec<u8>);
+
+impl std::fmt::Debug for Inline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Inline({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Inline {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&data_encoding::BASE64.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Inline {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        data_encoding::BASE64
+            .decode(s.as_bytes())
+            .map(Inline)
+            .map_err(|_| serde::de::Error::custom("expected standard padded base64"))
+    }
+}
+
 /// Domain → node messages (context `stardust/v1/domain`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -178,6 +207,32 @@ pub struct TaskResult {
     pub task: TaskId,
     /// What the run produced.
     pub report: RunReport,
+    /// The output bytes themselves, when at most [`MAX_INLINE_OUTPUT`]: the node then skips
+    /// the upload. Absent: the output was uploaded before the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Inline>,
+}
+
+impl TaskResult {
+    /// Checks inline output bytes against the report (size bound, length, content id).
+    pub fn check_inline(&self) -> Result<(), String> {
+        let Some(Inline(bytes)) = &self.output else {
+            return Ok(());
+        };
+        if bytes.len() > MAX_INLINE_OUTPUT {
+            return Err(format!(
+                "inline output of {} bytes; at most {MAX_INLINE_OUTPUT} may travel inside a result",
+                bytes.len()
+            ));
+        }
+        if bytes.len() as u64 != self.report.output_len || !self.report.output.matches(bytes) {
+            return Err(format!(
+                "inline output does not match the report's output {}",
+                self.report.output
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Why a received frame was refused.
@@ -432,11 +487,18 @@ pub(crate) mod strategies {
 
     pub fn result_batch() -> impl Strategy<Value = ResultBatch> {
         prop::collection::vec(
-            (safe(), safe(), report()).prop_map(|(lease, task, report)| TaskResult {
-                lease,
-                task,
-                report,
-            }),
+            (
+                safe(),
+                safe(),
+                report(),
+                prop::option::of(prop::collection::vec(any::<u8>(), 0..40)),
+            )
+                .prop_map(|(lease, task, report, output)| TaskResult {
+                    lease,
+                    task,
+                    report,
+                    output: output.map(Inline),
+                }),
             0..4,
         )
         .prop_map(|results| ResultBatch { results })
@@ -507,6 +569,77 @@ mod tests {
         assert!(
             decode::<NodeMessage>(&bytes, envelope::DEFAULT_MAX_LEN).is_err(),
             "unknown fields are refused"
+        );
+    }
+
+    #[test]
+    fn inline_outputs_are_base64_and_checked_against_the_report() {
+        let out = b"hello\n".to_vec();
+        let result = TaskResult {
+            lease: 1,
+            task: 2,
+            report: RunReport {
+                status: crate::task::Status::Ok,
+                trap: None,
+                exit_code: Some(0),
+                fuel_used: 5,
+                output: crate::content::ContentId::of(&out),
+                output_len: out.len() as u64,
+                wall_ms: 0,
+                detail: None,
+            },
+            output: Some(Inline(out.clone())),
+        };
+        let json = serde_json::to_value(&result).expect("json");
+        assert_eq!(json["output"], "aGVsbG8K");
+        assert_eq!(result.check_inline(), Ok(()));
+        let wrong = TaskResult {
+            output: Some(Inline(b"hellO\n".to_vec())),
+            ..result.clone()
+        };
+        assert!(
+            wrong
+                .check_inline()
+                .expect_err("other bytes")
+                .contains("does not match")
+        );
+        let short = TaskResult {
+            report: RunReport {
+                output_len: 3,
+                ..result.report.clone()
+            },
+            ..result.clone()
+        };
+        assert!(short.check_inline().is_err(), "the length is checked too");
+        let big = vec![0u8; MAX_INLINE_OUTPUT + 1];
+        let too_big = TaskResult {
+            report: RunReport {
+                output: crate::content::ContentId::of(&big),
+                output_len: big.len() as u64,
+                ..result.report.clone()
+            },
+            output: Some(Inline(big)),
+            ..result.clone()
+        };
+        assert!(
+            too_big
+                .check_inline()
+                .expect_err("too big")
+                .contains("at most")
+        );
+        let bad: Result<TaskResult, _> = serde_json::from_value(serde_json::json!({
+            "lease": 1, "task": 2, "report": json["report"], "output": "not base64!"
+        }));
+        assert!(bad.expect_err("bad base64").to_string().contains("base64"));
+        let absent = TaskResult {
+            output: None,
+            ..result
+        };
+        assert!(
+            serde_json::to_value(&absent)
+                .expect("json")
+                .get("output")
+                .is_none()
         );
     }
 }

@@ -28,7 +28,6 @@ use stardust_proto::task::{LeaseId, RunReport};
 use tokio::sync::mpsc;
 
 use crate::service::{Session, Shared, next_session, now_ms};
-use crate::store::{RecordError, Recorded, Submitted};
 
 /// Bad frames tolerated per session before it is closed.
 const MAX_BAD_FRAMES: u32 = 64;
@@ -157,6 +156,7 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 tier: hello.tier,
                 slots: hello.slots,
                 capacity: hello.slots.saturating_mul(shared.config.lease_ahead.max(1)),
+                pace: crate::service::Pace::default(),
                 paused: false,
                 draining: false,
                 running,
@@ -338,6 +338,7 @@ async fn heartbeat(
     let mut wake = false;
     if let Some(s) = shared.sessions.lock().await.get_mut(&node) {
         let free_before = s.free();
+        s.pace.record(0, now);
         // Keep what the node renewed, and what was assigned too recently to be in its list.
         s.running
             .retain(|lease, assigned| renewed.contains(lease) || *assigned > recent);
@@ -353,6 +354,9 @@ async fn heartbeat(
     Ok(())
 }
 
+/// Checks a result frame's outputs and files it with the recorder, which answers the node
+/// (`ack`, and `reject` for refused results) once it is durable. The session reads on
+/// meanwhile, so frames that arrive during a write are recorded together.
 async fn results(
     shared: &Shared,
     node: NodeId,
@@ -360,102 +364,34 @@ async fn results(
     batch: ResultBatch,
     outbox: &mpsc::Sender<Vec<u8>>,
 ) -> FrameResult {
-    let now = now_ms();
-    let mut done = Vec::with_capacity(batch.results.len());
     let mut refused = Vec::new();
-    let mut judged = Vec::new();
-    for r in &batch.results {
-        if let Err(why) = check_output(shared, &r.report).await {
-            refused.push((r.lease, why));
-            continue;
-        }
-        let submitted = Submitted {
-            lease: r.lease,
-            node,
-            task: r.task,
-            report: &r.report,
-            envelope,
+    let mut checked = Vec::with_capacity(batch.results.len());
+    for r in batch.results {
+        let fine = match &r.output {
+            Some(_) => r.check_inline(),
+            None => check_output(shared, &r.report).await,
         };
-        match shared
-            .store
-            .record_result(submitted, shared.retry(), now)
-            .await
-        {
-            Ok(outcome) => {
-                tracing::debug!(node = %node.short(), lease = r.lease, ?outcome, "result recorded");
-                let m = &shared.metrics;
-                match &outcome {
-                    Recorded::Verified {
-                        records,
-                        agree,
-                        disagree,
-                        submitted_ms,
-                    } => {
-                        judged.extend(records.iter().copied());
-                        m.verified
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        m.end_to_end_latency
-                            .observe((now - submitted_ms) as f64 / 1000.0);
-                        m.verification
-                            .add(&[("outcome", "agree")], agree.len() as u64);
-                        m.verification
-                            .add(&[("outcome", "disagree")], disagree.len() as u64);
-                    }
-                    Recorded::SpotCheck { record, passed } => {
-                        if !passed {
-                            tracing::warn!(node = %node.short(), lease = r.lease, "spot check failed");
-                        }
-                        let outcome = if *passed {
-                            "spot_check_passed"
-                        } else {
-                            "spot_check_failed"
-                        };
-                        m.verification.inc(&[("outcome", outcome)]);
-                        judged.push((node, *record));
-                    }
-                    _ => {}
-                }
-                done.push(r.lease);
-            }
-            Err(RecordError::Store(e)) => {
-                // Not acknowledged: the node keeps the result and sends it again.
-                tracing::error!(error = %e, "recording a result failed");
-            }
-            Err(e) => refused.push((r.lease, e.to_string())),
+        match fine {
+            Ok(()) => checked.push(r),
+            Err(why) => refused.push((r.lease, why)),
         }
     }
-    {
-        let mut sessions = shared.sessions.lock().await;
-        if let Some(s) = sessions.get_mut(&node) {
-            for l in done.iter().chain(refused.iter().map(|(l, _)| l)) {
-                s.running.remove(l);
-            }
-        }
-        for (n, record) in judged {
-            if let Some(s) = sessions.get_mut(&n) {
-                s.record = record;
-            }
-        }
+    let filed = crate::recorder::Filed {
+        node,
+        envelope: envelope.to_vec(),
+        results: checked,
+        refused,
+        outbox: outbox.clone(),
+    };
+    if filed.results.is_empty() {
+        crate::recorder::answer(shared, filed, Vec::new()).await;
+        return Ok(());
     }
-    let mut acked = done;
-    acked.extend(refused.iter().map(|(l, _)| *l));
-    if !acked.is_empty() {
-        let _ = outbox.try_send(encode(
-            &shared.identity,
-            &DomainMessage::Ack { leases: acked },
-        ));
-        shared.wake.notify_one();
-    }
-    if refused.is_empty() {
-        Ok(())
-    } else {
-        let detail = refused
-            .iter()
-            .map(|(l, why)| format!("lease {l}: {why}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        Err(("not_leased", detail))
-    }
+    shared
+        .filed
+        .send(filed)
+        .await
+        .map_err(|_| ("internal", "internal error".to_string()))
 }
 
 /// A result must name output bytes the node uploaded first.

@@ -8,7 +8,7 @@
 //! of the transaction, always after any task or job row (the lock order everywhere is
 //! task → job → ledger head), so concurrent writers queue instead of forking the chain.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use sqlx::Row;
 use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
@@ -26,18 +26,29 @@ pub(crate) struct Post {
     pub reason: Reason,
 }
 
-/// The head of the chain, locked for the current transaction, and the balance changes of
-/// the events posted through it (written once per account by [`Store::close_chain`]).
+/// The head of the chain, locked for the current transaction, the records sealed through it
+/// and their balance changes: all written by [`Store::close_chain`] (records in multi-row
+/// inserts, balances once per account), so a batch of settlements costs a few statements.
 #[derive(Debug)]
 pub(crate) struct Chain {
     seq: u64,
     head: String,
     deltas: BTreeMap<Account, i128>,
+    /// Stored balances read through this chain (nothing else writes them while it holds the
+    /// head: every ledger writer takes the head first).
+    stored: BTreeMap<Account, i128>,
+    /// Sealed records not yet inserted: (seq, id, record, at_ms).
+    sealed: Vec<(u64, String, Vec<u8>, i64)>,
+    /// Their ids.
+    ids: HashSet<String>,
     /// µSCU of verified compute to date (the contribution curve's `x`).
     pub compute_micro_scu: u64,
 }
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Ledger records per INSERT statement (4 parameters each: far below both backends' limits).
+const RECORDS_PER_INSERT: usize = 256;
 
 /// A stored ledger record.
 #[derive(Debug, Clone)]
@@ -67,6 +78,9 @@ impl Store {
             seq: row.try_get::<i64, _>("seq")? as u64,
             head: row.try_get("head")?,
             deltas: BTreeMap::new(),
+            stored: BTreeMap::new(),
+            sealed: Vec::new(),
+            ids: HashSet::new(),
             compute_micro_scu: row.try_get::<i64, _>("compute_micro_scu")? as u64,
         })
     }
@@ -84,12 +98,27 @@ impl Store {
     }
 
     /// A balance as of `tx`, with the movements posted through `chain` so far.
-    pub(crate) async fn balance_now(tx: &mut Tx, chain: &Chain, account: Account) -> Result<i128> {
-        Ok(Self::balance_in(tx, account).await? + chain.deltas.get(&account).copied().unwrap_or(0))
+    pub(crate) async fn balance_now(
+        tx: &mut Tx,
+        chain: &mut Chain,
+        account: Account,
+    ) -> Result<i128> {
+        let stored = match chain.stored.get(&account) {
+            Some(b) => *b,
+            None => {
+                let b = Self::balance_in(tx, account).await?;
+                chain.stored.insert(account, b);
+                b
+            }
+        };
+        Ok(stored + chain.deltas.get(&account).copied().unwrap_or(0))
     }
 
-    /// Whether an event id is already in the ledger.
-    pub(crate) async fn posted(tx: &mut Tx, id: &str) -> Result<bool> {
+    /// Whether an event id is already in the ledger (or sealed through `chain`).
+    pub(crate) async fn posted(tx: &mut Tx, chain: &Chain, id: &str) -> Result<bool> {
+        if chain.ids.contains(id) {
+            return Ok(true);
+        }
         Ok(sqlx::query("SELECT 1 AS one FROM ledger WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut **tx)
@@ -99,15 +128,24 @@ impl Store {
 
     /// Seals and appends one movement, checked against the stored balance with the
     /// ledger's own rules. A refused movement changes nothing and is returned as `Err`.
+    /// `fresh`: the caller knows the id is new (a task's settlement, decided once under the
+    /// task's lock), so only this chain's own records are checked, not the table (whose
+    /// unique index still refuses a duplicate).
     pub(crate) async fn post(
         &self,
         tx: &mut Tx,
         chain: &mut Chain,
         post: Post,
         now: i64,
+        fresh: bool,
     ) -> Result<std::result::Result<(), ApplyError>> {
         let signer = self.signer.as_ref().ok_or(StoreError::NoSigner)?;
-        if Self::posted(tx, &post.id).await? {
+        let known = if fresh {
+            chain.ids.contains(&post.id)
+        } else {
+            Self::posted(tx, chain, &post.id).await?
+        };
+        if known {
             return Ok(Err(ApplyError::Duplicate { id: post.id }));
         }
         let event = Event {
@@ -125,43 +163,54 @@ impl Store {
             return Ok(Err(e));
         }
         let record = stardust_ledger::seal(signer, &event);
-        sqlx::query("INSERT INTO ledger (seq, id, record, at_ms) VALUES ($1, $2, $3, $4)")
-            .bind(id_i64(event.seq))
-            .bind(&event.id)
-            .bind(&record)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
         let amount = i128::from(event.amount);
         *chain.deltas.entry(event.from).or_default() -= amount;
         *chain.deltas.entry(event.to).or_default() += amount;
         chain.seq += 1;
         chain.head = stardust_ledger::link(&record);
+        chain.ids.insert(event.id.clone());
+        chain.sealed.push((event.seq, event.id, record, now));
         Ok(Ok(()))
     }
 
     /// Posts a movement that the caller has already made valid (amounts clamped to
-    /// balances, ids fresh); a refusal here is a bug, reported as corrupt state. Zero
-    /// amounts are skipped.
+    /// balances); a refusal here is a bug, reported as corrupt state, and a duplicate id is
+    /// skipped. Zero amounts are skipped. `fresh` as for [`Store::post`].
     pub(crate) async fn post_valid(
         &self,
         tx: &mut Tx,
         chain: &mut Chain,
         post: Post,
         now: i64,
+        fresh: bool,
     ) -> Result<()> {
         if post.amount == 0 {
             return Ok(());
         }
-        match self.post(tx, chain, post, now).await? {
+        match self.post(tx, chain, post, now, fresh).await? {
             Ok(()) | Err(ApplyError::Duplicate { .. }) => Ok(()),
             Err(e) => Err(corrupt("ledger movement", e)),
         }
     }
 
-    /// Writes the balance changes (one upsert per account touched) and the head back; call
-    /// once before committing `tx`.
+    /// Writes the sealed records (multi-row inserts), the balance changes (one upsert per
+    /// account touched) and the head back; call once before committing `tx`.
     pub(crate) async fn close_chain(tx: &mut Tx, chain: Chain) -> Result<()> {
+        for rows in chain.sealed.chunks(RECORDS_PER_INSERT) {
+            let mut sql = String::from("INSERT INTO ledger (seq, id, record, at_ms) VALUES ");
+            for i in 0..rows.len() {
+                let b = 4 * i;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+            }
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (seq, id, record, at) in rows {
+                q = q.bind(id_i64(*seq)).bind(id).bind(record).bind(*at);
+            }
+            q.execute(&mut **tx).await?;
+        }
         for (account, delta) in &chain.deltas {
             if *delta == 0 {
                 continue;
@@ -208,7 +257,8 @@ impl Store {
             amount,
             reason,
         };
-        self.post_valid(&mut tx, &mut chain, post, now).await?;
+        self.post_valid(&mut tx, &mut chain, post, now, false)
+            .await?;
         Self::close_chain(&mut tx, chain).await?;
         tx.commit().await?;
         Ok(seq)

@@ -9,7 +9,9 @@
 //! Lease states: `active`, `done` (result recorded), `expired`, `failed` (attempt did not
 //! produce a vote), `cancelled`.
 
+mod leases;
 mod ledger;
+mod results;
 pub mod schema;
 
 use std::path::Path;
@@ -25,11 +27,11 @@ use stardust_proto::task::{
     Hardware, JobId, LeaseId, Limits, Requirements, RunReport, TaskId, TaskSpec, Tier,
 };
 use stardust_scheduler::pricing;
-use stardust_scheduler::quorum::{self, Decision};
-use stardust_scheduler::reputation::{Adaptive, Outcome, Record};
+use stardust_scheduler::reputation::{Adaptive, Record};
 
+pub use self::leases::Want;
+use self::ledger::Post;
 pub use self::ledger::StoredRecord;
-use self::ledger::{Chain, Post};
 
 /// Which database is behind the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +158,11 @@ pub struct PendingTask {
     pub submitted_ms: i64,
     /// Its job's redundancy (adaptive replication may still run it as one replica).
     pub redundancy: u8,
+    /// Replicas the task wants as decided so far (its first lease decides: the job's
+    /// redundancy, or one under adaptive replication).
+    pub replicas: u8,
+    /// Whether its job allows adaptive replication.
+    pub adaptive: bool,
 }
 
 /// A lease held by a node, as needed to resume it after a reconnect.
@@ -241,6 +248,9 @@ pub struct Submitted<'a> {
     pub report: &'a RunReport,
     /// The signed envelope as received, kept as evidence.
     pub envelope: &'a [u8],
+    /// The output bytes when they came inside the result (checked against the report by
+    /// the caller); stored with it.
+    pub output: Option<&'a [u8]>,
 }
 
 /// Retry and replication bounds.
@@ -660,6 +670,7 @@ impl Store {
                         reason: Reason::Welcome,
                     },
                     now,
+                    false,
                 )
                 .await?;
             }
@@ -671,8 +682,12 @@ impl Store {
                     amount: maximum,
                     reason: Reason::Escrow { job: job as JobId },
                 };
-                if self.post(&mut tx, &mut chain, escrow, now).await?.is_err() {
-                    let balance = Self::balance_now(&mut tx, &chain, submitter).await?;
+                if self
+                    .post(&mut tx, &mut chain, escrow, now, false)
+                    .await?
+                    .is_err()
+                {
+                    let balance = Self::balance_now(&mut tx, &mut chain, submitter).await?;
                     tx.rollback().await?;
                     return Err(CreateJobError::Insufficient {
                         needed: maximum,
@@ -825,195 +840,6 @@ impl Store {
                 .await?;
         }
         Ok(())
-    }
-
-    /// Up to `limit` tasks that want another replica, highest priority and oldest first.
-    ///
-    /// Open jobs are listed first (few), then each job's pending tasks are read in index
-    /// order (`tasks_by_state`: state, job, position) up to what is still wanted: no sort
-    /// over every pending task, which made each dispatch round O(pending) and a large job
-    /// O(n²).
-    pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
-        let jobs = sqlx::query(
-            "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut rows = Vec::new();
-        for j in jobs {
-            let wanted = i64::from(limit) - rows.len() as i64;
-            if wanted <= 0 {
-                break;
-            }
-            rows.extend(
-                sqlx::query(
-                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, j.spec, j.created_ms, j.redundancy FROM tasks t JOIN jobs j ON j.id = t.job_id
-                     WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
-                )
-                .bind(j.try_get::<i64, _>("id")?)
-                .bind(wanted)
-                .fetch_all(&self.pool)
-                .await?,
-            );
-        }
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let task: i64 = r.try_get("id")?;
-            let terms = terms(&r)?;
-            let holders = sqlx::query(
-                "SELECT node FROM leases WHERE task_id = $1 AND state IN ('active', 'done')",
-            )
-            .bind(task)
-            .fetch_all(&self.pool)
-            .await?;
-            let replicas_on = holders
-                .iter()
-                .map(|h| parse("lease node", &h.try_get::<String, _>("node")?))
-                .collect::<Result<Vec<NodeId>>>()?;
-            out.push(PendingTask {
-                spec: TaskSpec {
-                    task: task as TaskId,
-                    job: r.try_get::<i64, _>("job_id")? as JobId,
-                    module: parse("job module", &r.try_get::<String, _>("module")?)?,
-                    input: parse("task input", &r.try_get::<String, _>("input")?)?,
-                    args: json("task args", &r.try_get::<String, _>("args")?)?,
-                    limits: terms.limits,
-                    seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
-                },
-                requirements: terms.requirements,
-                replicas_on,
-                submitted_ms: r.try_get("created_ms")?,
-                redundancy: r.try_get::<i64, _>("redundancy")?.clamp(0, 255) as u8,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Leases one replica of `task` to `node`, if the task still wants one, the node holds
-    /// none of it and its stake covers one more lease. Atomic: concurrent callers never
-    /// over-lease.
-    ///
-    /// The first replica decides the task's replication: its job's full redundancy, or a
-    /// single replica when the job allows adaptive replication and the node's streak earns
-    /// it (`draw`, uniform in [0, 1), decides the random re-checks).
-    pub async fn create_lease(
-        &self,
-        task: TaskId,
-        node: NodeId,
-        now: i64,
-        lease_ms: i64,
-        draw: f64,
-    ) -> Result<Leased> {
-        let mut tx = self.pool.begin().await?;
-        self.lock_task(&mut tx, task).await?;
-        let t = sqlx::query(
-            "SELECT t.state, t.replicas, t.job_id, j.redundancy, j.adaptive FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
-        )
-        .bind(id_i64(task))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(t) = t else { return Ok(Leased::No) };
-        if t.try_get::<String, _>("state")? != "pending" {
-            return Ok(Leased::No);
-        }
-        let mut replicas: i64 = t.try_get("replicas")?;
-        let job: i64 = t.try_get("job_id")?;
-        let redundancy: i64 = t.try_get("redundancy")?;
-        let adaptive = t.try_get::<i64, _>("adaptive")? != 0;
-        let node_s = node.to_string();
-        if self.economy.stake > 0 {
-            let active = sqlx::query(
-                "SELECT COUNT(*) AS n FROM leases WHERE node = $1 AND state = 'active'",
-            )
-            .bind(&node_s)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get::<i64, _>("n")?;
-            let held = Self::balance_in(&mut tx, Account::Stake(node)).await?;
-            if held < i128::from(self.economy.stake) * i128::from(active + 1) {
-                return Ok(Leased::NoStake);
-            }
-        }
-        let held = sqlx::query(
-            "SELECT l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
-             WHERE l.task_id = $1 AND l.state IN ('active', 'done')",
-        )
-        .bind(id_i64(task))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut count = 0i64;
-        // Whether some replica is on a node that may stand alone (not an untrusted browser).
-        let mut vouched = false;
-        for h in &held {
-            if h.try_get::<String, _>("node")? == node_s {
-                return Ok(Leased::No);
-            }
-            count += 1;
-            vouched |= may_stand_alone_row(
-                h.try_get::<Option<String>, _>("tier")?,
-                h.try_get::<Option<i64>, _>("streak")?,
-            );
-        }
-        let me = sqlx::query("SELECT tier, streak FROM nodes WHERE id = $1")
-            .bind(&node_s)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let streak = me
-            .as_ref()
-            .map(|r| r.try_get::<i64, _>("streak"))
-            .transpose()?
-            .unwrap_or(0) as u64;
-        let trusted = match &me {
-            Some(r) => may_stand_alone_row(r.try_get("tier")?, Some(streak as i64)),
-            None => true,
-        };
-        if count == 0 {
-            // First replica (again, after failed attempts): decide the replication.
-            let single =
-                adaptive && redundancy > 1 && trusted && self.economy.adaptive.single(streak, draw);
-            let wanted = if single { 1 } else { redundancy.max(replicas) };
-            if wanted < 2 && !trusted {
-                return Ok(Leased::Untrusted);
-            }
-            if wanted != replicas {
-                sqlx::query("UPDATE tasks SET replicas = $1 WHERE id = $2")
-                    .bind(wanted)
-                    .bind(id_i64(task))
-                    .execute(&mut *tx)
-                    .await?;
-                replicas = wanted;
-            }
-        }
-        if count >= replicas {
-            return Ok(Leased::No);
-        }
-        if !trusted && !vouched && count + 1 >= replicas {
-            // The last replica: an untrusted browser may not complete a set of untrusted
-            // browsers.
-            return Ok(Leased::Untrusted);
-        }
-        let row = sqlx::query(
-            "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES ($1, $2, 'active', $3, $4) RETURNING id",
-        )
-        .bind(id_i64(task))
-        .bind(&node_s)
-        .bind(now)
-        .bind(now.saturating_add(lease_ms))
-        .fetch_one(&mut *tx)
-        .await?;
-        let lease: i64 = row.try_get("id")?;
-        if count + 1 >= replicas {
-            sqlx::query("UPDATE tasks SET state = 'running' WHERE id = $1")
-                .bind(id_i64(task))
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("UPDATE jobs SET state = 'running' WHERE id = $1 AND state = 'queued'")
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Leased::Yes(lease as LeaseId))
     }
 
     /// Leases a spot check to `node`: a verified task it never ran, whose answer is known,
@@ -1190,415 +1016,6 @@ impl Store {
         .transpose()
     }
 
-    /// Records `node`'s result for `lease`, exactly once, and decides the task by quorum
-    /// when enough results are in. `envelope` is the signed result as received (evidence).
-    pub async fn record_result(
-        &self,
-        result: Submitted<'_>,
-        retry: Retry,
-        now: i64,
-    ) -> std::result::Result<Recorded, RecordError> {
-        let Submitted {
-            lease,
-            node,
-            task,
-            report,
-            envelope,
-        } = result;
-        let Retry {
-            max_attempts,
-            max_replicas,
-        } = retry;
-        let mut tx = self.pool.begin().await?;
-        self.lock_task(&mut tx, task).await?;
-        let row =
-            sqlx::query("SELECT task_id, node, state, report, kind FROM leases WHERE id = $1")
-                .bind(id_i64(lease))
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(row) = row else {
-            return Err(RecordError::NotLeased(lease));
-        };
-        if row.try_get::<String, _>("node")? != node.to_string() {
-            return Err(RecordError::NotLeased(lease));
-        }
-        let lease_task = row.try_get::<i64, _>("task_id")? as TaskId;
-        if lease_task != task {
-            return Err(RecordError::WrongTask {
-                lease,
-                expected: lease_task,
-                got: task,
-            });
-        }
-        let state: String = row.try_get("state")?;
-        if state == "done" {
-            let stored: Option<String> = row.try_get("report")?;
-            return if stored.as_deref() == Some(to_json(report).as_str()) {
-                Ok(Recorded::Duplicate)
-            } else {
-                Err(RecordError::NotLeased(lease))
-            };
-        }
-        if state != "active" {
-            return Err(RecordError::NotLeased(lease));
-        }
-        if row.try_get::<String, _>("kind")? == "spot" {
-            let outcome = self
-                .record_spot_check(&mut tx, lease, node, task, report, envelope, now)
-                .await?;
-            tx.commit().await?;
-            return Ok(outcome);
-        }
-        let t = sqlx::query("SELECT state, replicas, attempts, job_id FROM tasks WHERE id = $1")
-            .bind(id_i64(task))
-            .fetch_one(&mut *tx)
-            .await?;
-        let job: i64 = t.try_get("job_id")?;
-        let replicas = t.try_get::<i64, _>("replicas")? as u8;
-        let attempts = t.try_get::<i64, _>("attempts")? as u32;
-
-        let outcome = if !report.status.is_deterministic() {
-            // Not a vote: the attempt failed; lease the replica again, or give up.
-            sqlx::query("UPDATE leases SET state = 'failed', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
-                .bind(to_json(report))
-                .bind(envelope)
-                .bind(now)
-                .bind(id_i64(lease))
-                .execute(&mut *tx)
-                .await?;
-            let reason = format!("attempt failed: {}", report.status);
-            Self::failed_attempt(&mut tx, task, attempts + 1, max_attempts, &reason, now).await?
-        } else {
-            sqlx::query("UPDATE leases SET state = 'done', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
-                .bind(to_json(report))
-                .bind(envelope)
-                .bind(now)
-                .bind(id_i64(lease))
-                .execute(&mut *tx)
-                .await?;
-            let done = sqlx::query(
-                "SELECT node, report FROM leases WHERE task_id = $1 AND state = 'done' ORDER BY id",
-            )
-            .bind(id_i64(task))
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut votes = Vec::with_capacity(done.len());
-            for d in &done {
-                let n: NodeId = parse("lease node", &d.try_get::<String, _>("node")?)?;
-                let r: RunReport = json(
-                    "lease report",
-                    &d.try_get::<Option<String>, _>("report")?
-                        .unwrap_or_default(),
-                )?;
-                votes.push((n, r.fingerprint()));
-            }
-            let policy = quorum::Policy {
-                redundancy: replicas,
-                max_replicas: max_replicas.max(replicas),
-            };
-            match quorum::decide(policy, &votes) {
-                Decision::Accepted {
-                    value,
-                    agree,
-                    disagree,
-                } => {
-                    let accepted = done
-                        .iter()
-                        .find_map(|d| {
-                            let r: RunReport = json(
-                                "lease report",
-                                &d.try_get::<Option<String>, _>("report").ok()??,
-                            )
-                            .ok()?;
-                            (r.fingerprint() == value).then_some(r)
-                        })
-                        .ok_or_else(|| corrupt("quorum", "accepted value has no report"))?;
-                    sqlx::query(
-                        "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3, finished_ms = $4 WHERE id = $5",
-                    )
-                    .bind(accepted.output.to_string())
-                    .bind(id_i64(accepted.fuel_used))
-                    .bind(to_json(&accepted))
-                    .bind(now)
-                    .bind(id_i64(task))
-                    .execute(&mut *tx)
-                    .await?;
-                    // Replicas still running are no longer needed.
-                    sqlx::query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
-                        .bind(now)
-                        .bind(id_i64(task))
-                        .execute(&mut *tx)
-                        .await?;
-                    // Node rows are updated in id order so concurrent transactions never
-                    // lock them in opposite orders (no deadlock).
-                    let mut votes: Vec<(NodeId, Outcome)> = agree
-                        .iter()
-                        .map(|n| (*n, Outcome::Agreed))
-                        .chain(disagree.iter().map(|n| (*n, Outcome::Disagreed)))
-                        .collect();
-                    votes.sort_by_key(|(n, _)| *n);
-                    let mut records = Vec::with_capacity(votes.len());
-                    for (n, outcome) in votes {
-                        records.push((n, Self::judge(&mut tx, n, outcome).await?));
-                    }
-                    let submitted_ms = self
-                        .settle(&mut tx, job, task, &accepted, &agree, &disagree, now)
-                        .await?;
-                    Recorded::Verified {
-                        agree,
-                        disagree,
-                        records,
-                        submitted_ms,
-                    }
-                }
-                Decision::NeedMore(k) => {
-                    let active = sqlx::query(
-                        "SELECT COUNT(*) AS n FROM leases WHERE task_id = $1 AND state = 'active'",
-                    )
-                    .bind(id_i64(task))
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .try_get::<i64, _>("n")?;
-                    let wanted = (votes.len() as i64 + i64::from(k)).max(i64::from(replicas));
-                    let state = if (votes.len() as i64 + active) < wanted {
-                        "pending"
-                    } else {
-                        "running"
-                    };
-                    sqlx::query("UPDATE tasks SET replicas = $1, state = $2 WHERE id = $3")
-                        .bind(wanted)
-                        .bind(state)
-                        .bind(id_i64(task))
-                        .execute(&mut *tx)
-                        .await?;
-                    if wanted > i64::from(replicas) {
-                        Recorded::MoreReplicas(k)
-                    } else {
-                        Recorded::Stored
-                    }
-                }
-                Decision::Failed => {
-                    let reason = "replicas disagree".to_string();
-                    sqlx::query("UPDATE tasks SET state = 'failed', reason = $1, finished_ms = $2 WHERE id = $3")
-                        .bind(&reason)
-                        .bind(now)
-                        .bind(id_i64(task))
-                        .execute(&mut *tx)
-                        .await?;
-                    Recorded::Failed(reason)
-                }
-            }
-        };
-        self.finish_job_if_done(&mut tx, job, now).await?;
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
-    /// Updates a node's reputation record with `outcome`; returns the new record.
-    async fn judge(
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        node: NodeId,
-        outcome: Outcome,
-    ) -> Result<Record> {
-        let row = sqlx::query("SELECT rep_good, rep_bad, streak FROM nodes WHERE id = $1")
-            .bind(node.to_string())
-            .fetch_optional(&mut **tx)
-            .await?;
-        let old = match row {
-            Some(r) => Record {
-                good: r.try_get("rep_good")?,
-                bad: r.try_get("rep_bad")?,
-                streak: r.try_get::<i64, _>("streak")? as u64,
-            },
-            None => Record::default(),
-        };
-        let new = old.update(outcome);
-        let counter = match outcome {
-            Outcome::Agreed => "agreed = agreed + 1",
-            Outcome::Disagreed => "disagreed = disagreed + 1",
-            Outcome::SpotPassed => "spot_passed = spot_passed + 1",
-            Outcome::SpotFailed => "spot_failed = spot_failed + 1",
-        };
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE nodes SET rep_good = $1, rep_bad = $2, streak = $3, {counter} WHERE id = $4"
-        )))
-        .bind(new.good)
-        .bind(new.bad)
-        .bind(id_i64(new.streak))
-        .bind(node.to_string())
-        .execute(&mut **tx)
-        .await?;
-        Ok(new)
-    }
-
-    /// Pays a verified task from its job's escrow — 80 % to the agreeing providers, 15 %
-    /// treasury, 5 % module author, plus the minted contribution bonus — and slashes the
-    /// losers' stake to the treasury. Charged: the accepted fuel (at most the limit) at the
-    /// job's price, once per agreeing replica up to the job's redundancy. Returns when the
-    /// job was submitted.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one call site; the parts of a decision"
-    )]
-    async fn settle(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        job: i64,
-        task: TaskId,
-        accepted: &RunReport,
-        agree: &[NodeId],
-        disagree: &[NodeId],
-        now: i64,
-    ) -> Result<i64> {
-        let lock = if self.backend == Backend::Postgres {
-            " FOR UPDATE"
-        } else {
-            ""
-        };
-        let j = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT terms, spec, price, redundancy, author, created_ms FROM jobs WHERE id = $1{lock}"
-        )))
-        .bind(job)
-        .fetch_one(&mut **tx)
-        .await?;
-        let limits = terms(&j)?.limits;
-        let price = j.try_get::<i64, _>("price")? as u64;
-        let redundancy = j.try_get::<i64, _>("redundancy")? as usize;
-        let author: Option<String> = j.try_get("author")?;
-        let fuel = accepted.fuel_used.min(limits.fuel);
-        let paid = agree.len().min(redundancy.max(1)) as u64;
-        let charge = pricing::replica_charge(fuel, price).saturating_mul(paid);
-        let mut chain = self.chain(tx).await?;
-        let escrow = Account::Escrow(job as JobId);
-        let charge = charge.min(Self::balance_in(tx, escrow).await?.max(0) as u64);
-        let split = stardust_ledger::split(charge, agree.len());
-        let settle = |to: Account, amount: Amount, tag: String| Post {
-            id: format!("settle:{task}:{tag}"),
-            from: escrow,
-            to,
-            amount,
-            reason: Reason::Settle { task },
-        };
-        let mut posts = Vec::with_capacity(2 * agree.len() + 2);
-        for (n, share) in agree.iter().zip(&split.providers) {
-            posts.push(settle(Account::Operator(*n), *share, n.to_string()));
-        }
-        posts.push(settle(Account::Treasury, split.treasury, "treasury".into()));
-        let author = match author {
-            Some(a) => Account::Author(parse("job author", &a)?),
-            None => Account::Treasury,
-        };
-        posts.push(settle(author, split.author, "author".into()));
-        for (n, share) in agree.iter().zip(&split.providers) {
-            posts.push(Post {
-                id: format!("bonus:{task}:{n}"),
-                from: Account::Mint,
-                to: Account::Operator(*n),
-                amount: stardust_ledger::curve::bonus(*share, u128::from(chain.compute_micro_scu)),
-                reason: Reason::Bonus { task },
-            });
-        }
-        for post in posts {
-            self.post_valid(tx, &mut chain, post, now).await?;
-        }
-        for n in disagree {
-            self.slash(tx, &mut chain, *n, task, format!("slash:{task}:{n}"), now)
-                .await?;
-        }
-        chain.compute_micro_scu = chain.compute_micro_scu.saturating_add(
-            stardust_proto::scu::micro_scu(fuel).saturating_mul(agree.len() as u64),
-        );
-        Self::close_chain(tx, chain).await?;
-        Ok(j.try_get("created_ms")?)
-    }
-
-    /// Moves up to one lease's worth of `node`'s stake to the treasury.
-    async fn slash(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        chain: &mut Chain,
-        node: NodeId,
-        task: TaskId,
-        id: String,
-        now: i64,
-    ) -> Result<()> {
-        let stake = Account::Stake(node);
-        let held = Self::balance_now(tx, chain, stake).await?.max(0) as u64;
-        let amount = self.economy.stake.min(held);
-        self.post_valid(
-            tx,
-            chain,
-            Post {
-                id,
-                from: stake,
-                to: Account::Treasury,
-                amount,
-                reason: Reason::Slash { task },
-            },
-            now,
-        )
-        .await
-    }
-
-    /// Judges the answer to a spot check against the task's accepted report.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the parts of one submitted result"
-    )]
-    async fn record_spot_check(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        lease: LeaseId,
-        node: NodeId,
-        task: TaskId,
-        report: &RunReport,
-        envelope: &[u8],
-        now: i64,
-    ) -> std::result::Result<Recorded, RecordError> {
-        let known: Option<String> = sqlx::query("SELECT report FROM tasks WHERE id = $1")
-            .bind(id_i64(task))
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get("report")?;
-        let known: RunReport = json("task report", &known.unwrap_or_default())?;
-        let (state, outcome) = if !report.status.is_deterministic() {
-            ("failed", None)
-        } else if report.fingerprint() == known.fingerprint() {
-            ("done", Some(Outcome::SpotPassed))
-        } else {
-            ("done", Some(Outcome::SpotFailed))
-        };
-        sqlx::query("UPDATE leases SET state = $1, report = $2, envelope = $3, finished_ms = $4 WHERE id = $5")
-            .bind(state)
-            .bind(to_json(report))
-            .bind(envelope)
-            .bind(now)
-            .bind(id_i64(lease))
-            .execute(&mut **tx)
-            .await?;
-        let Some(outcome) = outcome else {
-            return Ok(Recorded::Stored);
-        };
-        let record = Self::judge(tx, node, outcome).await?;
-        if outcome == Outcome::SpotFailed {
-            let mut chain = self.chain(tx).await?;
-            self.slash(
-                tx,
-                &mut chain,
-                node,
-                task,
-                format!("slash:spot:{lease}"),
-                now,
-            )
-            .await?;
-            Self::close_chain(tx, chain).await?;
-        }
-        Ok(Recorded::SpotCheck {
-            passed: outcome == Outcome::SpotPassed,
-            record,
-        })
-    }
-
     async fn failed_attempt(
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         task: TaskId,
@@ -1706,7 +1123,7 @@ impl Store {
                 amount: left as u64,
                 reason: Reason::Refund { job: job as JobId },
             };
-            self.post_valid(tx, &mut chain, post, now).await?;
+            self.post_valid(tx, &mut chain, post, now, false).await?;
         }
         Self::close_chain(tx, chain).await
     }
@@ -1909,7 +1326,7 @@ impl Store {
                 amount: (periods - paid) as u64 * UPTIME_PER_PERIOD,
                 reason: Reason::Uptime,
             };
-            self.post_valid(tx, &mut chain, post, now).await?;
+            self.post_valid(tx, &mut chain, post, now, false).await?;
             Self::close_chain(tx, chain).await?;
         }
         Ok(())

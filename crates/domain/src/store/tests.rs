@@ -164,6 +164,7 @@ async fn try_record(
                 task,
                 report,
                 envelope: b"",
+                output: None,
             },
             RETRY,
             now,
@@ -178,6 +179,7 @@ async fn record(store: &Store, lease: LeaseId, n: NodeId, task: TaskId, r: &RunR
         task,
         report: r,
         envelope: b"envelope",
+        output: None,
     };
     store
         .record_result(submitted, RETRY, 2_000)
@@ -1138,6 +1140,199 @@ async fn untrusted_browsers_never_hold_a_task_alone_nor_only_with_browsers() {
         assert!(
             matches!(lease(t, 7, 0.0).await, Leased::Yes(_)),
             "a trusted browser may pair with a new one"
+        );
+    }
+}
+
+// ---- batches -----------------------------------------------------------------------------
+
+/// Everything a batch could change, in comparable form.
+async fn state_of(store: &Store, jobs: &[JobId]) -> Vec<String> {
+    let mut out = Vec::new();
+    for j in jobs {
+        out.push(format!("{:?}", store.job(*j).await.expect("job")));
+        out.push(format!(
+            "{:?}",
+            store.tasks(*j, 0, 100).await.expect("tasks")
+        ));
+    }
+    out.push(format!("{:?}", store.nodes().await.expect("nodes")));
+    out.push(format!("{:?}", store.balances().await.expect("balances")));
+    for r in store.ledger_records(0, 10_000).await.expect("records") {
+        out.push(format!("{} {} {:?}", r.seq, r.id, r.record));
+    }
+    out
+}
+
+/// Two stores (of one backend) in the same state: nodes 1–3 with stake (node 3 enough for
+/// two leases), a submitter with credits, a priced job of 4 single-replica tasks and one of
+/// 3 tasks × 3 replicas. Returns the jobs and their tasks.
+async fn batch_fixture(store: &Store) -> (Vec<JobId>, Vec<TaskId>) {
+    join(store, &[1, 2, 3]).await;
+    for (n, stake) in [(1, 10_000_000), (2, 10_000_000), (3, 2_000_000)] {
+        store
+            .grant(Account::Stake(node(n)), stake, 0)
+            .await
+            .expect("stake");
+    }
+    store
+        .grant(Account::Submitter(node(100)), 1_000_000_000, 0)
+        .await
+        .expect("credits");
+    let single = priced_job(store, node(100), 1, 4, 1_000_000)
+        .await
+        .expect("job");
+    let triple = priced_job(store, node(100), 3, 3, 1_000_000)
+        .await
+        .expect("job");
+    let tasks = store
+        .pending_tasks(100)
+        .await
+        .expect("pending")
+        .iter()
+        .map(|p| p.spec.task)
+        .collect();
+    (vec![single, triple], tasks)
+}
+
+#[tokio::test]
+async fn a_batch_of_leases_and_results_is_what_one_at_a_time_would_be() {
+    let economy = Economy {
+        stake: 1_000_000,
+        ..Economy::default()
+    };
+    for ((one, _d1), (many, _d2)) in backends().await.into_iter().zip(backends().await) {
+        let one = with_economy(one, economy);
+        let many = with_economy(many, economy);
+        let (jobs, t) = batch_fixture(&one).await;
+        assert_eq!(batch_fixture(&many).await, (jobs.clone(), t.clone()));
+        // Leases: every kind of outcome, some depending on the ones before them.
+        let wants: Vec<(usize, u8)> = vec![
+            (0, 1),
+            (1, 2),
+            (2, 1),
+            (3, 2),
+            (4, 1),
+            (4, 2),
+            (4, 3),
+            (5, 1),
+            (5, 2),
+            (5, 3),
+            (4, 1), // holds it already
+            (0, 3), // single replica, leased
+            (6, 3), // node 3's stake covers two leases
+            (6, 1),
+        ];
+        let wants: Vec<Want> = wants
+            .into_iter()
+            .map(|(i, n)| Want {
+                task: t[i],
+                node: node(n),
+                draw: 0.5,
+            })
+            .collect();
+        let mut sequential = Vec::new();
+        for w in &wants {
+            sequential.push(
+                one.create_lease(w.task, w.node, 10, 60_000, w.draw)
+                    .await
+                    .expect("lease"),
+            );
+        }
+        let batched: Vec<Leased> = many
+            .create_leases(&wants, 10, 60_000)
+            .await
+            .expect("leases")
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        assert_eq!(batched, sequential);
+        assert!(sequential.contains(&Leased::NoStake) && sequential.contains(&Leased::No));
+        assert_eq!(state_of(&many, &jobs).await, state_of(&one, &jobs).await);
+        let lease = |i: usize| match sequential[i] {
+            Leased::Yes(l) => l,
+            other => panic!("want {i} was not leased: {other:?}"),
+        };
+        // Results: verified, refused, failed attempt, a liar slashed, a replay.
+        let truth = report(b"truth", 2_000_000_000);
+        let lie = report(b"lie", 2_000_000_000);
+        let late = RunReport {
+            status: Status::DeadlineExceeded,
+            ..report(b"", 0)
+        };
+        let results: Vec<(LeaseId, u8, usize, &RunReport)> = vec![
+            (lease(0), 1, 0, &truth),
+            (lease(1), 2, 1, &truth),
+            (lease(2), 2, 2, &truth), // not node 2's lease
+            (lease(2), 1, 2, &truth),
+            (lease(3), 2, 3, &late),
+            (lease(4), 1, 4, &truth),
+            (lease(5), 2, 4, &truth),
+            (lease(6), 3, 4, &lie),
+            (lease(7), 1, 5, &truth),
+            (lease(8), 2, 5, &lie),
+            (lease(9), 3, 5, &truth),
+            (lease(0), 1, 0, &truth), // a replay
+            (lease(13), 1, 6, &truth),
+        ];
+        let submitted: Vec<Submitted<'_>> = results
+            .iter()
+            .map(|(lease, n, i, r)| Submitted {
+                lease: *lease,
+                node: node(*n),
+                task: t[*i],
+                report: r,
+                envelope: b"frame",
+                output: Some(b"truth".as_slice()).filter(|_| r.output == truth.output),
+            })
+            .collect();
+        let mut sequential = Vec::new();
+        for s in &submitted {
+            sequential.push(format!("{:?}", one.record_result(*s, RETRY, 20).await));
+        }
+        let batched: Vec<String> = many
+            .record_results(&submitted, RETRY, 20)
+            .await
+            .expect("batch")
+            .iter()
+            .map(|o| format!("{o:?}"))
+            .collect();
+        assert_eq!(batched, sequential);
+        for (i, want) in [
+            "Verified",
+            "Verified",
+            "NotLeased",
+            "Verified",
+            "Stored",
+            "Stored",
+            "Stored",
+            "Verified",
+            "Stored",
+            "Stored",
+            "Verified",
+            "Duplicate",
+            "Stored",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(
+                sequential[i].contains(want),
+                "result {i}: {}",
+                sequential[i]
+            );
+        }
+        assert_eq!(state_of(&many, &jobs).await, state_of(&one, &jobs).await);
+        // The inline outputs were stored with the results.
+        assert_eq!(
+            many.blob(truth.output).await.expect("blob").as_deref(),
+            Some(b"truth".as_slice())
+        );
+        let ledger = audited(&many).await;
+        assert_eq!(ledger.check_invariants(), Ok(()));
+        assert!(
+            ledger.balance(Account::Stake(node(3))) < 2_000_000,
+            "the liar was slashed"
         );
     }
 }

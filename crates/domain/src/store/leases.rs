@@ -1,0 +1,453 @@
+//! Leasing: what waits for a replica, and leases made in batches.
+//!
+//! A dispatch round leases every replica it matched in one transaction: the tasks, their
+//! holders and the nodes are read in three statements, each lease is decided in memory with
+//! the same rules as one at a time (in the order asked, each seeing the ones before), and the
+//! leases are written with one multi-row insert and a few grouped updates.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sqlx::Row;
+use stardust_ledger::Account;
+use stardust_proto::identity::NodeId;
+use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
+
+use super::results::in_list;
+use super::{
+    Backend, Leased, PendingTask, Result, Store, id_i64, json, may_stand_alone_row, parse, terms,
+};
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Leases per INSERT statement (4 parameters each).
+const LEASES_PER_INSERT: usize = 256;
+
+/// Ids per `IN (...)` list.
+const IDS_PER_QUERY: usize = 512;
+
+/// One replica a dispatcher wants leased.
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    /// The task.
+    pub task: TaskId,
+    /// The node to run it.
+    pub node: NodeId,
+    /// Uniform in [0, 1): decides adaptive replication's random re-checks.
+    pub draw: f64,
+}
+
+/// A task as leasing decides on it, kept in step within the transaction.
+struct Open {
+    state: String,
+    replicas: i64,
+    job: i64,
+    redundancy: i64,
+    adaptive: bool,
+    /// Nodes holding an active or finished replica, each with whether it may stand alone.
+    holders: Vec<(String, bool)>,
+    /// Whether `replicas` or `state` changed.
+    changed: bool,
+}
+
+impl Store {
+    /// Up to `limit` tasks that want another replica, highest priority and oldest first.
+    ///
+    /// Open jobs are listed first (few), then each job's pending tasks are read in index
+    /// order (`tasks_by_state`: state, job, position) up to what is still wanted: no sort
+    /// over every pending task, which made each dispatch round O(pending) and a large job
+    /// O(n²). The holders of all of them are read in one more statement.
+    pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
+        let jobs = sqlx::query(
+            "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rows = Vec::new();
+        for j in jobs {
+            let wanted = i64::from(limit) - rows.len() as i64;
+            if wanted <= 0 {
+                break;
+            }
+            rows.extend(
+                sqlx::query(
+                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, t.replicas, j.module, j.terms, j.spec, j.created_ms, j.redundancy, j.adaptive
+                     FROM tasks t JOIN jobs j ON j.id = t.job_id
+                     WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
+                )
+                .bind(j.try_get::<i64, _>("id")?)
+                .bind(wanted)
+                .fetch_all(&self.pool)
+                .await?,
+            );
+        }
+        let ids: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get::<i64, _>("id"))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut holders: HashMap<i64, Vec<NodeId>> = HashMap::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT task_id, node FROM leases WHERE task_id IN ({}) AND state IN ('active', 'done')",
+                in_list(1, chunk.len())
+            )));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for h in q.fetch_all(&self.pool).await? {
+                holders
+                    .entry(h.try_get("task_id")?)
+                    .or_default()
+                    .push(parse("lease node", &h.try_get::<String, _>("node")?)?);
+            }
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let task: i64 = r.try_get("id")?;
+            let terms = terms(&r)?;
+            out.push(PendingTask {
+                spec: TaskSpec {
+                    task: task as TaskId,
+                    job: r.try_get::<i64, _>("job_id")? as JobId,
+                    module: parse("job module", &r.try_get::<String, _>("module")?)?,
+                    input: parse("task input", &r.try_get::<String, _>("input")?)?,
+                    args: json("task args", &r.try_get::<String, _>("args")?)?,
+                    limits: terms.limits,
+                    seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
+                },
+                requirements: terms.requirements,
+                replicas_on: holders.remove(&task).unwrap_or_default(),
+                submitted_ms: r.try_get("created_ms")?,
+                redundancy: r.try_get::<i64, _>("redundancy")?.clamp(0, 255) as u8,
+                replicas: r.try_get::<i64, _>("replicas")?.clamp(0, 255) as u8,
+                adaptive: r.try_get::<i64, _>("adaptive")? != 0,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Leases one replica of `task` to `node`, if the task still wants one, the node holds
+    /// none of it and its stake covers one more lease. Atomic: concurrent callers never
+    /// over-lease.
+    ///
+    /// The first replica decides the task's replication: its job's full redundancy, or a
+    /// single replica when the job allows adaptive replication and the node's streak earns
+    /// it (`draw`, uniform in [0, 1), decides the random re-checks).
+    pub async fn create_lease(
+        &self,
+        task: TaskId,
+        node: NodeId,
+        now: i64,
+        lease_ms: i64,
+        draw: f64,
+    ) -> Result<Leased> {
+        let want = Want { task, node, draw };
+        Ok(self
+            .create_leases(&[want], now, lease_ms)
+            .await?
+            .pop()
+            .map_or(Leased::No, |(l, _)| l))
+    }
+
+    /// Leases replicas in one transaction, each as [`Store::create_lease`] would in this
+    /// order. Returns, for each, the outcome and how many replicas its task wants after it
+    /// (so a dispatcher learns what a first lease decided).
+    pub async fn create_leases(
+        &self,
+        wants: &[Want],
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<(Leased, u8)>> {
+        if wants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let tasks: BTreeSet<i64> = wants.iter().map(|w| id_i64(w.task)).collect();
+        let nodes: BTreeSet<String> = wants.iter().map(|w| w.node.to_string()).collect();
+        let mut open = self.open_tasks(&mut tx, &tasks).await?;
+        // Each node's tier and streak: (may stand alone, streak).
+        let mut standing: HashMap<String, (bool, u64)> = HashMap::new();
+        for chunk in nodes.iter().collect::<Vec<_>>().chunks(IDS_PER_QUERY) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT id, tier, streak FROM nodes WHERE id IN ({})",
+                in_list(1, chunk.len())
+            )));
+            for n in chunk {
+                q = q.bind(n.as_str());
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                let streak = r.try_get::<i64, _>("streak")?;
+                standing.insert(
+                    r.try_get("id")?,
+                    (
+                        may_stand_alone_row(r.try_get("tier")?, Some(streak)),
+                        streak.max(0) as u64,
+                    ),
+                );
+            }
+        }
+        // Each node's active leases and stake, read at its first lease (stake only).
+        let mut stakes: HashMap<String, (i64, i128)> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(wants.len());
+        let mut new: Vec<(i64, String)> = Vec::new();
+        for w in wants {
+            let node_s = w.node.to_string();
+            let Some(t) = open.get_mut(&id_i64(w.task)) else {
+                outcomes.push((Leased::No, 0));
+                continue;
+            };
+            let (trusted, streak) = standing.get(&node_s).copied().unwrap_or((true, 0));
+            let leased = self
+                .decide(&mut tx, t, &node_s, trusted, streak, w.draw, &mut stakes)
+                .await?;
+            if let Leased::Yes(_) = leased {
+                new.push((id_i64(w.task), node_s.clone()));
+                t.holders.push((node_s.clone(), trusted));
+                if let Some((active, _)) = stakes.get_mut(&node_s) {
+                    *active += 1;
+                }
+            }
+            outcomes.push((leased, t.replicas.clamp(0, 255) as u8));
+        }
+        let mut ids = Self::insert_leases(&mut tx, &new, now, lease_ms)
+            .await?
+            .into_iter();
+        for (leased, _) in &mut outcomes {
+            if let Leased::Yes(id) = leased {
+                *id = ids
+                    .next()
+                    .ok_or_else(|| super::corrupt("lease insert", "fewer ids than leases"))?;
+            }
+        }
+        Self::write_tasks(&mut tx, &open).await?;
+        let jobs: BTreeSet<i64> = new
+            .iter()
+            .filter_map(|(task, _)| open.get(task).map(|t| t.job))
+            .collect();
+        let jobs: Vec<i64> = jobs.into_iter().collect();
+        for chunk in jobs.chunks(IDS_PER_QUERY) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET state = 'running' WHERE state = 'queued' AND id IN ({})",
+                in_list(1, chunk.len())
+            )));
+            for j in chunk {
+                q = q.bind(*j);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Reads the tasks (locked on PostgreSQL, in id order) with their jobs' terms and their
+    /// holders.
+    async fn open_tasks(&self, tx: &mut Tx, tasks: &BTreeSet<i64>) -> Result<HashMap<i64, Open>> {
+        let ids: Vec<i64> = tasks.iter().copied().collect();
+        let lock = if self.backend == Backend::Postgres {
+            " ORDER BY t.id FOR UPDATE OF t"
+        } else {
+            ""
+        };
+        let mut open = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT t.id, t.state, t.replicas, t.job_id, j.redundancy, j.adaptive
+                 FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN ({}){lock}",
+                in_list(1, chunk.len())
+            )));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&mut **tx).await? {
+                open.insert(
+                    r.try_get::<i64, _>("id")?,
+                    Open {
+                        state: r.try_get("state")?,
+                        replicas: r.try_get("replicas")?,
+                        job: r.try_get("job_id")?,
+                        redundancy: r.try_get("redundancy")?,
+                        adaptive: r.try_get::<i64, _>("adaptive")? != 0,
+                        holders: Vec::new(),
+                        changed: false,
+                    },
+                );
+            }
+        }
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT l.task_id, l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
+                 WHERE l.task_id IN ({}) AND l.state IN ('active', 'done')",
+                in_list(1, chunk.len())
+            )));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for h in q.fetch_all(&mut **tx).await? {
+                if let Some(t) = open.get_mut(&h.try_get::<i64, _>("task_id")?) {
+                    t.holders.push((
+                        h.try_get("node")?,
+                        may_stand_alone_row(h.try_get("tier")?, h.try_get("streak")?),
+                    ));
+                }
+            }
+        }
+        Ok(open)
+    }
+
+    /// Decides one lease of task `t` to `node` (a node that may stand alone or not, with
+    /// this streak), updating `t` when it is granted. The rules of [`Store::create_lease`].
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site; the parts of one decision"
+    )]
+    async fn decide(
+        &self,
+        tx: &mut Tx,
+        t: &mut Open,
+        node: &str,
+        trusted: bool,
+        streak: u64,
+        draw: f64,
+        stakes: &mut HashMap<String, (i64, i128)>,
+    ) -> Result<Leased> {
+        if t.state != "pending" {
+            return Ok(Leased::No);
+        }
+        if self.economy.stake > 0 {
+            let (active, held) = match stakes.get(node) {
+                Some(s) => *s,
+                None => {
+                    let active = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM leases WHERE node = $1 AND state = 'active'",
+                    )
+                    .bind(node)
+                    .fetch_one(&mut **tx)
+                    .await?
+                    .try_get::<i64, _>("n")?;
+                    let id: NodeId = parse("lease node", node)?;
+                    let held = Self::balance_in(tx, Account::Stake(id)).await?;
+                    stakes.insert(node.to_string(), (active, held));
+                    (active, held)
+                }
+            };
+            if held < i128::from(self.economy.stake) * i128::from(active + 1) {
+                return Ok(Leased::NoStake);
+            }
+        }
+        if t.holders.iter().any(|(n, _)| n == node) {
+            return Ok(Leased::No);
+        }
+        let count = t.holders.len() as i64;
+        // Whether some replica is on a node that may stand alone (not an untrusted browser).
+        let vouched = t.holders.iter().any(|(_, alone)| *alone);
+        let mut replicas = t.replicas;
+        if count == 0 {
+            // First replica (again, after failed attempts): decide the replication.
+            let single = t.adaptive
+                && t.redundancy > 1
+                && trusted
+                && self.economy.adaptive.single(streak, draw);
+            replicas = if single {
+                1
+            } else {
+                t.redundancy.max(t.replicas)
+            };
+            if replicas < 2 && !trusted {
+                return Ok(Leased::Untrusted);
+            }
+        }
+        if count >= replicas {
+            return Ok(Leased::No);
+        }
+        if !trusted && !vouched && count + 1 >= replicas {
+            // The last replica: an untrusted browser may not complete a set of untrusted
+            // browsers.
+            return Ok(Leased::Untrusted);
+        }
+        if replicas != t.replicas {
+            t.replicas = replicas;
+            t.changed = true;
+        }
+        if count + 1 >= replicas {
+            t.state = "running".into();
+            t.changed = true;
+        }
+        Ok(Leased::Yes(0))
+    }
+
+    /// Inserts leases (multi-row, `RETURNING`); returns their ids in the order given.
+    async fn insert_leases(
+        tx: &mut Tx,
+        new: &[(i64, String)],
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<LeaseId>> {
+        let mut ids: HashMap<(i64, String), i64> = HashMap::with_capacity(new.len());
+        for rows in new.chunks(LEASES_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES ",
+            );
+            for i in 0..rows.len() {
+                let b = 4 * i;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, 'active', ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4
+                ));
+            }
+            sql.push_str(" RETURNING id, task_id, node");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (task, node) in rows {
+                q = q
+                    .bind(*task)
+                    .bind(node.as_str())
+                    .bind(now)
+                    .bind(now.saturating_add(lease_ms));
+            }
+            for r in q.fetch_all(&mut **tx).await? {
+                ids.insert(
+                    (r.try_get("task_id")?, r.try_get("node")?),
+                    r.try_get("id")?,
+                );
+            }
+        }
+        new.iter()
+            .map(|k| {
+                ids.get(k)
+                    .map(|id| *id as LeaseId)
+                    .ok_or_else(|| super::corrupt("lease insert", "a lease without its id"))
+            })
+            .collect()
+    }
+
+    /// Writes the tasks whose replication or state changed, grouped by their new values.
+    async fn write_tasks(tx: &mut Tx, open: &HashMap<i64, Open>) -> Result<()> {
+        let mut groups: BTreeMap<(i64, &str), Vec<i64>> = BTreeMap::new();
+        for (id, t) in open {
+            if t.changed {
+                groups
+                    .entry((t.replicas, t.state.as_str()))
+                    .or_default()
+                    .push(*id);
+            }
+        }
+        for ((replicas, state), ids) in groups {
+            for chunk in ids.chunks(IDS_PER_QUERY) {
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE tasks SET replicas = $1, state = $2 WHERE id IN ({})",
+                    in_list(3, chunk.len())
+                )));
+                q = q.bind(replicas).bind(state);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.execute(&mut **tx).await?;
+            }
+        }
+        Ok(())
+    }
+}

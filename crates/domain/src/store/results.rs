@@ -1,0 +1,626 @@
+//! Recording results, in batches: every result of a batch (one frame or several) in one
+//! transaction.
+//!
+//! Each result is checked and applied in order against the state the earlier ones left, so
+//! recording a batch means exactly what recording its results one by one would. What the
+//! results share is written once, when the batch closes: the ledger (one chain for the batch:
+//! records in multi-row inserts, each balance once), the judged nodes' reputations (one
+//! update per node), the outputs that came inline, and the ends of the jobs touched. A result
+//! thus costs a handful of statements instead of some forty, and every statement is a round
+//! trip to the database (for SQLite, to sqlx's worker thread).
+//!
+//! Lock order, as everywhere in the store: task rows (all of the batch's, in id order, up
+//! front), then job rows (in id order, up front), then the ledger head.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sqlx::Row;
+use stardust_ledger::{Account, Amount, Reason};
+use stardust_proto::content::ContentId;
+use stardust_proto::identity::NodeId;
+use stardust_proto::task::{JobId, LeaseId, RunReport, TaskId};
+use stardust_scheduler::pricing;
+use stardust_scheduler::quorum::{self, Decision};
+use stardust_scheduler::reputation::{Outcome, Record};
+
+use super::ledger::{Chain, Post};
+use super::{
+    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, corrupt, id_i64, json, parse,
+    terms, to_json,
+};
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Outputs per INSERT statement when a batch closes (at most 64 KiB each).
+const OUTPUTS_PER_INSERT: usize = 32;
+
+/// What a batch's results share until it closes.
+#[derive(Default)]
+struct Batch<'a> {
+    /// The ledger chain, opened (its head locked) at the batch's first movement.
+    chain: Option<Chain>,
+    /// Judged nodes: the record as it stands now, and the counters to add.
+    judged: BTreeMap<NodeId, Judged>,
+    /// Jobs with results in the batch: ended at close when none of their tasks is open.
+    jobs: BTreeSet<i64>,
+    /// Settlement terms of the jobs paid so far.
+    terms: HashMap<i64, Payer>,
+    /// Inline outputs of the recorded results.
+    outputs: Vec<(ContentId, &'a [u8])>,
+}
+
+#[derive(Clone, Copy)]
+struct Judged {
+    record: Record,
+    /// Agreed, disagreed, spot checks passed, spot checks failed.
+    counts: [i64; 4],
+}
+
+/// A job as its settlements need it.
+#[derive(Clone, Copy)]
+struct Payer {
+    fuel_limit: u64,
+    price: u64,
+    redundancy: usize,
+    author: Account,
+    created_ms: i64,
+}
+
+impl Store {
+    /// Records `node`'s result for `lease`, exactly once, and decides the task by quorum
+    /// when enough results are in. `envelope` is the signed result as received (evidence).
+    pub async fn record_result(
+        &self,
+        result: Submitted<'_>,
+        retry: Retry,
+        now: i64,
+    ) -> std::result::Result<Recorded, RecordError> {
+        match self.record_results(&[result], retry, now).await?.pop() {
+            Some(outcome) => outcome,
+            None => Err(corrupt("result batch", "no outcome for a result").into()),
+        }
+    }
+
+    /// Records a batch of results in one transaction, in order; one outcome per result.
+    /// Each outcome is what [`Store::record_result`] would have returned for it at that
+    /// point. `Err` (the database failed) means nothing of the batch was recorded.
+    pub async fn record_results(
+        &self,
+        results: &[Submitted<'_>],
+        retry: Retry,
+        now: i64,
+    ) -> Result<Vec<std::result::Result<Recorded, RecordError>>> {
+        let mut tx = self.pool.begin().await?;
+        self.lock_batch(&mut tx, results).await?;
+        let mut batch = Batch::default();
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            match self.record_one(&mut tx, &mut batch, *r, retry, now).await {
+                Err(RecordError::Store(e)) => return Err(e),
+                outcome => out.push(outcome),
+            }
+        }
+        self.close_batch(&mut tx, batch, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// PostgreSQL: locks the batch's task rows, then their jobs' rows, each in id order, so
+    /// two transactions never wait on each other in a cycle. (SQLite's one writer
+    /// connection serializes every transaction already.)
+    async fn lock_batch(&self, tx: &mut Tx, results: &[Submitted<'_>]) -> Result<()> {
+        if self.backend != Backend::Postgres || results.is_empty() {
+            return Ok(());
+        }
+        let tasks: BTreeSet<i64> = results.iter().map(|r| id_i64(r.task)).collect();
+        let list = in_list(1, tasks.len());
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, job_id FROM tasks WHERE id IN ({list}) ORDER BY id FOR UPDATE"
+        )));
+        for t in &tasks {
+            q = q.bind(*t);
+        }
+        let rows = q.fetch_all(&mut **tx).await?;
+        let jobs = rows
+            .iter()
+            .map(|r| r.try_get::<i64, _>("job_id"))
+            .collect::<std::result::Result<BTreeSet<i64>, _>>()?;
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let list = in_list(1, jobs.len());
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM jobs WHERE id IN ({list}) ORDER BY id FOR UPDATE"
+        )));
+        for j in &jobs {
+            q = q.bind(*j);
+        }
+        q.execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// Records one result of a batch.
+    async fn record_one<'a>(
+        &self,
+        tx: &mut Tx,
+        batch: &mut Batch<'a>,
+        result: Submitted<'a>,
+        retry: Retry,
+        now: i64,
+    ) -> std::result::Result<Recorded, RecordError> {
+        let Submitted {
+            lease,
+            node,
+            task,
+            report,
+            envelope,
+            output,
+        } = result;
+        let row = sqlx::query(
+            "SELECT l.task_id, l.node, l.state, l.report, l.kind, t.replicas, t.attempts, t.job_id
+             FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.id = $1",
+        )
+        .bind(id_i64(lease))
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(RecordError::NotLeased(lease));
+        };
+        if row.try_get::<String, _>("node")? != node.to_string() {
+            return Err(RecordError::NotLeased(lease));
+        }
+        let lease_task = row.try_get::<i64, _>("task_id")? as TaskId;
+        if lease_task != task {
+            return Err(RecordError::WrongTask {
+                lease,
+                expected: lease_task,
+                got: task,
+            });
+        }
+        let state: String = row.try_get("state")?;
+        if state == "done" {
+            let stored: Option<String> = row.try_get("report")?;
+            return if stored.as_deref() == Some(to_json(report).as_str()) {
+                Ok(Recorded::Duplicate)
+            } else {
+                Err(RecordError::NotLeased(lease))
+            };
+        }
+        if state != "active" {
+            return Err(RecordError::NotLeased(lease));
+        }
+        if let Some(bytes) = output {
+            batch.outputs.push((report.output, bytes));
+        }
+        if row.try_get::<String, _>("kind")? == "spot" {
+            return self
+                .record_spot_check(tx, batch, lease, node, task, report, envelope, now)
+                .await;
+        }
+        let job: i64 = row.try_get("job_id")?;
+        let replicas = row.try_get::<i64, _>("replicas")? as u8;
+        let attempts = row.try_get::<i64, _>("attempts")? as u32;
+        batch.jobs.insert(job);
+
+        if !report.status.is_deterministic() {
+            // Not a vote: the attempt failed; lease the replica again, or give up.
+            sqlx::query("UPDATE leases SET state = 'failed', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
+                .bind(to_json(report))
+                .bind(envelope)
+                .bind(now)
+                .bind(id_i64(lease))
+                .execute(&mut **tx)
+                .await?;
+            let reason = format!("attempt failed: {}", report.status);
+            return Ok(Self::failed_attempt(
+                tx,
+                task,
+                attempts + 1,
+                retry.max_attempts,
+                &reason,
+                now,
+            )
+            .await?);
+        }
+        sqlx::query("UPDATE leases SET state = 'done', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
+            .bind(to_json(report))
+            .bind(envelope)
+            .bind(now)
+            .bind(id_i64(lease))
+            .execute(&mut **tx)
+            .await?;
+        let done = sqlx::query(
+            "SELECT node, report FROM leases WHERE task_id = $1 AND state = 'done' ORDER BY id",
+        )
+        .bind(id_i64(task))
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut votes = Vec::with_capacity(done.len());
+        let mut reports = Vec::with_capacity(done.len());
+        for d in &done {
+            let n: NodeId = parse("lease node", &d.try_get::<String, _>("node")?)?;
+            let r: RunReport = json(
+                "lease report",
+                &d.try_get::<Option<String>, _>("report")?
+                    .unwrap_or_default(),
+            )?;
+            votes.push((n, r.fingerprint()));
+            reports.push(r);
+        }
+        let policy = quorum::Policy {
+            redundancy: replicas,
+            max_replicas: retry.max_replicas.max(replicas),
+        };
+        Ok(match quorum::decide(policy, &votes) {
+            Decision::Accepted {
+                value,
+                agree,
+                disagree,
+            } => {
+                let accepted = reports
+                    .into_iter()
+                    .find(|r| r.fingerprint() == value)
+                    .ok_or_else(|| corrupt("quorum", "accepted value has no report"))?;
+                sqlx::query(
+                    "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3, finished_ms = $4 WHERE id = $5",
+                )
+                .bind(accepted.output.to_string())
+                .bind(id_i64(accepted.fuel_used))
+                .bind(to_json(&accepted))
+                .bind(now)
+                .bind(id_i64(task))
+                .execute(&mut **tx)
+                .await?;
+                if replicas > 1 {
+                    // Replicas still running are no longer needed. (A task of one replica
+                    // has none: the lease just recorded was its only active one.)
+                    sqlx::query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
+                        .bind(now)
+                        .bind(id_i64(task))
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                let mut records = Vec::with_capacity(agree.len() + disagree.len());
+                for n in &agree {
+                    records.push((*n, Self::judge(tx, batch, *n, Outcome::Agreed).await?));
+                }
+                for n in &disagree {
+                    records.push((*n, Self::judge(tx, batch, *n, Outcome::Disagreed).await?));
+                }
+                let submitted_ms = self
+                    .settle(tx, batch, job, task, &accepted, &agree, &disagree, now)
+                    .await?;
+                Recorded::Verified {
+                    agree,
+                    disagree,
+                    records,
+                    submitted_ms,
+                }
+            }
+            Decision::NeedMore(k) => {
+                let active = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM leases WHERE task_id = $1 AND state = 'active'",
+                )
+                .bind(id_i64(task))
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get::<i64, _>("n")?;
+                let wanted = (votes.len() as i64 + i64::from(k)).max(i64::from(replicas));
+                let state = if (votes.len() as i64 + active) < wanted {
+                    "pending"
+                } else {
+                    "running"
+                };
+                sqlx::query("UPDATE tasks SET replicas = $1, state = $2 WHERE id = $3")
+                    .bind(wanted)
+                    .bind(state)
+                    .bind(id_i64(task))
+                    .execute(&mut **tx)
+                    .await?;
+                if wanted > i64::from(replicas) {
+                    Recorded::MoreReplicas(k)
+                } else {
+                    Recorded::Stored
+                }
+            }
+            Decision::Failed => {
+                let reason = "replicas disagree".to_string();
+                sqlx::query("UPDATE tasks SET state = 'failed', reason = $1, finished_ms = $2 WHERE id = $3")
+                    .bind(&reason)
+                    .bind(now)
+                    .bind(id_i64(task))
+                    .execute(&mut **tx)
+                    .await?;
+                Recorded::Failed(reason)
+            }
+        })
+    }
+
+    /// Writes what the batch's results share: inline outputs, reputations (in node id
+    /// order), the ledger, then ends the jobs left with nothing open.
+    async fn close_batch(&self, tx: &mut Tx, batch: Batch<'_>, now: i64) -> Result<()> {
+        let Batch {
+            chain,
+            judged,
+            jobs,
+            outputs,
+            ..
+        } = batch;
+        for rows in outputs.chunks(OUTPUTS_PER_INSERT) {
+            let mut sql = String::from("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ");
+            for i in 0..rows.len() {
+                let b = 4 * i;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+            }
+            sql.push_str(" ON CONFLICT (id) DO NOTHING");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, bytes) in rows {
+                q = q
+                    .bind(id.to_string())
+                    .bind(*bytes)
+                    .bind(bytes.len() as i64)
+                    .bind(now);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        for (node, j) in &judged {
+            sqlx::query(
+                "UPDATE nodes SET rep_good = $1, rep_bad = $2, streak = $3, agreed = agreed + $4,
+                 disagreed = disagreed + $5, spot_passed = spot_passed + $6,
+                 spot_failed = spot_failed + $7 WHERE id = $8",
+            )
+            .bind(j.record.good)
+            .bind(j.record.bad)
+            .bind(id_i64(j.record.streak))
+            .bind(j.counts[0])
+            .bind(j.counts[1])
+            .bind(j.counts[2])
+            .bind(j.counts[3])
+            .bind(node.to_string())
+            .execute(&mut **tx)
+            .await?;
+        }
+        if let Some(chain) = chain {
+            Self::close_chain(tx, chain).await?;
+        }
+        // After the chain is written: a refund opens the chain again.
+        for job in jobs {
+            self.finish_job_if_done(tx, job, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Updates a node's reputation record with `outcome` (written when the batch closes);
+    /// returns the new record.
+    async fn judge(
+        tx: &mut Tx,
+        batch: &mut Batch<'_>,
+        node: NodeId,
+        outcome: Outcome,
+    ) -> Result<Record> {
+        let judged = match batch.judged.get_mut(&node) {
+            Some(j) => j,
+            None => {
+                let row = sqlx::query("SELECT rep_good, rep_bad, streak FROM nodes WHERE id = $1")
+                    .bind(node.to_string())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                let record = match row {
+                    Some(r) => Record {
+                        good: r.try_get("rep_good")?,
+                        bad: r.try_get("rep_bad")?,
+                        streak: r.try_get::<i64, _>("streak")? as u64,
+                    },
+                    None => Record::default(),
+                };
+                batch.judged.entry(node).or_insert(Judged {
+                    record,
+                    counts: [0; 4],
+                })
+            }
+        };
+        judged.record = judged.record.update(outcome);
+        judged.counts[match outcome {
+            Outcome::Agreed => 0,
+            Outcome::Disagreed => 1,
+            Outcome::SpotPassed => 2,
+            Outcome::SpotFailed => 3,
+        }] += 1;
+        Ok(judged.record)
+    }
+
+    /// The batch's chain, opened (head locked) on first use.
+    async fn batch_chain<'b>(
+        &self,
+        tx: &mut Tx,
+        batch: &'b mut Batch<'_>,
+    ) -> Result<&'b mut Chain> {
+        if batch.chain.is_none() {
+            batch.chain = Some(self.chain(tx).await?);
+        }
+        batch
+            .chain
+            .as_mut()
+            .ok_or_else(|| corrupt("ledger chain", "not open"))
+    }
+
+    /// Pays a verified task from its job's escrow — 80 % to the agreeing providers, 15 %
+    /// treasury, 5 % module author, plus the minted contribution bonus — and slashes the
+    /// losers' stake to the treasury. Charged: the accepted fuel (at most the limit) at the
+    /// job's price, once per agreeing replica up to the job's redundancy. Returns when the
+    /// job was submitted.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site; the parts of a decision"
+    )]
+    async fn settle(
+        &self,
+        tx: &mut Tx,
+        batch: &mut Batch<'_>,
+        job: i64,
+        task: TaskId,
+        accepted: &RunReport,
+        agree: &[NodeId],
+        disagree: &[NodeId],
+        now: i64,
+    ) -> Result<i64> {
+        let payer = match batch.terms.get(&job) {
+            Some(p) => *p,
+            None => {
+                let j = sqlx::query(
+                    "SELECT terms, spec, price, redundancy, author, created_ms FROM jobs WHERE id = $1",
+                )
+                .bind(job)
+                .fetch_one(&mut **tx)
+                .await?;
+                let author: Option<String> = j.try_get("author")?;
+                let payer = Payer {
+                    fuel_limit: terms(&j)?.limits.fuel,
+                    price: j.try_get::<i64, _>("price")? as u64,
+                    redundancy: j.try_get::<i64, _>("redundancy")? as usize,
+                    author: match author {
+                        Some(a) => Account::Author(parse("job author", &a)?),
+                        None => Account::Treasury,
+                    },
+                    created_ms: j.try_get("created_ms")?,
+                };
+                batch.terms.insert(job, payer);
+                payer
+            }
+        };
+        let fuel = accepted.fuel_used.min(payer.fuel_limit);
+        let paid = agree.len().min(payer.redundancy.max(1)) as u64;
+        let charge = pricing::replica_charge(fuel, payer.price).saturating_mul(paid);
+        let escrow = Account::Escrow(job as JobId);
+        let chain = self.batch_chain(tx, batch).await?;
+        let held = Self::balance_now(tx, chain, escrow).await?.max(0);
+        let charge = charge.min(u64::try_from(held).unwrap_or(u64::MAX));
+        let split = stardust_ledger::split(charge, agree.len());
+        let settle = |to: Account, amount: Amount, tag: String| Post {
+            id: format!("settle:{task}:{tag}"),
+            from: escrow,
+            to,
+            amount,
+            reason: Reason::Settle { task },
+        };
+        let mut posts = Vec::with_capacity(2 * agree.len() + 2);
+        for (n, share) in agree.iter().zip(&split.providers) {
+            posts.push(settle(Account::Operator(*n), *share, n.to_string()));
+        }
+        posts.push(settle(Account::Treasury, split.treasury, "treasury".into()));
+        posts.push(settle(payer.author, split.author, "author".into()));
+        for (n, share) in agree.iter().zip(&split.providers) {
+            posts.push(Post {
+                id: format!("bonus:{task}:{n}"),
+                from: Account::Mint,
+                to: Account::Operator(*n),
+                amount: stardust_ledger::curve::bonus(*share, u128::from(chain.compute_micro_scu)),
+                reason: Reason::Bonus { task },
+            });
+        }
+        // The task was verified just now, under its lock: these ids are new.
+        for post in posts {
+            self.post_valid(tx, chain, post, now, true).await?;
+        }
+        for n in disagree {
+            self.slash(tx, chain, *n, task, format!("slash:{task}:{n}"), now)
+                .await?;
+        }
+        chain.compute_micro_scu = chain.compute_micro_scu.saturating_add(
+            stardust_proto::scu::micro_scu(fuel).saturating_mul(agree.len() as u64),
+        );
+        Ok(payer.created_ms)
+    }
+
+    /// Moves up to one lease's worth of `node`'s stake to the treasury.
+    async fn slash(
+        &self,
+        tx: &mut Tx,
+        chain: &mut Chain,
+        node: NodeId,
+        task: TaskId,
+        id: String,
+        now: i64,
+    ) -> Result<()> {
+        let stake = Account::Stake(node);
+        let held = Self::balance_now(tx, chain, stake).await?.max(0) as u64;
+        let amount = self.economy.stake.min(held);
+        self.post_valid(
+            tx,
+            chain,
+            Post {
+                id,
+                from: stake,
+                to: Account::Treasury,
+                amount,
+                reason: Reason::Slash { task },
+            },
+            now,
+            false,
+        )
+        .await
+    }
+
+    /// Judges the answer to a spot check against the task's accepted report.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the parts of one submitted result"
+    )]
+    async fn record_spot_check(
+        &self,
+        tx: &mut Tx,
+        batch: &mut Batch<'_>,
+        lease: LeaseId,
+        node: NodeId,
+        task: TaskId,
+        report: &RunReport,
+        envelope: &[u8],
+        now: i64,
+    ) -> std::result::Result<Recorded, RecordError> {
+        let known: Option<String> = sqlx::query("SELECT report FROM tasks WHERE id = $1")
+            .bind(id_i64(task))
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("report")?;
+        let known: RunReport = json("task report", &known.unwrap_or_default())?;
+        let (state, outcome) = if !report.status.is_deterministic() {
+            ("failed", None)
+        } else if report.fingerprint() == known.fingerprint() {
+            ("done", Some(Outcome::SpotPassed))
+        } else {
+            ("done", Some(Outcome::SpotFailed))
+        };
+        sqlx::query("UPDATE leases SET state = $1, report = $2, envelope = $3, finished_ms = $4 WHERE id = $5")
+            .bind(state)
+            .bind(to_json(report))
+            .bind(envelope)
+            .bind(now)
+            .bind(id_i64(lease))
+            .execute(&mut **tx)
+            .await?;
+        let Some(outcome) = outcome else {
+            return Ok(Recorded::Stored);
+        };
+        let record = Self::judge(tx, batch, node, outcome).await?;
+        if outcome == Outcome::SpotFailed {
+            let chain = self.batch_chain(tx, batch).await?;
+            self.slash(tx, chain, node, task, format!("slash:spot:{lease}"), now)
+                .await?;
+        }
+        Ok(Recorded::SpotCheck {
+            passed: outcome == Outcome::SpotPassed,
+            record,
+        })
+    }
+}
+
+/// `$first, $first+1, …` for `n` bound values.
+pub(super) fn in_list(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
