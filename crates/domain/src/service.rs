@@ -550,7 +550,7 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
             shared
                 .config
                 .dispatch_batch
-                .min(free.saturating_mul(4).max(16)),
+                .min(free.saturating_mul(2).max(16)),
         )
         .await?;
     if pending.is_empty() {
@@ -558,11 +558,17 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
     }
     let now = now_ms();
     let mut batches: HashMap<NodeId, Vec<Assignment>> = HashMap::new();
-    let mut sessions = shared.sessions.lock().await;
-    // Candidate nodes with their load, kept in step with what this round proposes.
-    let mut views: Vec<NodeView> = sessions.values().map(Session::view).collect();
+    // Candidate nodes with their load, kept in step with what this round proposes. The
+    // sessions are not locked while the store works (results being answered need them);
+    // capacity freed meanwhile waits for the next round.
+    let mut views: Vec<NodeView> = {
+        let sessions = shared.sessions.lock().await;
+        sessions.values().map(Session::view).collect()
+    };
     let index: HashMap<NodeId, usize> = views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
     let mut open: Vec<Wanting> = pending.into_iter().map(Wanting::new).collect();
+    // Nodes owed a spot check: room was left after the replicas proposed for them.
+    let mut spots: Vec<NodeId> = Vec::new();
     for _ in 0..MAX_PASSES {
         // Match every replica still wanted; then lease them all in one transaction.
         let mut wants = Vec::new();
@@ -599,12 +605,14 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
             .create_leases(&wants, now, shared.config.lease_ms)
             .await?;
         let mut again = false;
+        let mut sessions = shared.sessions.lock().await;
         for ((want, i), (leased, replicas)) in wants.iter().zip(of).zip(outcomes) {
             let w = &mut open[i];
             w.proposed -= 1;
             let node = want.node;
             let view = index[&node];
             let Some(s) = sessions.get_mut(&node) else {
+                // Gone since the round began: its leases lapse and the tasks come back.
                 continue;
             };
             match leased {
@@ -619,28 +627,13 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
                         .metrics
                         .dispatch_latency
                         .observe((now - w.task.submitted_ms) as f64 / 1000.0);
-                    let batch = batches.entry(node).or_default();
-                    batch.push(Assignment {
+                    batches.entry(node).or_default().push(Assignment {
                         lease,
                         spec: w.task.spec.clone(),
                         lease_ms: shared.config.lease_ms as u64,
                     });
-                    // A spot check only in room left after every replica proposed this pass.
-                    let room = views[view].running < views[view].slots;
-                    if room && s.free() > 0 && shared.draw() < shared.config.spot_rate {
-                        let spot = shared
-                            .store
-                            .create_spot_check(node, now, shared.config.lease_ms, shared.draw())
-                            .await?;
-                        if let Some((lease, spec)) = spot {
-                            s.running.insert(lease, now);
-                            views[view].running += 1;
-                            batch.push(Assignment {
-                                lease,
-                                spec,
-                                lease_ms: shared.config.lease_ms as u64,
-                            });
-                        }
+                    if shared.draw() < shared.config.spot_rate {
+                        spots.push(node);
                     }
                 }
                 Leased::NoStake => {
@@ -661,10 +654,35 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
                 }
             }
         }
+        drop(sessions);
         if !again {
             break;
         }
     }
+    for node in spots {
+        // Only in room left after every replica proposed this round.
+        let view = index[&node];
+        if views[view].running >= views[view].slots {
+            continue;
+        }
+        let Some((lease, spec)) = shared
+            .store
+            .create_spot_check(node, now, shared.config.lease_ms, shared.draw())
+            .await?
+        else {
+            continue;
+        };
+        views[view].running += 1;
+        if let Some(s) = shared.sessions.lock().await.get_mut(&node) {
+            s.running.insert(lease, now);
+            batches.entry(node).or_default().push(Assignment {
+                lease,
+                spec,
+                lease_ms: shared.config.lease_ms as u64,
+            });
+        }
+    }
+    let mut sessions = shared.sessions.lock().await;
     for (node, tasks) in batches {
         let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
         if let Some(s) = sessions.get(&node)

@@ -14,7 +14,8 @@ use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::results::in_list;
 use super::{
-    Backend, Leased, PendingTask, Result, Store, id_i64, json, may_stand_alone_row, parse, terms,
+    Backend, Leased, PendingTask, Result, Store, Terms, id_i64, json, may_stand_alone_row, parse,
+    terms,
 };
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
@@ -70,7 +71,8 @@ impl Store {
             }
             rows.extend(
                 sqlx::query(
-                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, t.replicas, j.module, j.terms, j.spec, j.created_ms, j.redundancy, j.adaptive
+                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, t.replicas, j.module, j.terms,
+                     CASE WHEN j.terms IS NULL THEN j.spec END AS spec, j.created_ms, j.redundancy, j.adaptive
                      FROM tasks t JOIN jobs j ON j.id = t.job_id
                      WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
                 )
@@ -101,13 +103,23 @@ impl Store {
             }
         }
         let mut out = Vec::with_capacity(rows.len());
+        // A job's terms, parsed once.
+        let mut parsed: HashMap<i64, Terms> = HashMap::new();
         for r in rows {
             let task: i64 = r.try_get("id")?;
-            let terms = terms(&r)?;
+            let job: i64 = r.try_get("job_id")?;
+            let terms = match parsed.get(&job) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = terms(&r)?;
+                    parsed.insert(job, t.clone());
+                    t
+                }
+            };
             out.push(PendingTask {
                 spec: TaskSpec {
                     task: task as TaskId,
-                    job: r.try_get::<i64, _>("job_id")? as JobId,
+                    job: job as JobId,
                     module: parse("job module", &r.try_get::<String, _>("module")?)?,
                     input: parse("task input", &r.try_get::<String, _>("input")?)?,
                     args: json("task args", &r.try_get::<String, _>("args")?)?,

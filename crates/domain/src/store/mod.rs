@@ -996,7 +996,8 @@ impl Store {
     /// The spec a node runs for `task`.
     pub async fn task_spec(&self, task: TaskId) -> Result<Option<TaskSpec>> {
         let row = sqlx::query(
-            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, j.spec FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
+            "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, CASE WHEN j.terms IS NULL THEN j.spec END AS spec
+             FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
         )
         .bind(id_i64(task))
         .fetch_optional(&self.pool)
@@ -1368,6 +1369,8 @@ struct Terms {
 }
 
 /// A job row's terms: its `terms` column, or its spec for jobs stored before it existed.
+/// (Queries select the spec only where `terms` is NULL: a large sweep's spec is hundreds of
+/// kilobytes, and copying it for every task was the dispatcher's largest cost.)
 fn terms(r: &AnyRow) -> Result<Terms> {
     match r.try_get::<Option<String>, _>("terms")? {
         Some(t) => json("job terms", &t),

@@ -229,23 +229,30 @@ impl Store {
             .bind(id_i64(lease))
             .execute(&mut **tx)
             .await?;
-        let done = sqlx::query(
-            "SELECT node, report FROM leases WHERE task_id = $1 AND state = 'done' ORDER BY id",
-        )
-        .bind(id_i64(task))
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut votes = Vec::with_capacity(done.len());
-        let mut reports = Vec::with_capacity(done.len());
-        for d in &done {
-            let n: NodeId = parse("lease node", &d.try_get::<String, _>("node")?)?;
-            let r: RunReport = json(
-                "lease report",
-                &d.try_get::<Option<String>, _>("report")?
-                    .unwrap_or_default(),
-            )?;
-            votes.push((n, r.fingerprint()));
-            reports.push(r);
+        let mut votes = Vec::new();
+        let mut reports = Vec::new();
+        if replicas <= 1 {
+            // The task's only replica: this is its one vote (a task of one replica is
+            // decided by its first result, so no earlier one is done).
+            votes.push((node, report.fingerprint()));
+            reports.push(report.clone());
+        } else {
+            let done = sqlx::query(
+                "SELECT node, report FROM leases WHERE task_id = $1 AND state = 'done' ORDER BY id",
+            )
+            .bind(id_i64(task))
+            .fetch_all(&mut **tx)
+            .await?;
+            for d in &done {
+                let n: NodeId = parse("lease node", &d.try_get::<String, _>("node")?)?;
+                let r: RunReport = json(
+                    "lease report",
+                    &d.try_get::<Option<String>, _>("report")?
+                        .unwrap_or_default(),
+                )?;
+                votes.push((n, r.fingerprint()));
+                reports.push(r);
+            }
         }
         let policy = quorum::Policy {
             redundancy: replicas,
@@ -471,7 +478,8 @@ impl Store {
             Some(p) => *p,
             None => {
                 let j = sqlx::query(
-                    "SELECT terms, spec, price, redundancy, author, created_ms FROM jobs WHERE id = $1",
+                    "SELECT terms, CASE WHEN terms IS NULL THEN spec END AS spec, price, redundancy, author, created_ms
+                     FROM jobs WHERE id = $1",
                 )
                 .bind(job)
                 .fetch_one(&mut **tx)
