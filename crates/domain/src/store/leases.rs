@@ -58,10 +58,13 @@ impl Store {
     /// over every pending task, which made each dispatch round O(pending) and a large job
     /// O(n²). The holders of all of them are read in one more statement.
     pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
+        // One connection for all of it: taking one from the pool costs several times a
+        // statement.
+        let mut conn = self.pool.acquire().await?;
         let jobs = sqlx::query(
             "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         let mut rows = Vec::new();
         for j in jobs {
@@ -78,7 +81,7 @@ impl Store {
                 )
                 .bind(j.try_get::<i64, _>("id")?)
                 .bind(wanted)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await?,
             );
         }
@@ -95,13 +98,14 @@ impl Store {
             for id in chunk {
                 q = q.bind(*id);
             }
-            for h in q.fetch_all(&self.pool).await? {
+            for h in q.fetch_all(&mut *conn).await? {
                 holders
                     .entry(h.try_get("task_id")?)
                     .or_default()
                     .push(parse("lease node", &h.try_get::<String, _>("node")?)?);
             }
         }
+        drop(conn);
         let mut out = Vec::with_capacity(rows.len());
         // A job's terms, parsed once.
         let mut parsed: HashMap<i64, Terms> = HashMap::new();
