@@ -12,15 +12,14 @@ use stardust_ledger::Account;
 use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
-use super::results::in_list;
 use super::{
-    Backend, Leased, PendingTask, Result, Store, Terms, id_i64, json, may_stand_alone_row, parse,
-    terms,
+    Backend, Leased, PendingTask, Result, Store, Terms, id_i64, in_list, json, may_stand_alone_row,
+    parse, terms, values,
 };
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
-/// Leases per INSERT statement (4 parameters each).
+/// Leases per INSERT statement (5 parameters each).
 const LEASES_PER_INSERT: usize = 256;
 
 /// Ids per `IN (...)` list.
@@ -399,28 +398,15 @@ impl Store {
     ) -> Result<Vec<LeaseId>> {
         let mut ids: HashMap<(i64, String), i64> = HashMap::with_capacity(new.len());
         for rows in new.chunks(LEASES_PER_INSERT) {
-            let mut sql = String::from(
-                "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES ",
-            );
-            for i in 0..rows.len() {
-                let b = 4 * i;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, 'active', ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4
-                ));
-            }
-            sql.push_str(" RETURNING id, task_id, node");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES {} RETURNING id, task_id, node",
+                values(rows.len(), 5)
+            )));
             for (task, node) in rows {
                 q = q
                     .bind(*task)
                     .bind(node.as_str())
+                    .bind("active")
                     .bind(now)
                     .bind(now.saturating_add(lease_ms));
             }

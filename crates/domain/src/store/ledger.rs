@@ -14,7 +14,7 @@ use sqlx::Row;
 use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
 use stardust_proto::identity::NodeId;
 
-use super::{Backend, Result, Store, StoreError, corrupt, id_i64};
+use super::{Backend, Result, Store, StoreError, corrupt, id_i64, values};
 
 /// One movement to write.
 #[derive(Debug, Clone)]
@@ -197,15 +197,10 @@ impl Store {
     /// account touched) and the head back; call once before committing `tx`.
     pub(crate) async fn close_chain(tx: &mut Tx, chain: Chain) -> Result<()> {
         for rows in chain.sealed.chunks(RECORDS_PER_INSERT) {
-            let mut sql = String::from("INSERT INTO ledger (seq, id, record, at_ms) VALUES ");
-            for i in 0..rows.len() {
-                let b = 4 * i;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
-            }
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO ledger (seq, id, record, at_ms) VALUES {}",
+                values(rows.len(), 4)
+            )));
             for (seq, id, record, at) in rows {
                 q = q.bind(id_i64(*seq)).bind(id).bind(record).bind(*at);
             }

@@ -375,6 +375,22 @@ pub struct Store {
     economy: Economy,
 }
 
+/// `$first, $first+1, …` for `n` bound values.
+fn in_list(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The `VALUES` rows of a multi-row insert: `($1, …, $cols), ($cols+1, …)`, `rows` of them.
+fn values(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", in_list(r * cols + 1, cols)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn id_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -941,10 +957,9 @@ impl Store {
         let mut renewed = Vec::with_capacity(leases.len());
         let node = node.to_string();
         for chunk in leases.chunks(CHUNK) {
-            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
             let sql = format!(
                 "UPDATE leases SET deadline_ms = $1 WHERE node = $2 AND state = 'active' AND id IN ({}) RETURNING id",
-                list.join(", ")
+                in_list(3, chunk.len())
             );
             // Safe: the dynamic part is only generated placeholders.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -25,8 +25,8 @@ use stardust_scheduler::reputation::{Outcome, Record};
 
 use super::ledger::{Chain, Post};
 use super::{
-    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, corrupt, id_i64, json, parse,
-    terms, to_json,
+    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, corrupt, id_i64, in_list,
+    json, parse, terms, to_json, values,
 };
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
@@ -354,16 +354,10 @@ impl Store {
             ..
         } = batch;
         for rows in outputs.chunks(OUTPUTS_PER_INSERT) {
-            let mut sql = String::from("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ");
-            for i in 0..rows.len() {
-                let b = 4 * i;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
-            }
-            sql.push_str(" ON CONFLICT (id) DO NOTHING");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO blobs (id, bytes, size, created_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
+                values(rows.len(), 4)
+            )));
             for (id, bytes) in rows {
                 q = q
                     .bind(id.to_string())
@@ -623,12 +617,4 @@ impl Store {
             record,
         })
     }
-}
-
-/// `$first, $first+1, …` for `n` bound values.
-pub(super) fn in_list(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
