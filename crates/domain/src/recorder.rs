@@ -29,6 +29,19 @@ pub(crate) const MAX_FRAMES_WAITING: usize = 256;
 /// Results recorded in one transaction at most (a frame is never split).
 const MAX_RESULTS_PER_TRANSACTION: usize = 1024;
 
+/// Inline output bytes in one transaction at most (a frame is never split: one frame may
+/// bring up to its own limit beyond it).
+const MAX_INLINE_PER_TRANSACTION: usize = 16 << 20;
+
+/// The inline output bytes a frame carries.
+fn inline_bytes(frame: &Filed) -> usize {
+    frame
+        .results
+        .iter()
+        .map(|r| r.output.as_ref().map_or(0, |o| o.0.len()))
+        .sum()
+}
+
 /// One node's result frame, its outputs checked (inline bytes match their reports, uploaded
 /// ones exist).
 pub(crate) struct Filed {
@@ -56,11 +69,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Filed>) {
             f = rx.recv() => match f { Some(f) => f, None => return },
         };
         let mut count = first.results.len();
+        let mut bytes = inline_bytes(&first);
         let mut batch = vec![first];
-        while count < MAX_RESULTS_PER_TRANSACTION {
+        while count < MAX_RESULTS_PER_TRANSACTION && bytes < MAX_INLINE_PER_TRANSACTION {
             match rx.try_recv() {
                 Ok(f) => {
                     count += f.results.len();
+                    bytes += inline_bytes(&f);
                     batch.push(f);
                 }
                 Err(_) => break,
