@@ -400,13 +400,7 @@ pub mod throughput {
                 for _ in 0..args.tasks {
                     let t = Instant::now();
                     let job = client.submit(&spec(1)?).await?;
-                    loop {
-                        let s = client.job(job).await?;
-                        if s["state"] != "queued" && s["state"] != "running" {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
+                    client.wait(job, |_| {}).await?;
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
                 }
                 let e = t0.elapsed().as_secs_f64();

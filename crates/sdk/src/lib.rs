@@ -30,6 +30,10 @@ use stardust_proto::identity::Identity;
 use stardust_proto::job::JobSpec;
 use stardust_proto::request;
 
+/// How long [`Client::wait`] lets the domain hold one status request before it reports
+/// progress.
+const PROGRESS_EVERY_MS: u64 = 1000;
+
 /// What went wrong talking to a domain.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -283,6 +287,17 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/jobs/{id}?wait_ms=…`: the job's status once it has ended, or after
+    /// `wait_ms` milliseconds (at most 60,000) if it has not — a long poll.
+    pub async fn job_wait(&self, id: u64, wait_ms: u64) -> Result<Value, Error> {
+        self.json(
+            Method::GET,
+            &format!("/v1/jobs/{id}?wait_ms={wait_ms}"),
+            Vec::new(),
+        )
+        .await
+    }
+
     /// `GET /v1/jobs/{id}/tasks`.
     pub async fn tasks(&self, id: u64, offset: u32, limit: u32) -> Result<Value, Error> {
         self.json(
@@ -321,10 +336,12 @@ impl Client {
     }
 
     /// Waits until the job ends (`completed`, `failed` or `cancelled`), calling `progress`
-    /// with each status; returns the final status.
+    /// with each status (about once a second while it runs);
+    /// returns the final status. The domain answers as soon as the job ends (no polling
+    /// delay).
     pub async fn wait(&self, id: u64, mut progress: impl FnMut(&Value)) -> Result<Value, Error> {
         loop {
-            let status = self.job(id).await?;
+            let status = self.job_wait(id, PROGRESS_EVERY_MS).await?;
             progress(&status);
             if matches!(
                 status["state"].as_str(),
@@ -332,7 +349,6 @@ impl Client {
             ) {
                 return Ok(status);
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

@@ -239,8 +239,13 @@ class Client:
         """This key's balances in micro-credits: submitter, operator, author, stake."""
         return self._json("GET", "/v1/account")["balances"]
 
-    def status(self, job_id: int) -> Dict[str, Any]:
-        """State and task counts: ``state``, ``tasks_total``, ``tasks_verified``, ..."""
+    def status(self, job_id: int, wait_ms: int = 0) -> Dict[str, Any]:
+        """State and task counts: ``state``, ``tasks_total``, ``tasks_verified``, ...
+
+        With ``wait_ms`` (at most 60000), the domain answers as soon as the job has ended, or
+        after that many milliseconds if it has not (a long poll)."""
+        if wait_ms:
+            return self._json("GET", f"/v1/jobs/{job_id}?wait_ms={int(wait_ms)}")
         return self._json("GET", f"/v1/jobs/{job_id}")
 
     def tasks(self, job_id: int, offset: int = 0, limit: int = 1000) -> List[Dict[str, Any]]:
@@ -264,18 +269,22 @@ class Client:
         return self._json("GET", "/v1/nodes")["nodes"]
 
     def wait(self, job_id: int, progress: Optional[Callable[[Dict[str, Any]], None]] = None,
-             poll: float = 0.2, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Polls until the job ends; calls ``progress`` with each status; returns the last."""
+             poll: float = 1.0, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Waits until the job ends; calls ``progress`` with each status (about every ``poll``
+        seconds while it runs); returns the last. The domain answers as soon as the job
+        ends, so the wait adds no polling delay."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            s = self.status(job_id)
+            hold = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
+            # Held below the request timeout and the domain's 60 s limit.
+            held_ms = min(60_000, int((self.timeout - 1) * 1000), int(hold * 1000))
+            s = self.status(job_id, wait_ms=max(1, held_ms))
             if progress is not None:
                 progress(s)
             if s["state"] in ("completed", "failed", "cancelled"):
                 return s
             if deadline is not None and time.monotonic() > deadline:
                 raise StardustError(f"job {job_id} did not end within {timeout} s")
-            time.sleep(poll)
 
     # -- job files ------------------------------------------------------------------------
 

@@ -106,6 +106,10 @@ def test_a_small_job_end_to_end(domain):
     assert final["state"] == "completed"
     assert final["tasks_verified"] == 3
     assert seen, "progress was reported"
+    assert client.status(job, wait_ms=60_000)["state"] == "completed", "an ended job is answered at once"
+    with pytest.raises(stardust.ApiError) as e:
+        client.status(job, wait_ms=60_001)
+    assert e.value.status == 400 and e.value.code == "invalid_wait"
     results = sorted(client.results(job), key=lambda r: r["index"])
     assert [r["output_text"] for r in results] == [f"hello from task with 1 args: {i}\nPYTHON" for i in (1, 2, 3)]
     assert any(n["state"] == "online" for n in client.nodes())

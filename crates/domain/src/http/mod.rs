@@ -517,15 +517,56 @@ fn job_json(j: &JobRow) -> Value {
     })
 }
 
+/// `GET /v1/jobs/{id}` options.
+#[derive(Debug, Deserialize)]
+struct JobQuery {
+    /// Answer once the job has ended, or after this many milliseconds (long poll).
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// The longest `wait_ms` a status request may ask for.
+const MAX_WAIT_MS: u64 = 60_000;
+
+fn ended(state: &str) -> bool {
+    matches!(state, "completed" | "failed" | "cancelled")
+}
+
 async fn get_job(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<u64>,
+    Query(query): Query<JobQuery>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
-    Ok(axum::Json(job_json(&owned_job(&shared, id, client).await?)))
+    if query.wait_ms > MAX_WAIT_MS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_wait",
+            format!("wait_ms is at most {MAX_WAIT_MS} (ask again to wait longer)"),
+        ));
+    }
+    // Subscribed before the first read: an end committed in between is told, not missed.
+    let mut ends = shared.store.ended_jobs();
+    let mut job = owned_job(&shared, id, client).await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
+    while !ended(&job.state) {
+        let told = tokio::select! {
+            told = ends.recv() => told,
+            () = tokio::time::sleep_until(deadline) => break,
+        };
+        match told {
+            Ok(j) if j != id => continue,
+            // It ended, or ends were missed (lagged): read again.
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                job = owned_job(&shared, id, client).await?;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    Ok(axum::Json(job_json(&job)))
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,7 +17,7 @@ use super::{
     parse, terms, values,
 };
 
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
+type Tx = super::db::Tx;
 
 /// Leases per INSERT statement (5 parameters each).
 const LEASES_PER_INSERT: usize = 256;
@@ -59,7 +59,7 @@ impl Store {
     pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
         // One connection for all of it: taking one from the pool costs several times a
         // statement.
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.db.acquire().await?;
         let jobs = sqlx::query(
             "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
         )
@@ -175,7 +175,7 @@ impl Store {
         if wants.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let tasks: BTreeSet<i64> = wants.iter().map(|w| id_i64(w.task)).collect();
         let nodes: BTreeSet<String> = wants.iter().map(|w| w.node.to_string()).collect();
         let mut open = self.open_tasks(&mut tx, &tasks).await?;

@@ -45,7 +45,7 @@ pub(crate) struct Chain {
     pub compute_micro_scu: u64,
 }
 
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
+type Tx = super::db::Tx;
 
 /// Ledger records per INSERT statement (4 parameters each: far below both backends' limits).
 const RECORDS_PER_INSERT: usize = 256;
@@ -237,7 +237,7 @@ impl Store {
         if amount == 0 || amount > i64::MAX as u64 {
             return Err(corrupt("grant", "amount must be in 1..2^63 micro-credits"));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let mut chain = self.chain(&mut tx).await?;
         let seq = chain.seq;
         let reason = if matches!(to, Account::Stake(_)) {
@@ -265,7 +265,7 @@ impl Store {
             sqlx::query("SELECT seq, id, record FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT $2")
                 .bind(id_i64(from_seq))
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.db.acquire().await?)
                 .await?;
         rows.iter()
             .map(|r| {
@@ -280,7 +280,7 @@ impl Store {
 
     /// One balance.
     pub async fn balance(&self, account: Account) -> Result<i128> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let b = Self::balance_in(&mut tx, account).await?;
         tx.commit().await?;
         Ok(b)
@@ -289,7 +289,7 @@ impl Store {
     /// Every stored balance, by account name.
     pub async fn balances(&self) -> Result<Vec<(Account, i128)>> {
         let rows = sqlx::query("SELECT account, amount FROM balances ORDER BY account")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.db.acquire().await?)
             .await?;
         rows.iter()
             .map(|r| {
@@ -311,7 +311,7 @@ impl Store {
 
     /// Events in the ledger and verified compute to date (µSCU).
     pub async fn ledger_head(&self) -> Result<(u64, u64)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let chain = self.chain(&mut tx).await?;
         tx.rollback().await?;
         Ok((chain.seq, chain.compute_micro_scu))

@@ -9,6 +9,7 @@
 //! Lease states: `active`, `done` (result recorded), `expired`, `failed` (attempt did not
 //! produce a vote), `cancelled`.
 
+mod db;
 mod leases;
 mod ledger;
 mod results;
@@ -18,7 +19,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{Connection as _, Row};
+
+use self::db::Db;
 use stardust_ledger::{Account, Amount, Reason};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::{Identity, NodeId};
@@ -369,11 +372,17 @@ fn may_stand_alone_row(tier: Option<String>, streak: Option<i64>) -> bool {
 /// The store.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: AnyPool,
+    db: Db,
     backend: Backend,
     signer: Option<Arc<Identity>>,
     economy: Economy,
+    /// Jobs that ended, told after their transaction committed ([`Store::ended_jobs`]).
+    ended: tokio::sync::broadcast::Sender<JobId>,
 }
+
+/// Ended jobs told to subscribers and not yet read by the slowest of them at most (a
+/// subscriber that falls further behind is told it lagged, and reads the jobs it waits for).
+const ENDED_JOBS_BACKLOG: usize = 4096;
 
 /// `$first, $first+1, …` for `n` bound values.
 fn in_list(first: usize, n: usize) -> String {
@@ -437,48 +446,54 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(url.chars().take(40).collect()));
         };
-        let pool = match backend {
-            // One connection: SQLite has one writer anyway, and this avoids SQLITE_BUSY.
+        let db = match backend {
+            // One connection, held directly (`db.rs`): SQLite has one writer anyway, and
+            // this avoids SQLITE_BUSY.
             Backend::Sqlite => {
-                AnyPoolOptions::new()
-                    .max_connections(1)
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            sqlx::query("PRAGMA journal_mode = WAL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA synchronous = NORMAL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA foreign_keys = ON")
-                                .execute(&mut *conn)
-                                .await?;
-                            // 64 MiB of page cache (the default 2 MiB made large jobs
-                            // re-read their pages from the OS on every status query).
-                            sqlx::query("PRAGMA cache_size = -65536")
-                                .execute(&mut *conn)
-                                .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect(url)
-                    .await?
+                let mut conn = sqlx::AnyConnection::connect(url).await?;
+                for pragma in [
+                    "PRAGMA journal_mode = WAL",
+                    "PRAGMA synchronous = NORMAL",
+                    "PRAGMA foreign_keys = ON",
+                    // 64 MiB of page cache (the default 2 MiB made large jobs re-read their
+                    // pages from the OS on every status query).
+                    "PRAGMA cache_size = -65536",
+                ] {
+                    sqlx::query(pragma).execute(&mut conn).await?;
+                }
+                Db::One(Arc::new(db::One::new(conn)))
             }
-            Backend::Postgres => {
+            Backend::Postgres => Db::Pool(
                 AnyPoolOptions::new()
                     .max_connections(8)
                     .connect(url)
-                    .await?
-            }
+                    .await?,
+            ),
         };
         let store = Self {
-            pool,
+            db,
             backend,
             signer: None,
             economy: Economy::default(),
+            ended: tokio::sync::broadcast::channel(ENDED_JOBS_BACKLOG).0,
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Jobs that end from now on (completed, failed or cancelled), each told once after the
+    /// transaction that ended it committed: what waits for a job re-reads it then, instead of
+    /// polling.
+    pub fn ended_jobs(&self) -> tokio::sync::broadcast::Receiver<JobId> {
+        self.ended.subscribe()
+    }
+
+    /// Tells subscribers these jobs ended (their transaction committed).
+    fn tell_ended(&self, jobs: impl IntoIterator<Item = i64>) {
+        for job in jobs {
+            // No subscriber is fine: nobody waits.
+            let _ = self.ended.send(job as JobId);
+        }
     }
 
     /// Signs ledger events with `key` (the domain's) and applies `economy`. A store without
@@ -497,14 +512,14 @@ impl Store {
     /// The schema version after migrations.
     pub async fn schema_version(&self) -> Result<i64> {
         let row = sqlx::query("SELECT MAX(version) AS v FROM schema_version")
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *self.db.acquire().await?)
             .await?;
         Ok(row.try_get::<Option<i64>, _>("v")?.unwrap_or(0))
     }
 
     async fn migrate(&self) -> Result<()> {
         sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT PRIMARY KEY, name TEXT NOT NULL)")
-            .execute(&self.pool)
+            .execute(&mut *self.db.acquire().await?)
             .await?;
         let current = self.schema_version().await?;
         let known = schema::MIGRATIONS.last().map_or(0, |m| m.version);
@@ -515,7 +530,7 @@ impl Store {
             });
         }
         for m in schema::MIGRATIONS.iter().filter(|m| m.version > current) {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.db.begin().await?;
             let sql = match self.backend {
                 Backend::Sqlite => m.sqlite,
                 Backend::Postgres => m.postgres,
@@ -546,7 +561,7 @@ impl Store {
         .bind(bytes)
         .bind(bytes.len() as i64)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.db.acquire().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -555,7 +570,7 @@ impl Store {
     pub async fn blob(&self, id: ContentId) -> Result<Option<Vec<u8>>> {
         let row = sqlx::query("SELECT bytes FROM blobs WHERE id = $1")
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.db.acquire().await?)
             .await?;
         Ok(row.map(|r| r.try_get::<Vec<u8>, _>("bytes")).transpose()?)
     }
@@ -564,7 +579,7 @@ impl Store {
     pub async fn has_blob(&self, id: ContentId) -> Result<bool> {
         let row = sqlx::query("SELECT 1 AS one FROM blobs WHERE id = $1")
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.db.acquire().await?)
             .await?;
         Ok(row.is_some())
     }
@@ -582,7 +597,7 @@ impl Store {
             .bind(metered.to_string())
             .bind(author.to_string())
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *self.db.acquire().await?)
             .await?;
         Ok(())
     }
@@ -591,7 +606,7 @@ impl Store {
     pub async fn module(&self, original: ContentId) -> Result<Option<(ContentId, NodeId)>> {
         let row = sqlx::query("SELECT metered, author FROM modules WHERE id = $1")
             .bind(original.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.db.acquire().await?)
             .await?;
         row.map(|r| {
             Ok((
@@ -619,7 +634,7 @@ impl Store {
             trials,
             price,
         } = new;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let priority = match spec.priority {
             stardust_proto::job::Priority::Low => 0i64,
             stardust_proto::job::Priority::Normal => 1,
@@ -721,7 +736,7 @@ impl Store {
     pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
         let Some(r) = sqlx::query("SELECT id, owner, name, spec, module, state, created_ms, finished_ms FROM jobs WHERE id = $1")
             .bind(id_i64(id))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.db.acquire().await?)
             .await?
         else {
             return Ok(None);
@@ -744,7 +759,7 @@ impl Store {
     pub async fn backlog(&self) -> Result<u64> {
         Ok(
             sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE state = 'pending'")
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *self.db.acquire().await?)
                 .await?
                 .try_get::<i64, _>("n")? as u64,
         )
@@ -754,7 +769,7 @@ impl Store {
     pub async fn recent_jobs(&self, limit: u32) -> Result<Vec<JobRow>> {
         let ids = sqlx::query("SELECT id FROM jobs ORDER BY id DESC LIMIT $1")
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.db.acquire().await?)
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for r in ids {
@@ -769,7 +784,7 @@ impl Store {
     pub async fn task_states(&self) -> Result<Vec<(String, u64)>> {
         let rows =
             sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state ORDER BY state")
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.db.acquire().await?)
                 .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("state")?, r.try_get::<i64, _>("n")? as u64)))
@@ -781,7 +796,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state")
                 .bind(id_i64(job))
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.db.acquire().await?)
                 .await?;
         let mut c = Counts::default();
         for r in rows {
@@ -808,7 +823,7 @@ impl Store {
         .bind(id_i64(job))
         .bind(i64::from(limit))
         .bind(i64::from(offset))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.db.acquire().await?)
         .await?;
         rows.iter().map(task_row).collect()
     }
@@ -816,7 +831,7 @@ impl Store {
     /// Cancels a job: its unfinished tasks and their active leases. Returns the cancelled
     /// leases (to tell their nodes), or `None` when the job does not exist.
     pub async fn cancel_job(&self, job: JobId, now: i64) -> Result<Option<Vec<(LeaseId, NodeId)>>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let exists = sqlx::query("SELECT state FROM jobs WHERE id = $1")
             .bind(id_i64(job))
             .fetch_optional(&mut *tx)
@@ -836,6 +851,7 @@ impl Store {
             .await?;
         self.refund(&mut tx, id_i64(job), now).await?;
         tx.commit().await?;
+        self.tell_ended([id_i64(job)]);
         Ok(Some(leases))
     }
 
@@ -844,11 +860,7 @@ impl Store {
     /// Locks a task's row until the transaction ends, so concurrent transitions of one task
     /// (two replicas' results arriving together) run one after the other. PostgreSQL only:
     /// SQLite's single writer connection already serializes every transaction.
-    async fn lock_task(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        task: TaskId,
-    ) -> Result<()> {
+    async fn lock_task(&self, tx: &mut db::Tx, task: TaskId) -> Result<()> {
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT id FROM tasks WHERE id = $1 FOR UPDATE")
                 .bind(id_i64(task))
@@ -875,7 +887,7 @@ impl Store {
              ORDER BY t.id DESC LIMIT 64",
         )
         .bind(node.to_string())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.db.acquire().await?)
         .await?;
         if rows.is_empty() {
             return Ok(None);
@@ -892,7 +904,7 @@ impl Store {
         .bind(node.to_string())
         .bind(now)
         .bind(now.saturating_add(lease_ms))
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.db.acquire().await?)
         .await?;
         Ok(Some((row.try_get::<i64, _>("id")? as LeaseId, spec)))
     }
@@ -905,7 +917,7 @@ impl Store {
         leases: &[LeaseId],
         deadline_ms: i64,
     ) -> Result<Vec<LeaseId>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let renewed = Self::renew_in(&mut tx, node, leases, deadline_ms).await?;
         tx.commit().await?;
         Ok(renewed)
@@ -936,7 +948,7 @@ impl Store {
         deadline_ms: i64,
         now: i64,
     ) -> Result<Vec<Vec<LeaseId>>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let mut out = Vec::with_capacity(beats.len());
         for (node, leases) in beats {
             out.push(Self::renew_in(&mut tx, *node, leases, deadline_ms).await?);
@@ -947,7 +959,7 @@ impl Store {
     }
 
     async fn renew_in(
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        tx: &mut db::Tx,
         node: NodeId,
         leases: &[LeaseId],
         deadline_ms: i64,
@@ -983,7 +995,7 @@ impl Store {
             "UPDATE leases SET deadline_ms = $1 WHERE state = 'active' AND deadline_ms < $1",
         )
         .bind(now.saturating_add(grace_ms))
-        .execute(&self.pool)
+        .execute(&mut *self.db.acquire().await?)
         .await?
         .rows_affected())
     }
@@ -992,7 +1004,7 @@ impl Store {
     pub async fn active_leases(&self, node: NodeId) -> Result<Vec<ActiveLease>> {
         let rows = sqlx::query("SELECT id, task_id, deadline_ms FROM leases WHERE node = $1 AND state = 'active' ORDER BY id")
             .bind(node.to_string())
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.db.acquire().await?)
             .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -1015,7 +1027,7 @@ impl Store {
              FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
         )
         .bind(id_i64(task))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.db.acquire().await?)
         .await?;
         row.map(|r| {
             let terms = terms(&r)?;
@@ -1033,7 +1045,7 @@ impl Store {
     }
 
     async fn failed_attempt(
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        tx: &mut db::Tx,
         task: TaskId,
         attempts: u32,
         max_attempts: u32,
@@ -1066,15 +1078,11 @@ impl Store {
         }
     }
 
-    /// Ends the job when none of its tasks is open. On PostgreSQL the job row is locked
+    /// Ends the job when none of its tasks is open; true when it did (tell it after the
+    /// commit: [`Store::tell_ended`]). On PostgreSQL the job row is locked
     /// first (always after the task row, so no lock cycle): two transactions finishing the
     /// last two tasks then run one after the other, and the second sees the first's commit.
-    async fn finish_job_if_done(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        job: i64,
-        now: i64,
-    ) -> Result<()> {
+    async fn finish_job_if_done(&self, tx: &mut db::Tx, job: i64, now: i64) -> Result<bool> {
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
                 .bind(job)
@@ -1090,7 +1098,7 @@ impl Store {
         .fetch_optional(&mut **tx)
         .await?;
         if open.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         let verified = sqlx::query(
             "SELECT 1 AS one FROM tasks WHERE state = 'verified' AND job_id = $1 LIMIT 1",
@@ -1113,16 +1121,11 @@ impl Store {
         if ended == 1 {
             self.refund(tx, job, now).await?;
         }
-        Ok(())
+        Ok(ended == 1)
     }
 
     /// Returns what is left of an ended job's escrow to its submitter.
-    async fn refund(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        job: i64,
-        now: i64,
-    ) -> Result<()> {
+    async fn refund(&self, tx: &mut db::Tx, job: i64, now: i64) -> Result<()> {
         let escrow = Account::Escrow(job as JobId);
         let mut chain = self.chain(tx).await?;
         let left = Self::balance_in(tx, escrow).await?;
@@ -1154,7 +1157,7 @@ impl Store {
     ) -> Result<Vec<(LeaseId, NodeId)>> {
         let rows = sqlx::query("SELECT id, task_id, node, kind FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY id LIMIT 1000")
             .bind(now)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.db.acquire().await?)
             .await?;
         let mut expired = Vec::with_capacity(rows.len());
         for r in rows {
@@ -1162,7 +1165,7 @@ impl Store {
             let task: i64 = r.try_get("task_id")?;
             let node: NodeId = parse("lease node", &r.try_get::<String, _>("node")?)?;
             let spot = r.try_get::<String, _>("kind")? == "spot";
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.db.begin().await?;
             self.lock_task(&mut tx, task as TaskId).await?;
             let changed = sqlx::query("UPDATE leases SET state = 'expired', finished_ms = $1 WHERE id = $2 AND state = 'active'")
                 .bind(now)
@@ -1189,8 +1192,11 @@ impl Store {
                     now,
                 )
                 .await?;
-                self.finish_job_if_done(&mut tx, job, now).await?;
+                let ended = self.finish_job_if_done(&mut tx, job, now).await?;
                 expired.push((lease as LeaseId, node));
+                tx.commit().await?;
+                self.tell_ended(ended.then_some(job));
+                continue;
             }
             tx.commit().await?;
         }
@@ -1200,7 +1206,7 @@ impl Store {
     /// Closes a job's open work inside `tx`: its active leases are cancelled (and returned,
     /// to tell the nodes), its pending and running tasks move to `state` with `reason`.
     async fn close_open_work(
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        tx: &mut db::Tx,
         job: i64,
         state: &str,
         reason: Option<&str>,
@@ -1250,18 +1256,19 @@ impl Store {
             "SELECT id FROM jobs WHERE deadline_ms IS NOT NULL AND deadline_ms < $1 AND state IN ('queued', 'running') LIMIT 100",
         )
         .bind(now)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.db.acquire().await?)
         .await?;
         let mut cancelled = Vec::new();
         for j in jobs {
             let job: i64 = j.try_get("id")?;
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.db.begin().await?;
             cancelled.extend(
                 Self::close_open_work(&mut tx, job, "failed", Some("job deadline passed"), now)
                     .await?,
             );
-            self.finish_job_if_done(&mut tx, job, now).await?;
+            let ended = self.finish_job_if_done(&mut tx, job, now).await?;
             tx.commit().await?;
+            self.tell_ended(ended.then_some(job));
         }
         Ok(cancelled)
     }
@@ -1287,7 +1294,7 @@ impl Store {
         .bind(to_json(&tier))
         .bind(i64::from(slots))
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.db.acquire().await?)
         .await?;
         Ok(())
     }
@@ -1296,18 +1303,13 @@ impl Store {
     /// uptime (gaps over [`UPTIME_MAX_GAP_MS`] count as offline), and mints the uptime
     /// reward for each whole period online.
     pub async fn touch_node(&self, id: NodeId, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         self.touch_in(&mut tx, id, now).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn touch_in(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        id: NodeId,
-        now: i64,
-    ) -> Result<()> {
+    async fn touch_in(&self, tx: &mut db::Tx, id: NodeId, now: i64) -> Result<()> {
         use stardust_ledger::curve::{UPTIME_PER_PERIOD, UPTIME_PERIOD_MS};
         // One statement: SET expressions see the row as it was, so the gap is measured
         // from the previous sign of life.
@@ -1354,7 +1356,7 @@ impl Store {
             "SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"
         )))
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.db.acquire().await?)
         .await?;
         row.as_ref().map(node_row).transpose()
     }
@@ -1364,7 +1366,7 @@ impl Store {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"
         )))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.db.acquire().await?)
         .await?;
         rows.iter().map(node_row).collect()
     }

@@ -29,7 +29,7 @@ use super::{
     json, parse, terms, to_json, values,
 };
 
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
+type Tx = super::db::Tx;
 
 /// Outputs per INSERT statement when a batch closes (at most 64 KiB each).
 const OUTPUTS_PER_INSERT: usize = 32;
@@ -90,7 +90,7 @@ impl Store {
         retry: Retry,
         now: i64,
     ) -> Result<Vec<std::result::Result<Recorded, RecordError>>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         self.lock_batch(&mut tx, results).await?;
         let mut batch = Batch::default();
         let mut out = Vec::with_capacity(results.len());
@@ -100,8 +100,9 @@ impl Store {
                 outcome => out.push(outcome),
             }
         }
-        self.close_batch(&mut tx, batch, now).await?;
+        let ended = self.close_batch(&mut tx, batch, now).await?;
         tx.commit().await?;
+        self.tell_ended(ended);
         Ok(out)
     }
 
@@ -344,8 +345,8 @@ impl Store {
     }
 
     /// Writes what the batch's results share: inline outputs, reputations (in node id
-    /// order), the ledger, then ends the jobs left with nothing open.
-    async fn close_batch(&self, tx: &mut Tx, batch: Batch<'_>, now: i64) -> Result<()> {
+    /// order), the ledger, then ends the jobs left with nothing open; returns those it ended.
+    async fn close_batch(&self, tx: &mut Tx, batch: Batch<'_>, now: i64) -> Result<Vec<i64>> {
         let Batch {
             chain,
             judged,
@@ -388,10 +389,13 @@ impl Store {
             Self::close_chain(tx, chain).await?;
         }
         // After the chain is written: a refund opens the chain again.
+        let mut ended = Vec::new();
         for job in jobs {
-            self.finish_job_if_done(tx, job, now).await?;
+            if self.finish_job_if_done(tx, job, now).await? {
+                ended.push(job);
+            }
         }
-        Ok(())
+        Ok(ended)
     }
 
     /// Updates a node's reputation record with `outcome` (written when the batch closes);

@@ -1,0 +1,162 @@
+//! Where the store's statements run: PostgreSQL's connection pool, or SQLite's one
+//! connection held directly.
+//!
+//! SQLite has one writer, so the store keeps one connection. Behind sqlx's pool, every use of
+//! it cost a checkout, and its return a spawned task that pings the connection before the
+//! next user may take it: three hops to the connection's thread where one statement needs
+//! one. Holding the connection behind a mutex costs a lock.
+//!
+//! [`Tx`] is a transaction over either: like sqlx's `Transaction`, it dereferences to the
+//! connection and rolls back when dropped without [`Tx::commit`] (an error returned early,
+//! or a future cancelled mid-way).
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+/// The store's connections.
+#[derive(Clone)]
+pub(crate) enum Db {
+    /// PostgreSQL: several connections.
+    Pool(AnyPool),
+    /// SQLite: its one connection.
+    One(Arc<One>),
+}
+
+/// SQLite's connection.
+pub(crate) struct One {
+    conn: Arc<Mutex<AnyConnection>>,
+    /// A transaction was dropped open (an error or a cancelled future): roll it back before
+    /// the connection's next use.
+    abandoned: AtomicBool,
+}
+
+impl One {
+    pub fn new(conn: AnyConnection) -> Self {
+        Self {
+            conn: Arc::new(Mutex::new(conn)),
+            abandoned: AtomicBool::new(false),
+        }
+    }
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pool(p) => f.debug_tuple("Pool").field(p).finish(),
+            Self::One(_) => f.write_str("One"),
+        }
+    }
+}
+
+/// A connection taken for one operation; back when dropped.
+pub(crate) enum Conn {
+    Pooled(PoolConnection<Any>),
+    One(OwnedMutexGuard<AnyConnection>, Arc<One>),
+}
+
+impl Deref for Conn {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        match self {
+            Self::Pooled(c) => c,
+            Self::One(c, _) => c,
+        }
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match self {
+            Self::Pooled(c) => c,
+            Self::One(c, _) => c,
+        }
+    }
+}
+
+/// A transaction: statements run on `&mut *tx`. Dropped without [`Tx::commit`] or
+/// [`Tx::rollback`], it rolls back: SQLite's before the connection's next use, a pooled
+/// connection by closing it (the server rolls back).
+pub(crate) struct Tx {
+    conn: Conn,
+    open: bool,
+}
+
+impl Tx {
+    /// Commits.
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Rolls back.
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("ROLLBACK").execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Deref for Tx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if self.open {
+            match &mut self.conn {
+                Conn::Pooled(c) => c.close_on_drop(),
+                Conn::One(_, one) => one.abandoned.store(true, Ordering::Release),
+            }
+        }
+    }
+}
+
+impl Db {
+    /// A connection for one operation (waits for SQLite's while another holds it).
+    pub async fn acquire(&self) -> Result<Conn, sqlx::Error> {
+        match self {
+            Self::Pool(p) => Ok(Conn::Pooled(p.acquire().await?)),
+            Self::One(one) => {
+                let mut conn = one.conn.clone().lock_owned().await;
+                if one.abandoned.swap(false, Ordering::AcqRel) {
+                    // Its `BEGIN` or `COMMIT` may not have run (a cancelled future): then
+                    // there is nothing to roll back, and SQLite says so.
+                    if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await
+                        && !e.to_string().contains("no transaction is active")
+                    {
+                        one.abandoned.store(true, Ordering::Release);
+                        return Err(e);
+                    }
+                }
+                Ok(Conn::One(conn, one.clone()))
+            }
+        }
+    }
+
+    /// Begins a transaction.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        // Open before `BEGIN` is sent: cancelled while it runs, the transaction still rolls
+        // back.
+        let mut tx = Tx {
+            conn: self.acquire().await?,
+            open: true,
+        };
+        sqlx::query("BEGIN").execute(&mut *tx.conn).await?;
+        Ok(tx)
+    }
+}

@@ -1,0 +1,136 @@
+//! `GET /v1/jobs/{id}?wait_ms=N`: a status request held until the job ends (or N ms pass),
+//! against a real in-process domain and, for the run, the real node library.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use stardust_domain::{Config, Domain};
+use stardust_ledger::MICRO_PER_CREDIT;
+
+use common::{key, upload_hello};
+
+fn spec(module: &str, input: &str) -> stardust_proto::job::JobSpec {
+    serde_json::from_value(serde_json::json!({
+        "module": module,
+        "input": input,
+        "args": ["{i}"],
+        "limits": {"fuel": 1_000_000_000u64, "memory_bytes": 64u64 << 20, "wall_ms": 10_000, "output_bytes": 4096},
+        "sweep": {"grid": {"i": [1, 2]}},
+    }))
+    .expect("spec")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_request_waits_for_its_own_job_to_end_and_no_longer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(dir.path().join("domain"));
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.welcome_grant = 1_000 * MICRO_PER_CREDIT;
+    let domain = Domain::start(config, key(200)).await.expect("domain");
+    let url = format!("http://{}", domain.addr());
+    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
+    let module = upload_hello(&client).await.to_string();
+    let input = client
+        .put_blob(b"x".to_vec())
+        .await
+        .expect("input")
+        .to_string();
+
+    // No node yet: the jobs stay queued.
+    let a = client
+        .submit(&spec(&module, &input))
+        .await
+        .expect("submit a");
+    let b = client
+        .submit(&spec(&module, &input))
+        .await
+        .expect("submit b");
+
+    // Bounded: a wait beyond the limit is refused, saying so.
+    match client.job_wait(a, 60_001).await {
+        Err(stardust_sdk::Error::Api {
+            status,
+            code,
+            message,
+        }) => {
+            assert_eq!((status, code.as_str()), (400, "invalid_wait"), "{message}");
+            assert!(message.contains("60000"), "{message}");
+        }
+        other => panic!("wait_ms 60001 must be refused: {other:?}"),
+    }
+
+    // A job that does not end: answered when the wait is over, with its state then.
+    let held = Instant::now();
+    let s = client.job_wait(a, 150).await.expect("status");
+    assert_eq!(s["state"], "queued", "{s}");
+    assert!(
+        held.elapsed() >= Duration::from_millis(150),
+        "answered before the wait was over"
+    );
+
+    // Cancelling a job answers the requests held for it, and not those for another job.
+    let hold = |job: u64| {
+        let client = client.clone();
+        tokio::spawn(async move { client.job_wait(job, 60_000).await })
+    };
+    let (waiter, waiter_b) = (hold(a), hold(b));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cancelled = client.cancel(b).await.expect("cancel b");
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    let s = tokio::time::timeout(Duration::from_secs(10), waiter_b)
+        .await
+        .expect("the held request for b is answered when b is cancelled")
+        .expect("join")
+        .expect("status");
+    assert_eq!(s["state"], "cancelled", "{s}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the end of job b answered a wait for job a"
+    );
+
+    // A node comes and runs job a: the held request is answered with its end.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
+    c.slots = 2;
+    c.bench = false;
+    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let s = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the held request is answered when the job ends")
+        .expect("join")
+        .expect("status");
+    assert_eq!(s["state"], "completed", "{s}");
+    assert_eq!(s["tasks_verified"], 2, "{s}");
+
+    // A job already ended is answered at once, whatever the wait.
+    let s = tokio::time::timeout(Duration::from_secs(5), client.job_wait(b, 60_000))
+        .await
+        .expect("an ended job is answered at once")
+        .expect("status");
+    assert_eq!(s["state"], "cancelled", "{s}");
+
+    // The SDK's wait ends with the job.
+    let c = client
+        .submit(&spec(&module, &input))
+        .await
+        .expect("submit c");
+    let s = tokio::time::timeout(Duration::from_secs(30), client.wait(c, |_| {}))
+        .await
+        .expect("wait ends")
+        .expect("status");
+    assert_eq!(s["state"], "completed", "{s}");
+
+    // Only the owner's key may wait on a job.
+    let other = stardust_sdk::Client::new(&url, key(101)).expect("client");
+    match other.job_wait(a, 1000).await {
+        Err(stardust_sdk::Error::Api { status, .. }) => assert_eq!(status, 404),
+        other => panic!("another key's wait must be refused: {other:?}"),
+    }
+
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    domain.shutdown().await;
+}
