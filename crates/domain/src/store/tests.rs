@@ -8,6 +8,7 @@ use stardust_proto::job::JobSpec;
 use stardust_proto::task::{Hardware, RunReport, Status, Tier};
 
 use super::*;
+use std::time::Duration;
 
 const MAX_ATTEMPTS: u32 = 3;
 const RETRY: Retry = Retry {
@@ -195,6 +196,65 @@ async fn migrations_are_idempotent() {
         if let Some(dir) = dir {
             let again = Store::open_sqlite(dir.path()).await.expect("reopen");
             assert_eq!(again.schema_version().await.expect("version"), latest);
+        }
+    }
+}
+
+/// A transaction dropped without commit (an early return, or a future cancelled between
+/// statements) leaves nothing behind, and the connection goes on working.
+#[tokio::test]
+async fn a_transaction_dropped_open_is_rolled_back_and_the_connection_stays_usable() {
+    async fn insert(tx: &mut super::db::Tx, id: ContentId) {
+        sqlx::query("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, 1, 0)")
+            .bind(id.to_string())
+            .bind(&b"x"[..])
+            .execute(&mut **tx)
+            .await
+            .expect("insert");
+    }
+    for (store, dir) in backends().await {
+        let dropped = ContentId::of(b"dropped");
+        {
+            let mut tx = store.db.begin().await.expect("begin");
+            insert(&mut tx, dropped).await;
+        }
+        assert!(!store.has_blob(dropped).await.expect("has"), "rolled back");
+
+        // Cancelled while it held the transaction open.
+        let cancelled = ContentId::of(b"cancelled");
+        let db = store.db.clone();
+        let held = tokio::time::timeout(Duration::from_millis(50), async move {
+            let mut tx = db.begin().await.expect("begin");
+            insert(&mut tx, cancelled).await;
+            std::future::pending::<()>().await;
+        })
+        .await;
+        assert!(held.is_err(), "the future was cancelled");
+        assert!(
+            !store.has_blob(cancelled).await.expect("has"),
+            "rolled back"
+        );
+
+        // Committed work after both is durable.
+        let kept = ContentId::of(b"kept");
+        let mut tx = store.db.begin().await.expect("begin");
+        insert(&mut tx, kept).await;
+        tx.commit().await.expect("commit");
+        assert!(
+            store
+                .put_blob(ContentId::of(b"put"), b"put", 1)
+                .await
+                .expect("put")
+        );
+        if let Some(dir) = dir {
+            drop(store);
+            let again = Store::open_sqlite(dir.path()).await.expect("reopen");
+            assert!(again.has_blob(kept).await.expect("has"));
+            assert!(again.has_blob(ContentId::of(b"put")).await.expect("has"));
+            assert!(!again.has_blob(dropped).await.expect("has"));
+            assert!(!again.has_blob(cancelled).await.expect("has"));
+        } else {
+            assert!(store.has_blob(kept).await.expect("has"));
         }
     }
 }
