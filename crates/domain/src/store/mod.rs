@@ -384,6 +384,9 @@ pub struct Store {
 /// subscriber that falls further behind is told it lagged, and reads the jobs it waits for).
 const ENDED_JOBS_BACKLOG: usize = 4096;
 
+/// Tasks inserted by one statement at most (8 values each; both backends allow far more).
+const TASKS_PER_INSERT: usize = 512;
+
 /// `$first, $first+1, …` for `n` bound values.
 fn in_list(first: usize, n: usize) -> String {
     (first..first + n)
@@ -665,19 +668,25 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let job: i64 = row.try_get("id")?;
-        for t in trials {
-            sqlx::query(
-                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts)
-                 VALUES ($1, $2, $3, $4, $5, 'pending', $6, 0)",
-            )
-            .bind(job)
-            .bind(i64::from(t.index))
-            .bind(to_json(&t.args))
-            .bind(t.input.to_string())
-            .bind(t.seed.to_string())
-            .bind(i64::from(spec.redundancy))
-            .execute(&mut *tx)
-            .await?;
+        // Many rows a statement (a statement is a round trip to the database): a sweep of
+        // 20,000 tasks was 20,000 inserts.
+        for rows in trials.chunks(TASKS_PER_INSERT) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) VALUES {}",
+                values(rows.len(), 8)
+            )));
+            for t in rows {
+                q = q
+                    .bind(job)
+                    .bind(i64::from(t.index))
+                    .bind(to_json(&t.args))
+                    .bind(t.input.to_string())
+                    .bind(t.seed.to_string())
+                    .bind("pending")
+                    .bind(i64::from(spec.redundancy))
+                    .bind(0i64);
+            }
+            q.execute(&mut *tx).await?;
         }
         let maximum = pricing::job_maximum(
             trials.len() as u64,
