@@ -20,10 +20,10 @@ use super::{
 type Tx = super::db::Tx;
 
 /// Leases per INSERT statement (5 parameters each).
-const LEASES_PER_INSERT: usize = 256;
+const LEASES_PER_INSERT: usize = super::rows_per_statement(5);
 
 /// Ids per `IN (...)` list.
-const IDS_PER_QUERY: usize = 512;
+const IDS_PER_QUERY: usize = super::MAX_BOUND;
 
 /// One replica a dispatcher wants leased.
 #[derive(Debug, Clone, Copy)]

@@ -47,8 +47,8 @@ pub(crate) struct Chain {
 
 type Tx = super::db::Tx;
 
-/// Ledger records per INSERT statement (4 parameters each: far below both backends' limits).
-const RECORDS_PER_INSERT: usize = 256;
+/// Ledger records per INSERT statement (4 parameters each).
+const RECORDS_PER_INSERT: usize = super::rows_per_statement(4);
 
 /// A stored ledger record.
 #[derive(Debug, Clone)]

@@ -12,9 +12,10 @@
 //! Lock order, as everywhere in the store: task rows (all of the batch's, in id order, up
 //! front), then job rows (in id order, up front), then the ledger head.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sqlx::Row;
+use sqlx::any::AnyRow;
 use stardust_ledger::{Account, Amount, Reason};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::NodeId;
@@ -32,7 +33,7 @@ use super::{
 type Tx = super::db::Tx;
 
 /// Outputs per INSERT statement when a batch closes (at most 64 KiB each).
-const OUTPUTS_PER_INSERT: usize = 32;
+const OUTPUTS_PER_INSERT: usize = super::rows_per_statement(4);
 
 /// What a batch's results share until it closes.
 #[derive(Default)]
@@ -47,7 +48,53 @@ struct Batch<'a> {
     terms: HashMap<i64, Payer>,
     /// Inline outputs of the recorded results.
     outputs: Vec<(ContentId, &'a [u8])>,
+    /// The batch's leases with their tasks, read in one statement when it began; a result
+    /// whose task an earlier result of the batch touched reads its own again.
+    leases: HashMap<i64, LeaseRow>,
+    /// Tasks the batch's results touched so far.
+    touched: HashSet<i64>,
+    /// Single-replica results verified: their lease and task updates, written as set
+    /// statements ([`Store::flush`]) before anything reads those rows.
+    done: Vec<(i64, String, &'a [u8])>,
+    verified: Vec<(i64, String, i64, String)>,
+    /// When the batch is recorded.
+    now: i64,
 }
+
+/// A lease with what recording its result needs of its task.
+struct LeaseRow {
+    task_id: i64,
+    node: String,
+    state: String,
+    report: Option<String>,
+    kind: String,
+    replicas: i64,
+    attempts: i64,
+    job_id: i64,
+}
+
+impl LeaseRow {
+    fn read(row: &AnyRow) -> Result<Self> {
+        Ok(Self {
+            task_id: row.try_get("task_id")?,
+            node: row.try_get("node")?,
+            state: row.try_get("state")?,
+            report: row.try_get("report")?,
+            kind: row.try_get("kind")?,
+            replicas: row.try_get("replicas")?,
+            attempts: row.try_get("attempts")?,
+            job_id: row.try_get("job_id")?,
+        })
+    }
+}
+
+/// The columns [`LeaseRow::read`] reads.
+const LEASE_ROW: &str =
+    "SELECT l.id, l.task_id, l.node, l.state, l.report, l.kind, t.replicas, t.attempts, t.job_id
+     FROM leases l JOIN tasks t ON t.id = l.task_id";
+
+/// Ids a statement reads at most.
+const IDS_PER_QUERY: usize = super::MAX_BOUND;
 
 #[derive(Clone, Copy)]
 struct Judged {
@@ -92,7 +139,26 @@ impl Store {
     ) -> Result<Vec<std::result::Result<Recorded, RecordError>>> {
         let mut tx = self.db.begin().await?;
         self.lock_batch(&mut tx, results).await?;
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            now,
+            ..Batch::default()
+        };
+        let ids: BTreeSet<i64> = results.iter().map(|r| id_i64(r.lease)).collect();
+        let ids: Vec<i64> = ids.into_iter().collect();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "{LEASE_ROW} WHERE l.id IN ({})",
+                in_list(1, chunk.len())
+            )));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                batch
+                    .leases
+                    .insert(row.try_get("id")?, LeaseRow::read(&row)?);
+            }
+        }
         let mut out = Vec::with_capacity(results.len());
         for r in results {
             match self.record_one(&mut tx, &mut batch, *r, retry, now).await {
@@ -157,20 +223,31 @@ impl Store {
             envelope,
             output,
         } = result;
-        let row = sqlx::query(
-            "SELECT l.task_id, l.node, l.state, l.report, l.kind, t.replicas, t.attempts, t.job_id
-             FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.id = $1",
-        )
-        .bind(id_i64(lease))
-        .fetch_optional(&mut **tx)
-        .await?;
+        // The row read when the batch began, unless an earlier result of the batch touched
+        // its task: then the writes held so far go first and it is read again.
+        let early = batch
+            .leases
+            .remove(&id_i64(lease))
+            .filter(|r| !batch.touched.contains(&r.task_id));
+        let row = match early {
+            Some(row) => Some(row),
+            None => {
+                self.flush(tx, batch).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("{LEASE_ROW} WHERE l.id = $1")))
+                    .bind(id_i64(lease))
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .map(|r| LeaseRow::read(&r))
+                    .transpose()?
+            }
+        };
         let Some(row) = row else {
             return Err(RecordError::NotLeased(lease));
         };
-        if row.try_get::<String, _>("node")? != node.to_string() {
+        if row.node != node.to_string() {
             return Err(RecordError::NotLeased(lease));
         }
-        let lease_task = row.try_get::<i64, _>("task_id")? as TaskId;
+        let lease_task = row.task_id as TaskId;
         if lease_task != task {
             return Err(RecordError::WrongTask {
                 lease,
@@ -178,10 +255,10 @@ impl Store {
                 got: task,
             });
         }
-        let state: String = row.try_get("state")?;
+        batch.touched.insert(row.task_id);
+        let state = row.state.as_str();
         if state == "done" {
-            let stored: Option<String> = row.try_get("report")?;
-            return if stored.as_deref() == Some(to_json(report).as_str()) {
+            return if row.report.as_deref() == Some(to_json(report).as_str()) {
                 Ok(Recorded::Duplicate)
             } else {
                 Err(RecordError::NotLeased(lease))
@@ -193,14 +270,14 @@ impl Store {
         if let Some(bytes) = output {
             batch.outputs.push((report.output, bytes));
         }
-        if row.try_get::<String, _>("kind")? == "spot" {
+        if row.kind == "spot" {
             return self
                 .record_spot_check(tx, batch, lease, node, task, report, envelope, now)
                 .await;
         }
-        let job: i64 = row.try_get("job_id")?;
-        let replicas = row.try_get::<i64, _>("replicas")? as u8;
-        let attempts = row.try_get::<i64, _>("attempts")? as u32;
+        let job = row.job_id;
+        let replicas = row.replicas.clamp(0, 255) as u8;
+        let attempts = row.attempts.clamp(0, i64::from(u32::MAX)) as u32;
         batch.jobs.insert(job);
 
         if !report.status.is_deterministic() {
@@ -223,13 +300,18 @@ impl Store {
             )
             .await?);
         }
-        sqlx::query("UPDATE leases SET state = 'done', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
-            .bind(to_json(report))
-            .bind(envelope)
-            .bind(now)
-            .bind(id_i64(lease))
-            .execute(&mut **tx)
-            .await?;
+        if replicas <= 1 {
+            // Nothing reads this lease again in the batch (its task is touched).
+            batch.done.push((id_i64(lease), to_json(report), envelope));
+        } else {
+            sqlx::query("UPDATE leases SET state = 'done', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
+                .bind(to_json(report))
+                .bind(envelope)
+                .bind(now)
+                .bind(id_i64(lease))
+                .execute(&mut **tx)
+                .await?;
+        }
         let mut votes = Vec::new();
         let mut reports = Vec::new();
         if replicas <= 1 {
@@ -269,16 +351,25 @@ impl Store {
                     .into_iter()
                     .find(|r| r.fingerprint() == value)
                     .ok_or_else(|| corrupt("quorum", "accepted value has no report"))?;
-                sqlx::query(
-                    "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3, finished_ms = $4 WHERE id = $5",
-                )
-                .bind(accepted.output.to_string())
-                .bind(id_i64(accepted.fuel_used))
-                .bind(to_json(&accepted))
-                .bind(now)
-                .bind(id_i64(task))
-                .execute(&mut **tx)
-                .await?;
+                if replicas <= 1 {
+                    batch.verified.push((
+                        id_i64(task),
+                        accepted.output.to_string(),
+                        id_i64(accepted.fuel_used),
+                        to_json(&accepted),
+                    ));
+                } else {
+                    sqlx::query(
+                        "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3, finished_ms = $4 WHERE id = $5",
+                    )
+                    .bind(accepted.output.to_string())
+                    .bind(id_i64(accepted.fuel_used))
+                    .bind(to_json(&accepted))
+                    .bind(now)
+                    .bind(id_i64(task))
+                    .execute(&mut **tx)
+                    .await?;
+                }
                 if replicas > 1 {
                     // Replicas still running are no longer needed. (A task of one replica
                     // has none: the lease just recorded was its only active one.)
@@ -306,6 +397,8 @@ impl Store {
                 }
             }
             Decision::NeedMore(k) => {
+                // Counts this task's leases: the held writes go first.
+                self.flush(tx, batch).await?;
                 let active = sqlx::query(
                     "SELECT COUNT(*) AS n FROM leases WHERE task_id = $1 AND state = 'active'",
                 )
@@ -344,9 +437,49 @@ impl Store {
         })
     }
 
+    /// Writes the held single-replica updates (leases done, tasks verified) as set
+    /// statements (one row fewer than a statement's share, for the time bound last).
+    async fn flush(&self, tx: &mut Tx, batch: &mut Batch<'_>) -> Result<()> {
+        let now = batch.now;
+        for rows in batch.done.chunks(super::rows_per_statement(3) - 1) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH v (id, report, envelope) AS (VALUES {})
+                 UPDATE leases SET state = 'done', report = v.report, envelope = v.envelope, finished_ms = ${}
+                 FROM v WHERE leases.id = v.id",
+                values(rows.len(), 3),
+                rows.len() * 3 + 1
+            )));
+            for (id, report, envelope) in rows {
+                q = q.bind(*id).bind(report.as_str()).bind(*envelope);
+            }
+            q.bind(now).execute(&mut **tx).await?;
+        }
+        batch.done.clear();
+        for rows in batch.verified.chunks(super::rows_per_statement(4) - 1) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH v (id, output, fuel, report) AS (VALUES {})
+                 UPDATE tasks SET state = 'verified', output = v.output, fuel = v.fuel, report = v.report, finished_ms = ${}
+                 FROM v WHERE tasks.id = v.id",
+                values(rows.len(), 4),
+                rows.len() * 4 + 1
+            )));
+            for (id, output, fuel, report) in rows {
+                q = q
+                    .bind(*id)
+                    .bind(output.as_str())
+                    .bind(*fuel)
+                    .bind(report.as_str());
+            }
+            q.bind(now).execute(&mut **tx).await?;
+        }
+        batch.verified.clear();
+        Ok(())
+    }
+
     /// Writes what the batch's results share: inline outputs, reputations (in node id
     /// order), the ledger, then ends the jobs left with nothing open; returns those it ended.
-    async fn close_batch(&self, tx: &mut Tx, batch: Batch<'_>, now: i64) -> Result<Vec<i64>> {
+    async fn close_batch(&self, tx: &mut Tx, mut batch: Batch<'_>, now: i64) -> Result<Vec<i64>> {
+        self.flush(tx, &mut batch).await?;
         let Batch {
             chain,
             judged,
