@@ -57,8 +57,6 @@ struct Batch<'a> {
     /// statements ([`Store::flush`]) before anything reads those rows.
     done: Vec<(i64, String, &'a [u8])>,
     verified: Vec<(i64, String, i64, String)>,
-    /// When the batch is recorded.
-    now: i64,
 }
 
 /// A lease with what recording its result needs of its task.
@@ -139,10 +137,7 @@ impl Store {
     ) -> Result<Vec<std::result::Result<Recorded, RecordError>>> {
         let mut tx = self.db.begin().await?;
         self.lock_batch(&mut tx, results).await?;
-        let mut batch = Batch {
-            now,
-            ..Batch::default()
-        };
+        let mut batch = Batch::default();
         let ids: BTreeSet<i64> = results.iter().map(|r| id_i64(r.lease)).collect();
         let ids: Vec<i64> = ids.into_iter().collect();
         for chunk in ids.chunks(IDS_PER_QUERY) {
@@ -232,7 +227,7 @@ impl Store {
         let row = match early {
             Some(row) => Some(row),
             None => {
-                self.flush(tx, batch).await?;
+                self.flush(tx, batch, now).await?;
                 sqlx::query(sqlx::AssertSqlSafe(format!("{LEASE_ROW} WHERE l.id = $1")))
                     .bind(id_i64(lease))
                     .fetch_optional(&mut **tx)
@@ -398,7 +393,7 @@ impl Store {
             }
             Decision::NeedMore(k) => {
                 // Counts this task's leases: the held writes go first.
-                self.flush(tx, batch).await?;
+                self.flush(tx, batch, now).await?;
                 let active = sqlx::query(
                     "SELECT COUNT(*) AS n FROM leases WHERE task_id = $1 AND state = 'active'",
                 )
@@ -439,8 +434,7 @@ impl Store {
 
     /// Writes the held single-replica updates (leases done, tasks verified) as set
     /// statements (one row fewer than a statement's share, for the time bound last).
-    async fn flush(&self, tx: &mut Tx, batch: &mut Batch<'_>) -> Result<()> {
-        let now = batch.now;
+    async fn flush(&self, tx: &mut Tx, batch: &mut Batch<'_>, now: i64) -> Result<()> {
         for rows in batch.done.chunks(super::rows_per_statement(3) - 1) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "WITH v (id, report, envelope) AS (VALUES {})
@@ -479,7 +473,7 @@ impl Store {
     /// Writes what the batch's results share: inline outputs, reputations (in node id
     /// order), the ledger, then ends the jobs left with nothing open; returns those it ended.
     async fn close_batch(&self, tx: &mut Tx, mut batch: Batch<'_>, now: i64) -> Result<Vec<i64>> {
-        self.flush(tx, &mut batch).await?;
+        self.flush(tx, &mut batch, now).await?;
         let Batch {
             chain,
             judged,
