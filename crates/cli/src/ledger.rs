@@ -179,12 +179,7 @@ pub async fn audit(store: &Store, domain: NodeId) -> anyhow::Result<Value> {
     let mut tasks_paid = std::collections::BTreeSet::new();
     let mut slashes = 0u64;
     for r in &records {
-        if let Ok(opened) = stardust_proto::envelope::open(
-            &r.record,
-            stardust_proto::envelope::Context::Ledger,
-            stardust_proto::envelope::DEFAULT_MAX_LEN,
-        ) && let Ok(e) = serde_json::from_slice::<stardust_ledger::Event>(opened.body)
-        {
+        if let Ok((e, _)) = stardust_ledger::open(&r.record) {
             match e.reason {
                 Reason::Settle { task } => {
                     tasks_paid.insert(task);

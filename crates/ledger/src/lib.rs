@@ -3,8 +3,11 @@
 //! signature and link ([`verify`]).
 //!
 //! ```text
-//!  Event (JSON) ──seal with the domain key, context stardust/v1/ledger──▶ Record (bytes)
-//!  Record n carries blake3(Record n-1 bytes) as `prev`: a tamper-evident chain.
+//!  Event (JSON) ──seal with the domain key, context stardust/v1/ledger──▶ signed Record
+//!  Event (JSON) ──as is─────────────────────────────────────────────────▶ linked Record
+//!  Record n carries blake3(Record n-1 bytes) as `prev`: a tamper-evident chain, so a
+//!  signed record vouches for every record before it. A writer signs the last record of
+//!  each batch it appends (one signature per batch, not per movement); a chain ends signed.
 //! ```
 //!
 //! - Double entry: every event moves an amount from one [`Account`] to another; credits
@@ -364,11 +367,43 @@ impl Ledger {
     }
 }
 
-/// Seals `event` as a record signed by the domain.
+/// Seals `event` as a record signed by the domain: it vouches for itself and, through the
+/// chain of `prev` links, for every record before it.
 pub fn seal(domain: &Identity, event: &Event) -> Vec<u8> {
+    envelope::seal(domain, Context::Ledger, &body(event))
+}
+
+/// Links `event` as a record that carries no signature of its own: the event's JSON bytes.
+/// The next signed record vouches for it (its `prev` commits to these bytes), so a writer
+/// signs only the last record of each batch it appends, and a chain must end in a signed
+/// record ([`verify`]).
+pub fn linked(event: &Event) -> Vec<u8> {
+    body(event)
+}
+
+fn body(event: &Event) -> Vec<u8> {
     // Plain data: serialization cannot fail.
-    let body = serde_json::to_vec(event).unwrap_or_default();
-    envelope::seal(domain, Context::Ledger, &body)
+    serde_json::to_vec(event).unwrap_or_default()
+}
+
+/// Opens one record, signed ([`seal`]) or linked ([`linked`]): its event, and the key that
+/// signed it (`None` for a linked record). Checks the signature, not the chain.
+pub fn open(record: &[u8]) -> Result<(Event, Option<NodeId>), String> {
+    let (body, signer) = if record.starts_with(&envelope::MAGIC) {
+        let opened = envelope::open(record, Context::Ledger, envelope::DEFAULT_MAX_LEN)
+            .map_err(|e| e.to_string())?;
+        (opened.body, Some(opened.signer))
+    } else if record.len() > envelope::DEFAULT_MAX_LEN {
+        return Err(format!(
+            "record of {} bytes exceeds the limit of {} bytes",
+            record.len(),
+            envelope::DEFAULT_MAX_LEN
+        ));
+    } else {
+        (record, None)
+    };
+    let event = serde_json::from_slice(body).map_err(|e| format!("malformed event: {e}"))?;
+    Ok((event, signer))
 }
 
 /// The link to a record: BLAKE3 of its bytes, hex.
@@ -420,38 +455,53 @@ pub enum VerifyError {
         /// What.
         reason: String,
     },
+    /// The chain ends in a linked record: no signature vouches for the records after the
+    /// last signed one.
+    #[error("record {index}: the chain ends in a record no signature vouches for")]
+    Unsigned {
+        /// Position of the last record.
+        index: u64,
+    },
 }
 
-/// Verifies a chain of records signed by `domain` from the first, re-deriving every balance.
+/// Verifies a chain of records written by `domain` from the first, re-deriving every
+/// balance: each signed record must be signed by `domain`, each record must continue the
+/// chain (`seq`, `prev`), and the last must be signed (it vouches for the linked records
+/// before it). A broken link is blamed on the record whose bytes the next signature does not
+/// vouch for, so a changed linked record is named, not its successor.
 pub fn verify<'a>(
     domain: NodeId,
     records: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Ledger, VerifyError> {
+    let records: Vec<&[u8]> = records.into_iter().collect();
     let mut ledger = Ledger::new();
-    for (index, record) in records.into_iter().enumerate() {
+    let mut last: Option<(u64, bool)> = None;
+    for (index, record) in records.iter().enumerate() {
         let index = index as u64;
-        let opened =
-            envelope::open(record, Context::Ledger, envelope::DEFAULT_MAX_LEN).map_err(|e| {
-                VerifyError::Record {
-                    index,
-                    reason: e.to_string(),
-                }
-            })?;
-        if opened.signer != domain {
-            return Err(VerifyError::WrongSigner {
-                index,
-                signer: opened.signer,
-            });
+        let (event, signer) =
+            open(record).map_err(|reason| VerifyError::Record { index, reason })?;
+        if let Some(signer) = signer
+            && signer != domain
+        {
+            return Err(VerifyError::WrongSigner { index, signer });
         }
-        let event: Event =
-            serde_json::from_slice(opened.body).map_err(|e| VerifyError::Record {
-                index,
-                reason: format!("malformed event: {e}"),
-            })?;
-        if event.seq != ledger.seq || event.prev != ledger.head {
+        if event.seq != ledger.seq {
             return Err(VerifyError::Chain {
                 index,
                 id: event.id,
+            });
+        }
+        if event.prev != ledger.head {
+            return Err(match blame(domain, &records, index as usize) {
+                Some(culprit) if culprit != index as usize => {
+                    let index = culprit as u64;
+                    let id = open(records[culprit]).map_or_else(|_| String::new(), |(e, _)| e.id);
+                    VerifyError::Chain { index, id }
+                }
+                _ => VerifyError::Chain {
+                    index,
+                    id: event.id,
+                },
             });
         }
         ledger
@@ -461,8 +511,29 @@ pub fn verify<'a>(
             .check_invariants()
             .map_err(|reason| VerifyError::Invariant { index, reason })?;
         ledger.head = link(record);
+        last = Some((index, signer.is_some()));
     }
-    Ok(ledger)
+    match last {
+        Some((index, false)) => Err(VerifyError::Unsigned { index }),
+        _ => Ok(ledger),
+    }
+}
+
+/// Record `broken` continues the sequence but does not link to the record before it. Walks back from the next record
+/// signed by `domain`: each vouched-for `prev` must be the link of the record before; the
+/// first record that is not what its successor vouches for is the one changed. `None` when no
+/// signature follows (nothing to tell which of the two changed).
+fn blame(domain: NodeId, records: &[&[u8]], broken: usize) -> Option<usize> {
+    let signed = (broken..records.len())
+        .find(|&i| matches!(open(records[i]), Ok((_, Some(s))) if s == domain))?;
+    let mut vouched = open(records[signed]).ok()?.0.prev;
+    for k in (broken.saturating_sub(1)..signed).rev() {
+        if link(records[k]) != vouched {
+            return Some(k);
+        }
+        vouched = open(records[k]).ok()?.0.prev;
+    }
+    Some(broken)
 }
 
 impl Ledger {

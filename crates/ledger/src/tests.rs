@@ -10,10 +10,12 @@ fn node(i: u8) -> NodeId {
     Identity::from_secret_bytes(&[i; 32]).id()
 }
 
-/// Writes events the way the domain does: chain fields filled in, sealed, appended.
+/// Writes events the way the domain does: chain fields filled in, linked, appended; the
+/// last record of each "transaction" signed ([`Writer::seal_last`]).
 struct Writer {
     ledger: Ledger,
     records: Vec<Vec<u8>>,
+    events: Vec<Event>,
     key: Identity,
 }
 
@@ -22,6 +24,7 @@ impl Writer {
         Self {
             ledger: Ledger::new(),
             records: Vec::new(),
+            events: Vec::new(),
             key: domain(),
         }
     }
@@ -44,10 +47,24 @@ impl Writer {
             amount,
             reason,
         };
-        let record = seal(&self.key, &event);
+        let record = linked(&event);
         self.ledger.append(&event, &record)?;
         self.records.push(record);
+        self.events.push(event);
         Ok(())
+    }
+
+    /// Signs the last record (nothing links to it yet), as a writer does when it commits.
+    fn seal_last(&mut self) {
+        if let (Some(event), Some(record)) = (self.events.last(), self.records.last_mut()) {
+            *record = seal(&self.key, event);
+            self.ledger.head = link(record);
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.records.truncate(len);
+        self.events.truncate(len);
     }
 }
 
@@ -63,6 +80,7 @@ fn sample() -> Writer {
         Reason::Escrow { job: 7 },
     )
     .expect("escrow");
+    w.seal_last();
     let s = split(1_000_000, 2);
     w.post(
         Account::Escrow(7),
@@ -92,6 +110,7 @@ fn sample() -> Writer {
         Reason::Settle { task: 1 },
     )
     .expect("pay");
+    w.seal_last();
     w.post(
         Account::Escrow(7),
         alice,
@@ -99,6 +118,7 @@ fn sample() -> Writer {
         Reason::Refund { job: 7 },
     )
     .expect("refund");
+    w.seal_last();
     w
 }
 
@@ -134,8 +154,11 @@ fn changing_any_byte_of_a_record_is_caught_and_named() {
                 | VerifyError::WrongSigner { index: i, .. }
                 | VerifyError::Chain { index: i, .. }
                 | VerifyError::Apply { index: i, .. }
-                | VerifyError::Invariant { index: i, .. } => *i,
+                | VerifyError::Invariant { index: i, .. }
+                | VerifyError::Unsigned { index: i } => *i,
             };
+            // A signed record is caught by its signature; a changed linked record, by the
+            // next signature, which vouches for its old bytes.
             assert_eq!(named, index as u64, "byte {pos} of record {index}: {err}");
         }
     }
@@ -159,8 +182,54 @@ fn removed_or_reordered_records_break_the_chain() {
     let other = Identity::from_secret_bytes(&[43; 32]).id();
     assert!(matches!(
         verify(other, w.records.iter().map(Vec::as_slice)),
-        Err(VerifyError::WrongSigner { index: 0, .. })
+        Err(VerifyError::WrongSigner { index: 1, .. })
     ));
+}
+
+#[test]
+fn a_chain_must_end_in_a_signed_record() {
+    let mut w = sample();
+    let signed = w
+        .records
+        .iter()
+        .filter(|r| r.starts_with(&envelope::MAGIC))
+        .count();
+    assert_eq!(
+        signed, 3,
+        "the sample signs the last record of each of its three batches"
+    );
+    w.post(Account::Mint, Account::Treasury, 5, Reason::Grant)
+        .expect("grant");
+    assert!(matches!(
+        verify(domain().id(), w.records.iter().map(Vec::as_slice)),
+        Err(VerifyError::Unsigned { index: 7 })
+    ));
+    // Cut after a linked record: what remains vouches for nothing after the last signature.
+    assert!(matches!(
+        verify(domain().id(), w.records[..3].iter().map(Vec::as_slice)),
+        Err(VerifyError::Unsigned { index: 2 })
+    ));
+    // A linked record rewritten with every later link fixed up still fails at the next
+    // signed record, whose signature covers the old link.
+    let mut forged = w.records[..6].to_vec();
+    let mut e: Event = serde_json::from_slice(&forged[2]).expect("linked record is JSON");
+    e.amount -= 1;
+    forged[2] = linked(&e);
+    for i in 3..6 {
+        let (mut next, signer) = open(&forged[i]).expect("opens");
+        next.prev = link(&forged[i - 1]);
+        forged[i] = match signer {
+            Some(_) => seal(&Identity::from_secret_bytes(&[43; 32]), &next),
+            None => linked(&next),
+        };
+    }
+    assert!(matches!(
+        verify(domain().id(), forged.iter().map(Vec::as_slice)),
+        Err(VerifyError::WrongSigner { index: 5, .. })
+    ));
+    w.seal_last();
+    let ledger = verify(domain().id(), w.records.iter().map(Vec::as_slice)).expect("sealed");
+    assert_eq!(ledger.balance(Account::Treasury), 150_005);
 }
 
 #[test]
@@ -230,6 +299,7 @@ proptest! {
                 Err(_) => prop_assert_eq!(&w.ledger, &before),
             }
         }
+        w.seal_last();
         let verified = verify(domain().id(), w.records.iter().map(Vec::as_slice)).expect("chain verifies");
         prop_assert_eq!(verified, w.ledger);
     }
@@ -295,6 +365,7 @@ proptest! {
         let alice = Account::Submitter(node(1));
         w.post(Account::Mint, alice, 1_000 * MICRO_PER_CREDIT, Reason::Grant).expect("grant");
         w.post(alice, Account::Escrow(1), 1_000 * MICRO_PER_CREDIT, Reason::Escrow { job: 1 }).expect("escrow");
+        w.seal_last();
         for (task, crash_at) in crashes.iter().enumerate() {
             let task = task as u64;
             let s = split(1_000_003, 2);
@@ -312,12 +383,13 @@ proptest! {
             }
             if *crash_at < batch.len() {
                 w.ledger = committed;
-                w.records.truncate(records);
+                w.truncate(records);
                 // Attempt 2 after the restart: all of it.
                 for (to, amount) in batch {
                     w.post(Account::Escrow(1), to, amount, Reason::Settle { task }).expect("retry pays");
                 }
             }
+            w.seal_last();
             // A third, duplicate delivery is refused.
             let dup = w.post(Account::Escrow(1), Account::Treasury, 1, Reason::Settle { task });
             prop_assert!(

@@ -1,5 +1,6 @@
-//! The ledger as stored: signed, hash-chained records (`ledger`), balances kept in step
-//! (`balances`) and the chain's head (`ledger_head`, one row).
+//! The ledger as stored: hash-chained records, each transaction's last one signed
+//! (`ledger`), balances kept in step (`balances`) and the chain's head (`ledger_head`, one
+//! row).
 //!
 //! Every write goes through [`Chain`] inside the transaction of the state change it pays
 //! for: a verified task and its settlement commit together or not at all. Event ids are
@@ -26,9 +27,10 @@ pub(crate) struct Post {
     pub reason: Reason,
 }
 
-/// The head of the chain, locked for the current transaction, the records sealed through it
-/// and their balance changes: all written by [`Store::close_chain`] (records in multi-row
-/// inserts, balances once per account), so a batch of settlements costs a few statements.
+/// The head of the chain, locked for the current transaction, the events posted through it
+/// and their balance changes: all written by [`Store::close_chain`] (linked records, the
+/// last one signed, in multi-row inserts; balances once per account), so a batch of
+/// settlements costs a few statements and one signature.
 #[derive(Debug)]
 pub(crate) struct Chain {
     seq: u64,
@@ -37,8 +39,9 @@ pub(crate) struct Chain {
     /// Stored balances read through this chain (nothing else writes them while it holds the
     /// head: every ledger writer takes the head first).
     stored: BTreeMap<Account, i128>,
-    /// Sealed records not yet inserted: (seq, id, record, at_ms).
-    sealed: Vec<(u64, String, Vec<u8>, i64)>,
+    /// Events posted through this chain, in order, their `prev` not yet filled in: written
+    /// by [`Store::close_chain`], which links them and signs the last.
+    events: Vec<Event>,
     /// Their ids.
     ids: HashSet<String>,
     /// µSCU of verified compute to date (the contribution curve's `x`).
@@ -79,7 +82,7 @@ impl Store {
             head: row.try_get("head")?,
             deltas: BTreeMap::new(),
             stored: BTreeMap::new(),
-            sealed: Vec::new(),
+            events: Vec::new(),
             ids: HashSet::new(),
             compute_micro_scu: row.try_get::<i64, _>("compute_micro_scu")? as u64,
         })
@@ -139,7 +142,9 @@ impl Store {
         now: i64,
         fresh: bool,
     ) -> Result<std::result::Result<(), ApplyError>> {
-        let signer = self.signer.as_ref().ok_or(StoreError::NoSigner)?;
+        if self.signer.is_none() {
+            return Err(StoreError::NoSigner);
+        }
         let known = if fresh {
             chain.ids.contains(&post.id)
         } else {
@@ -151,7 +156,8 @@ impl Store {
         let event = Event {
             id: post.id,
             seq: chain.seq,
-            prev: chain.head.clone(),
+            // Filled in when the chain is closed.
+            prev: String::new(),
             at_ms: now.max(0) as u64,
             from: post.from,
             to: post.to,
@@ -162,14 +168,12 @@ impl Store {
         if let Err(e) = stardust_ledger::check(&event, from_balance) {
             return Ok(Err(e));
         }
-        let record = stardust_ledger::seal(signer, &event);
         let amount = i128::from(event.amount);
         *chain.deltas.entry(event.from).or_default() -= amount;
         *chain.deltas.entry(event.to).or_default() += amount;
         chain.seq += 1;
-        chain.head = stardust_ledger::link(&record);
         chain.ids.insert(event.id.clone());
-        chain.sealed.push((event.seq, event.id, record, now));
+        chain.events.push(event);
         Ok(Ok(()))
     }
 
@@ -193,16 +197,39 @@ impl Store {
         }
     }
 
-    /// Writes the sealed records (multi-row inserts), the balance changes (one upsert per
-    /// account touched) and the head back; call once before committing `tx`.
-    pub(crate) async fn close_chain(tx: &mut Tx, chain: Chain) -> Result<()> {
-        for rows in chain.sealed.chunks(RECORDS_PER_INSERT) {
+    /// Links the posted events into records, the last one signed (it vouches for the
+    /// others: one signature per transaction, not per movement), and writes them
+    /// (multi-row inserts), the balance changes (one upsert per account touched) and the head
+    /// back; call once before committing `tx`.
+    pub(crate) async fn close_chain(&self, tx: &mut Tx, mut chain: Chain) -> Result<()> {
+        let signer = self.signer.as_ref().ok_or(StoreError::NoSigner)?;
+        let last = chain.events.len().saturating_sub(1);
+        let mut records = Vec::with_capacity(chain.events.len());
+        for (i, event) in chain.events.iter_mut().enumerate() {
+            event.prev = std::mem::take(&mut chain.head);
+            let record = if i == last {
+                stardust_ledger::seal(signer, event)
+            } else {
+                stardust_ledger::linked(event)
+            };
+            chain.head = stardust_ledger::link(&record);
+            records.push(record);
+        }
+        for (events, records) in chain
+            .events
+            .chunks(RECORDS_PER_INSERT)
+            .zip(records.chunks(RECORDS_PER_INSERT))
+        {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO ledger (seq, id, record, at_ms) VALUES {}",
-                values(rows.len(), 4)
+                values(events.len(), 4)
             )));
-            for (seq, id, record, at) in rows {
-                q = q.bind(id_i64(*seq)).bind(id).bind(record).bind(*at);
+            for (event, record) in events.iter().zip(records) {
+                q = q
+                    .bind(id_i64(event.seq))
+                    .bind(event.id.as_str())
+                    .bind(record.as_slice())
+                    .bind(event.at_ms as i64);
             }
             q.execute(&mut **tx).await?;
         }
@@ -254,7 +281,7 @@ impl Store {
         };
         self.post_valid(&mut tx, &mut chain, post, now, false)
             .await?;
-        Self::close_chain(&mut tx, chain).await?;
+        self.close_chain(&mut tx, chain).await?;
         tx.commit().await?;
         Ok(seq)
     }

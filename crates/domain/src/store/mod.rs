@@ -744,7 +744,7 @@ impl Store {
                     });
                 }
             }
-            Self::close_chain(&mut tx, chain).await?;
+            self.close_chain(&mut tx, chain).await?;
         }
         tx.commit().await?;
         Ok(job as JobId)
@@ -1162,7 +1162,7 @@ impl Store {
             };
             self.post_valid(tx, &mut chain, post, now, false).await?;
         }
-        Self::close_chain(tx, chain).await
+        self.close_chain(tx, chain).await
     }
 
     /// Expires active leases whose deadline passed: each is a failed attempt of its task,
@@ -1363,7 +1363,7 @@ impl Store {
                 reason: Reason::Uptime,
             };
             self.post_valid(tx, &mut chain, post, now, false).await?;
-            Self::close_chain(tx, chain).await?;
+            self.close_chain(tx, chain).await?;
         }
         Ok(())
     }

@@ -513,7 +513,7 @@ impl Store {
             .await?;
         }
         if let Some(chain) = chain {
-            Self::close_chain(tx, chain).await?;
+            self.close_chain(tx, chain).await?;
         }
         // After the chain is written: a refund opens the chain again.
         let mut ended = Vec::new();
