@@ -11,12 +11,13 @@
 //! or a future cancelled mid-way).
 
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 /// The store's connections.
 #[derive(Clone)]
@@ -33,15 +34,61 @@ pub(crate) struct One {
     /// A transaction was dropped open (an error or a cancelled future): roll it back before
     /// the connection's next use.
     abandoned: AtomicBool,
+    /// Told after each commit (and when this is dropped): wakes the checkpointer.
+    wrote: Arc<Notify>,
 }
 
+/// How long the checkpointer lets writes gather before it copies them into the database
+/// file.
+const CHECKPOINT_AFTER: Duration = Duration::from_millis(100);
+
+/// WAL pages after which the writer checkpoints by itself, should the checkpointer fall
+/// behind (SQLite's default is 1,000; the checkpointer keeps the WAL far below this).
+pub(crate) const WAL_BACKSTOP_PAGES: u32 = 20_000;
+
 impl One {
-    pub fn new(conn: AnyConnection) -> Self {
-        Self {
+    /// The store's connection, and a second one to the same file that checkpoints the WAL
+    /// off the writer's path: a checkpoint copies the WAL's pages into the database file and
+    /// syncs it, tens of milliseconds that the writer's commits (and everything waiting on
+    /// the connection) used to wait for every 1,000 pages.
+    pub fn new(conn: AnyConnection, checkpointer: AnyConnection) -> Arc<Self> {
+        let one = Arc::new(Self {
             conn: Arc::new(Mutex::new(conn)),
             abandoned: AtomicBool::new(false),
+            wrote: Arc::new(Notify::new()),
+        });
+        tokio::spawn(checkpoints(
+            Arc::downgrade(&one),
+            one.wrote.clone(),
+            checkpointer,
+        ));
+        one
+    }
+}
+
+impl Drop for One {
+    fn drop(&mut self) {
+        self.wrote.notify_one();
+    }
+}
+
+/// Checkpoints (PASSIVE: never blocks the writer) once writes have gathered for
+/// [`CHECKPOINT_AFTER`]; ends when the store's connection is dropped.
+async fn checkpoints(one: Weak<One>, wrote: Arc<Notify>, mut conn: AnyConnection) {
+    loop {
+        wrote.notified().await;
+        tokio::time::sleep(CHECKPOINT_AFTER).await;
+        if one.strong_count() == 0 {
+            break;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "checkpointing the WAL failed; the writer checkpoints it later");
         }
     }
+    let _ = sqlx::Connection::close(conn).await;
 }
 
 impl std::fmt::Debug for Db {
@@ -91,6 +138,9 @@ impl Tx {
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         sqlx::query("COMMIT").execute(&mut *self.conn).await?;
         self.open = false;
+        if let Conn::One(_, one) = &self.conn {
+            one.wrote.notify_one();
+        }
         Ok(())
     }
 

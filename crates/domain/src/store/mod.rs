@@ -463,6 +463,7 @@ impl Store {
             // this avoids SQLITE_BUSY.
             Backend::Sqlite => {
                 let mut conn = sqlx::AnyConnection::connect(url).await?;
+                let backstop = format!("PRAGMA wal_autocheckpoint = {}", db::WAL_BACKSTOP_PAGES);
                 for pragma in [
                     "PRAGMA journal_mode = WAL",
                     "PRAGMA synchronous = NORMAL",
@@ -470,10 +471,18 @@ impl Store {
                     // 64 MiB of page cache (the default 2 MiB made large jobs re-read their
                     // pages from the OS on every status query).
                     "PRAGMA cache_size = -65536",
+                    // The checkpointer's connection checkpoints (`db.rs`).
+                    backstop.as_str(),
                 ] {
-                    sqlx::query(pragma).execute(&mut conn).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(pragma))
+                        .execute(&mut conn)
+                        .await?;
                 }
-                Db::One(Arc::new(db::One::new(conn)))
+                let mut checkpointer = sqlx::AnyConnection::connect(url).await?;
+                sqlx::query("PRAGMA synchronous = NORMAL")
+                    .execute(&mut checkpointer)
+                    .await?;
+                Db::One(db::One::new(conn, checkpointer))
             }
             Backend::Postgres => Db::Pool(
                 AnyPoolOptions::new()

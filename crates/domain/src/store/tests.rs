@@ -259,6 +259,45 @@ async fn a_transaction_dropped_open_is_rolled_back_and_the_connection_stays_usab
     }
 }
 
+/// SQLite: committed writes reach the database file itself, not only the WAL, while the store
+/// stays open and writes nothing more: the checkpointer's own connection copied them (the
+/// writer checkpoints only past `WAL_BACKSTOP_PAGES`, far more than this test writes).
+#[tokio::test]
+async fn the_checkpointer_copies_committed_writes_into_the_database_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_sqlite(dir.path()).await.expect("sqlite");
+    let id = ContentId::of(b"checkpointed");
+    assert!(store.put_blob(id, b"checkpointed", 12).await.expect("put"));
+    // `immutable=1`: reads the database file alone, ignoring the WAL.
+    let url = format!(
+        "sqlite://{}?mode=ro&immutable=1",
+        dir.path().join("stardust.db").display()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut file = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+            .await
+            .expect("open the file");
+        let found = sqlx::query("SELECT 1 AS one FROM blobs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut file)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the committed write never reached the database file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The store goes on working.
+    assert!(store.has_blob(id).await.expect("has"));
+}
+
 #[tokio::test]
 async fn blobs_and_modules() {
     for (store, _dir) in backends().await {
