@@ -249,7 +249,8 @@ pub struct Submitted<'a> {
     pub task: TaskId,
     /// The report.
     pub report: &'a RunReport,
-    /// The signed envelope as received, kept as evidence.
+    /// The signed frame that carried the result, as received, kept as evidence (once per
+    /// frame: [`Store::evidence`]).
     pub envelope: &'a [u8],
     /// The output bytes when they came inside the result (checked against the report by
     /// the caller); stored with it.
@@ -780,6 +781,19 @@ impl Store {
             finished_ms: r.try_get("finished_ms")?,
             counts,
         }))
+    }
+
+    /// The signed frame that carried `lease`'s result, as received (leases recorded before
+    /// frames were kept apart carry their own copy); `None` before a result is recorded.
+    pub async fn evidence(&self, lease: LeaseId) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query(
+            "SELECT COALESCE(f.bytes, l.envelope) AS bytes
+             FROM leases l LEFT JOIN frames f ON f.id = l.frame WHERE l.id = $1",
+        )
+        .bind(id_i64(lease))
+        .fetch_optional(&mut *self.db.acquire().await?)
+        .await?;
+        Ok(row.map(|r| r.try_get("bytes")).transpose()?.flatten())
     }
 
     /// Tasks waiting for a replica, across all jobs (the pricing backlog).

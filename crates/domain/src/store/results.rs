@@ -35,6 +35,9 @@ type Tx = super::db::Tx;
 /// Outputs per INSERT statement when a batch closes (at most 64 KiB each).
 const OUTPUTS_PER_INSERT: usize = super::rows_per_statement(4);
 
+/// Result frames per INSERT statement when a batch closes.
+const FRAMES_PER_INSERT: usize = super::rows_per_statement(3);
+
 /// What a batch's results share until it closes.
 #[derive(Default)]
 struct Batch<'a> {
@@ -48,6 +51,9 @@ struct Batch<'a> {
     terms: HashMap<i64, Payer>,
     /// Inline outputs of the recorded results.
     outputs: Vec<(ContentId, &'a [u8])>,
+    /// The signed frames that carried the results, kept as evidence: each once, however
+    /// many results it carried (the leases name it).
+    frames: HashMap<ContentId, &'a [u8]>,
     /// The batch's leases with their tasks, read in one statement when it began; a result
     /// whose task an earlier result of the batch touched reads its own again.
     leases: HashMap<i64, LeaseRow>,
@@ -55,7 +61,7 @@ struct Batch<'a> {
     touched: HashSet<i64>,
     /// Single-replica results verified: their lease and task updates, written as set
     /// statements ([`Store::flush`]) before anything reads those rows.
-    done: Vec<(i64, String, &'a [u8])>,
+    done: Vec<(i64, String, String)>,
     verified: Vec<(i64, String, i64, String)>,
 }
 
@@ -113,7 +119,8 @@ struct Payer {
 
 impl Store {
     /// Records `node`'s result for `lease`, exactly once, and decides the task by quorum
-    /// when enough results are in. `envelope` is the signed result as received (evidence).
+    /// when enough results are in. `envelope` is the signed frame that carried the result
+    /// (evidence: kept once per frame, named by the lease).
     pub async fn record_result(
         &self,
         result: Submitted<'_>,
@@ -265,9 +272,12 @@ impl Store {
         if let Some(bytes) = output {
             batch.outputs.push((report.output, bytes));
         }
+        let frame = ContentId::of(envelope);
+        batch.frames.entry(frame).or_insert(envelope);
+        let frame = frame.to_string();
         if row.kind == "spot" {
             return self
-                .record_spot_check(tx, batch, lease, node, task, report, envelope, now)
+                .record_spot_check(tx, batch, lease, node, task, report, &frame, now)
                 .await;
         }
         let job = row.job_id;
@@ -277,9 +287,9 @@ impl Store {
 
         if !report.status.is_deterministic() {
             // Not a vote: the attempt failed; lease the replica again, or give up.
-            sqlx::query("UPDATE leases SET state = 'failed', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
+            sqlx::query("UPDATE leases SET state = 'failed', report = $1, frame = $2, finished_ms = $3 WHERE id = $4")
                 .bind(to_json(report))
-                .bind(envelope)
+                .bind(&frame)
                 .bind(now)
                 .bind(id_i64(lease))
                 .execute(&mut **tx)
@@ -297,11 +307,11 @@ impl Store {
         }
         if replicas <= 1 {
             // Nothing reads this lease again in the batch (its task is touched).
-            batch.done.push((id_i64(lease), to_json(report), envelope));
+            batch.done.push((id_i64(lease), to_json(report), frame));
         } else {
-            sqlx::query("UPDATE leases SET state = 'done', report = $1, envelope = $2, finished_ms = $3 WHERE id = $4")
+            sqlx::query("UPDATE leases SET state = 'done', report = $1, frame = $2, finished_ms = $3 WHERE id = $4")
                 .bind(to_json(report))
-                .bind(envelope)
+                .bind(&frame)
                 .bind(now)
                 .bind(id_i64(lease))
                 .execute(&mut **tx)
@@ -437,14 +447,14 @@ impl Store {
     async fn flush(&self, tx: &mut Tx, batch: &mut Batch<'_>, now: i64) -> Result<()> {
         for rows in batch.done.chunks(super::rows_per_statement(3) - 1) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "WITH v (id, report, envelope) AS (VALUES {})
-                 UPDATE leases SET state = 'done', report = v.report, envelope = v.envelope, finished_ms = ${}
+                "WITH v (id, report, frame) AS (VALUES {})
+                 UPDATE leases SET state = 'done', report = v.report, frame = v.frame, finished_ms = ${}
                  FROM v WHERE leases.id = v.id",
                 values(rows.len(), 3),
                 rows.len() * 3 + 1
             )));
-            for (id, report, envelope) in rows {
-                q = q.bind(*id).bind(report.as_str()).bind(*envelope);
+            for (id, report, frame) in rows {
+                q = q.bind(*id).bind(report.as_str()).bind(frame.as_str());
             }
             q.bind(now).execute(&mut **tx).await?;
         }
@@ -479,8 +489,20 @@ impl Store {
             judged,
             jobs,
             outputs,
+            frames,
             ..
         } = batch;
+        let frames: Vec<(ContentId, &[u8])> = frames.into_iter().collect();
+        for rows in frames.chunks(FRAMES_PER_INSERT) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO frames (id, bytes, created_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
+                values(rows.len(), 3)
+            )));
+            for (id, bytes) in rows {
+                q = q.bind(id.to_string()).bind(*bytes).bind(now);
+            }
+            q.execute(&mut **tx).await?;
+        }
         for rows in outputs.chunks(OUTPUTS_PER_INSERT) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO blobs (id, bytes, size, created_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
@@ -710,7 +732,7 @@ impl Store {
         node: NodeId,
         task: TaskId,
         report: &RunReport,
-        envelope: &[u8],
+        frame: &str,
         now: i64,
     ) -> std::result::Result<Recorded, RecordError> {
         let known: Option<String> = sqlx::query("SELECT report FROM tasks WHERE id = $1")
@@ -726,14 +748,16 @@ impl Store {
         } else {
             ("done", Some(Outcome::SpotFailed))
         };
-        sqlx::query("UPDATE leases SET state = $1, report = $2, envelope = $3, finished_ms = $4 WHERE id = $5")
-            .bind(state)
-            .bind(to_json(report))
-            .bind(envelope)
-            .bind(now)
-            .bind(id_i64(lease))
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "UPDATE leases SET state = $1, report = $2, frame = $3, finished_ms = $4 WHERE id = $5",
+        )
+        .bind(state)
+        .bind(to_json(report))
+        .bind(frame)
+        .bind(now)
+        .bind(id_i64(lease))
+        .execute(&mut **tx)
+        .await?;
         let Some(outcome) = outcome else {
             return Ok(Recorded::Stored);
         };

@@ -241,4 +241,26 @@ CREATE INDEX leases_by_task_state ON leases (task_id, state, id);
 ALTER TABLE jobs ADD COLUMN terms TEXT
 "#,
     },
+    Migration {
+        version: 4,
+        name: "result frames kept once, named by the leases they carried; one lease index fewer",
+        sqlite: r#"
+CREATE TABLE frames (
+    id TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+ALTER TABLE leases ADD COLUMN frame TEXT;
+DROP INDEX leases_by_task
+"#,
+        postgres: r#"
+CREATE TABLE frames (
+    id TEXT PRIMARY KEY,
+    bytes BYTEA NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+ALTER TABLE leases ADD COLUMN frame TEXT;
+DROP INDEX leases_by_task
+"#,
+    },
 ];

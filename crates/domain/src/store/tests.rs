@@ -1442,6 +1442,21 @@ async fn a_batch_of_leases_and_results_is_what_one_at_a_time_would_be() {
             signed_many + 3 <= signed_one,
             "batched {signed_many} signatures, one at a time {signed_one}"
         );
+        // The frame that carried the results is kept once, and each lease names it.
+        for store in [&one, &many] {
+            assert_eq!(
+                store.evidence(lease(0)).await.expect("evidence").as_deref(),
+                Some(b"frame".as_slice())
+            );
+            assert_eq!(store.evidence(999_999).await.expect("evidence"), None);
+            let frames: i64 = sqlx::query("SELECT COUNT(*) AS n FROM frames")
+                .fetch_one(&mut *store.db.acquire().await.expect("conn"))
+                .await
+                .expect("count")
+                .try_get("n")
+                .expect("n");
+            assert_eq!(frames, 1, "every result came in one frame: stored once");
+        }
         // The inline outputs were stored with the results.
         assert_eq!(
             many.blob(truth.output).await.expect("blob").as_deref(),
