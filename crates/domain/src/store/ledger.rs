@@ -53,6 +53,9 @@ type Tx = super::db::Tx;
 /// Ledger records per INSERT statement (4 parameters each).
 const RECORDS_PER_INSERT: usize = super::rows_per_statement(4);
 
+/// Balance changes per upsert statement (2 parameters each).
+const BALANCES_PER_UPSERT: usize = super::rows_per_statement(2);
+
 /// A stored ledger record.
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
@@ -233,19 +236,24 @@ impl Store {
             }
             q.execute(&mut **tx).await?;
         }
+        // Each account once, in account order (PostgreSQL locks the rows in that order).
+        let mut changes = Vec::with_capacity(chain.deltas.len());
         for (account, delta) in &chain.deltas {
-            if *delta == 0 {
-                continue;
+            if *delta != 0 {
+                let delta = i64::try_from(*delta).map_err(|_| corrupt("balance change", delta))?;
+                changes.push((account.key(), delta));
             }
-            let delta = i64::try_from(*delta).map_err(|_| corrupt("balance change", delta))?;
-            sqlx::query(
-                "INSERT INTO balances (account, amount) VALUES ($1, $2)
+        }
+        for rows in changes.chunks(BALANCES_PER_UPSERT) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO balances (account, amount) VALUES {}
                  ON CONFLICT (account) DO UPDATE SET amount = balances.amount + excluded.amount",
-            )
-            .bind(account.key())
-            .bind(delta)
-            .execute(&mut **tx)
-            .await?;
+                values(rows.len(), 2)
+            )));
+            for (account, delta) in rows {
+                q = q.bind(account.as_str()).bind(*delta);
+            }
+            q.execute(&mut **tx).await?;
         }
         sqlx::query(
             "UPDATE ledger_head SET seq = $1, head = $2, compute_micro_scu = $3 WHERE one = 1",

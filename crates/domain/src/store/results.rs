@@ -35,6 +35,9 @@ type Tx = super::db::Tx;
 /// Outputs per INSERT statement when a batch closes (at most 64 KiB each).
 const OUTPUTS_PER_INSERT: usize = super::rows_per_statement(4);
 
+/// Judged nodes per reputation update when a batch closes (8 parameters each).
+const JUDGED_PER_UPDATE: usize = super::rows_per_statement(8);
+
 /// Result frames per INSERT statement when a batch closes.
 const FRAMES_PER_INSERT: usize = super::rows_per_statement(3);
 
@@ -305,9 +308,13 @@ impl Store {
             )
             .await?);
         }
+        // A single replica's report is also its task's accepted report: serialized once.
+        let mut single_report = None;
         if replicas <= 1 {
             // Nothing reads this lease again in the batch (its task is touched).
-            batch.done.push((id_i64(lease), to_json(report), frame));
+            let json = to_json(report);
+            single_report = Some(json.clone());
+            batch.done.push((id_i64(lease), json, frame));
         } else {
             sqlx::query("UPDATE leases SET state = 'done', report = $1, frame = $2, finished_ms = $3 WHERE id = $4")
                 .bind(to_json(report))
@@ -361,7 +368,7 @@ impl Store {
                         id_i64(task),
                         accepted.output.to_string(),
                         id_i64(accepted.fuel_used),
-                        to_json(&accepted),
+                        single_report.take().unwrap_or_else(|| to_json(&accepted)),
                     ));
                 } else {
                     sqlx::query(
@@ -517,22 +524,29 @@ impl Store {
             }
             q.execute(&mut **tx).await?;
         }
-        for (node, j) in &judged {
-            sqlx::query(
-                "UPDATE nodes SET rep_good = $1, rep_bad = $2, streak = $3, agreed = agreed + $4,
-                 disagreed = disagreed + $5, spot_passed = spot_passed + $6,
-                 spot_failed = spot_failed + $7 WHERE id = $8",
-            )
-            .bind(j.record.good)
-            .bind(j.record.bad)
-            .bind(id_i64(j.record.streak))
-            .bind(j.counts[0])
-            .bind(j.counts[1])
-            .bind(j.counts[2])
-            .bind(j.counts[3])
-            .bind(node.to_string())
-            .execute(&mut **tx)
-            .await?;
+        // One set statement for the judged nodes (in node id order).
+        let judged: Vec<(&NodeId, &Judged)> = judged.iter().collect();
+        for rows in judged.chunks(JUDGED_PER_UPDATE) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH v (id, good, bad, streak, agreed, disagreed, passed, failed) AS (VALUES {})
+                 UPDATE nodes SET rep_good = v.good, rep_bad = v.bad, streak = v.streak,
+                 agreed = nodes.agreed + v.agreed, disagreed = nodes.disagreed + v.disagreed,
+                 spot_passed = nodes.spot_passed + v.passed, spot_failed = nodes.spot_failed + v.failed
+                 FROM v WHERE nodes.id = v.id",
+                values(rows.len(), 8)
+            )));
+            for (node, j) in rows {
+                q = q
+                    .bind(node.to_string())
+                    .bind(j.record.good)
+                    .bind(j.record.bad)
+                    .bind(id_i64(j.record.streak))
+                    .bind(j.counts[0])
+                    .bind(j.counts[1])
+                    .bind(j.counts[2])
+                    .bind(j.counts[3]);
+            }
+            q.execute(&mut **tx).await?;
         }
         if let Some(chain) = chain {
             self.close_chain(tx, chain).await?;
