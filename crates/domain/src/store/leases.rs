@@ -14,13 +14,13 @@ use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::{
     Backend, Leased, PendingTask, Result, Store, Terms, id_i64, in_list, json, may_stand_alone_row,
-    parse, terms, values,
+    pad, padded, parse, terms, values,
 };
 
 type Tx = super::db::Tx;
 
-/// Leases per INSERT statement (5 parameters each).
-const LEASES_PER_INSERT: usize = super::rows_per_statement(5);
+/// Leases per INSERT statement (2 parameters each, and the lease's times).
+const LEASES_PER_INSERT: usize = super::rows_per_statement(2) - 1;
 
 /// Ids per `IN (...)` list.
 const IDS_PER_QUERY: usize = super::MAX_BOUND;
@@ -92,9 +92,9 @@ impl Store {
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT task_id, node FROM leases WHERE task_id IN ({}) AND state IN ('active', 'done')",
-                in_list(1, chunk.len())
+                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
             )));
-            for id in chunk {
+            for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
             for h in q.fetch_all(&mut *conn).await? {
@@ -184,9 +184,9 @@ impl Store {
         for chunk in nodes.iter().collect::<Vec<_>>().chunks(IDS_PER_QUERY) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT id, tier, streak FROM nodes WHERE id IN ({})",
-                in_list(1, chunk.len())
+                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
             )));
-            for n in chunk {
+            for n in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(n.as_str());
             }
             for r in q.fetch_all(&mut *tx).await? {
@@ -242,9 +242,9 @@ impl Store {
         for chunk in jobs.chunks(IDS_PER_QUERY) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "UPDATE jobs SET state = 'running' WHERE state = 'queued' AND id IN ({})",
-                in_list(1, chunk.len())
+                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
             )));
-            for j in chunk {
+            for j in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*j);
             }
             q.execute(&mut *tx).await?;
@@ -267,9 +267,9 @@ impl Store {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT t.id, t.state, t.replicas, t.job_id, j.redundancy, j.adaptive
                  FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN ({}){lock}",
-                in_list(1, chunk.len())
+                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
             )));
-            for id in chunk {
+            for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
             for r in q.fetch_all(&mut **tx).await? {
@@ -291,9 +291,9 @@ impl Store {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT l.task_id, l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
                  WHERE l.task_id IN ({}) AND l.state IN ('active', 'done')",
-                in_list(1, chunk.len())
+                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
             )));
-            for id in chunk {
+            for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
             for h in q.fetch_all(&mut **tx).await? {
@@ -398,18 +398,24 @@ impl Store {
     ) -> Result<Vec<LeaseId>> {
         let mut ids: HashMap<(i64, String), i64> = HashMap::with_capacity(new.len());
         for rows in new.chunks(LEASES_PER_INSERT) {
+            // Padded with rows of NULLs, left out by the `WHERE` (see `padded`).
+            let n = padded(rows.len(), LEASES_PER_INSERT);
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms) VALUES {} RETURNING id, task_id, node",
-                values(rows.len(), 5)
+                "WITH v (task_id, node) AS (VALUES {})
+                 INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
+                 SELECT task_id, node, 'active', ${}, ${} FROM v WHERE task_id IS NOT NULL
+                 RETURNING id, task_id, node",
+                values(n, 2),
+                2 * n + 1,
+                2 * n + 2
             )));
             for (task, node) in rows {
-                q = q
-                    .bind(*task)
-                    .bind(node.as_str())
-                    .bind("active")
-                    .bind(now)
-                    .bind(now.saturating_add(lease_ms));
+                q = q.bind(Some(*task)).bind(Some(node.as_str()));
             }
+            for _ in rows.len()..n {
+                q = q.bind(None::<i64>).bind(None::<&str>);
+            }
+            q = q.bind(now).bind(now.saturating_add(lease_ms));
             for r in q.fetch_all(&mut **tx).await? {
                 ids.insert(
                     (r.try_get("task_id")?, r.try_get("node")?),
@@ -441,10 +447,10 @@ impl Store {
             for chunk in ids.chunks(IDS_PER_QUERY) {
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE tasks SET replicas = $1, state = $2 WHERE id IN ({})",
-                    in_list(3, chunk.len())
+                    in_list(3, padded(chunk.len(), IDS_PER_QUERY))
                 )));
                 q = q.bind(replicas).bind(state);
-                for id in chunk {
+                for id in pad(chunk, IDS_PER_QUERY) {
                     q = q.bind(*id);
                 }
                 q.execute(&mut **tx).await?;

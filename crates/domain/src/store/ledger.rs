@@ -15,7 +15,7 @@ use sqlx::Row;
 use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
 use stardust_proto::identity::NodeId;
 
-use super::{Backend, Result, Store, StoreError, corrupt, id_i64, values};
+use super::{Backend, Result, Store, StoreError, corrupt, id_i64, padded, values};
 
 /// One movement to write.
 #[derive(Debug, Clone)]
@@ -223,16 +223,27 @@ impl Store {
             .chunks(RECORDS_PER_INSERT)
             .zip(records.chunks(RECORDS_PER_INSERT))
         {
+            // Padded with rows of NULLs, left out by the `WHERE` (see `padded`).
+            let n = padded(events.len(), RECORDS_PER_INSERT);
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO ledger (seq, id, record, at_ms) VALUES {}",
-                values(events.len(), 4)
+                "WITH v (seq, id, record, at_ms) AS (VALUES {})
+                 INSERT INTO ledger (seq, id, record, at_ms)
+                 SELECT seq, id, record, at_ms FROM v WHERE id IS NOT NULL",
+                values(n, 4)
             )));
             for (event, record) in events.iter().zip(records) {
                 q = q
-                    .bind(id_i64(event.seq))
-                    .bind(event.id.as_str())
-                    .bind(record.as_slice())
-                    .bind(event.at_ms as i64);
+                    .bind(Some(id_i64(event.seq)))
+                    .bind(Some(event.id.as_str()))
+                    .bind(Some(record.as_slice()))
+                    .bind(Some(event.at_ms as i64));
+            }
+            for _ in events.len()..n {
+                q = q
+                    .bind(None::<i64>)
+                    .bind(None::<&str>)
+                    .bind(None::<&[u8]>)
+                    .bind(None::<i64>);
             }
             q.execute(&mut **tx).await?;
         }

@@ -397,6 +397,29 @@ const fn rows_per_statement(cols: usize) -> usize {
     if rows == 0 { 1 } else { rows }
 }
 
+/// The length a list of `n` values (or rows), at most `max`, is bound as: the next power of
+/// two, at most `max`. sqlx keeps 100 prepared statements per connection; a text per list
+/// length (hundreds of them) had SQLite prepare most statements anew. Repeating the last
+/// value ([`pad`]) changes nothing in an `IN` list, a set statement's `VALUES` or an insert
+/// that ignores conflicts.
+const fn padded(n: usize, max: usize) -> usize {
+    if n <= 1 {
+        n
+    } else if n.next_power_of_two() < max {
+        n.next_power_of_two()
+    } else {
+        max
+    }
+}
+
+/// `items` (at most `max`), then the last again up to [`padded`] in all.
+fn pad<T>(items: &[T], max: usize) -> impl Iterator<Item = &T> {
+    let extra = padded(items.len(), max).saturating_sub(items.len());
+    items
+        .iter()
+        .chain(items.last().into_iter().cycle().take(extra))
+}
+
 /// `$first, $first+1, …` for `n` bound values.
 fn in_list(first: usize, n: usize) -> String {
     (first..first + n)
@@ -1012,13 +1035,13 @@ impl Store {
         for chunk in leases.chunks(CHUNK) {
             let sql = format!(
                 "UPDATE leases SET deadline_ms = $1 WHERE node = $2 AND state = 'active' AND id IN ({}) RETURNING id",
-                in_list(3, chunk.len())
+                in_list(3, padded(chunk.len(), CHUNK))
             );
             // Safe: the dynamic part is only generated placeholders.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(deadline_ms)
                 .bind(&node);
-            for lease in chunk {
+            for lease in pad(chunk, CHUNK) {
                 q = q.bind(id_i64(*lease));
             }
             for row in q.fetch_all(&mut **tx).await? {

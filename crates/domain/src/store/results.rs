@@ -27,7 +27,7 @@ use stardust_scheduler::reputation::{Outcome, Record};
 use super::ledger::{Chain, Post};
 use super::{
     Backend, RecordError, Recorded, Result, Retry, Store, Submitted, corrupt, id_i64, in_list,
-    json, parse, terms, to_json, values,
+    json, pad, padded, parse, terms, to_json, values,
 };
 
 type Tx = super::db::Tx;
@@ -52,8 +52,8 @@ struct Batch<'a> {
     jobs: BTreeSet<i64>,
     /// Settlement terms of the jobs paid so far.
     terms: HashMap<i64, Payer>,
-    /// Inline outputs of the recorded results.
-    outputs: Vec<(ContentId, &'a [u8])>,
+    /// Inline outputs of the recorded results, each once.
+    outputs: HashMap<ContentId, &'a [u8]>,
     /// The signed frames that carried the results, kept as evidence: each once, however
     /// many results it carried (the leases name it).
     frames: HashMap<ContentId, &'a [u8]>,
@@ -153,9 +153,9 @@ impl Store {
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "{LEASE_ROW} WHERE l.id IN ({})",
-                in_list(1, chunk.len())
+                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
             )));
-            for id in chunk {
+            for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
             for row in q.fetch_all(&mut *tx).await? {
@@ -273,7 +273,7 @@ impl Store {
             return Err(RecordError::NotLeased(lease));
         }
         if let Some(bytes) = output {
-            batch.outputs.push((report.output, bytes));
+            batch.outputs.entry(report.output).or_insert(bytes);
         }
         let frame = ContentId::of(envelope);
         batch.frames.entry(frame).or_insert(envelope);
@@ -452,29 +452,33 @@ impl Store {
     /// Writes the held single-replica updates (leases done, tasks verified) as set
     /// statements (one row fewer than a statement's share, for the time bound last).
     async fn flush(&self, tx: &mut Tx, batch: &mut Batch<'_>, now: i64) -> Result<()> {
-        for rows in batch.done.chunks(super::rows_per_statement(3) - 1) {
+        const DONE_ROWS: usize = super::rows_per_statement(3) - 1;
+        const VERIFIED_ROWS: usize = super::rows_per_statement(4) - 1;
+        for rows in batch.done.chunks(DONE_ROWS) {
+            let n = padded(rows.len(), DONE_ROWS);
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "WITH v (id, report, frame) AS (VALUES {})
                  UPDATE leases SET state = 'done', report = v.report, frame = v.frame, finished_ms = ${}
                  FROM v WHERE leases.id = v.id",
-                values(rows.len(), 3),
-                rows.len() * 3 + 1
+                values(n, 3),
+                n * 3 + 1
             )));
-            for (id, report, frame) in rows {
+            for (id, report, frame) in pad(rows, DONE_ROWS) {
                 q = q.bind(*id).bind(report.as_str()).bind(frame.as_str());
             }
             q.bind(now).execute(&mut **tx).await?;
         }
         batch.done.clear();
-        for rows in batch.verified.chunks(super::rows_per_statement(4) - 1) {
+        for rows in batch.verified.chunks(VERIFIED_ROWS) {
+            let n = padded(rows.len(), VERIFIED_ROWS);
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "WITH v (id, output, fuel, report) AS (VALUES {})
                  UPDATE tasks SET state = 'verified', output = v.output, fuel = v.fuel, report = v.report, finished_ms = ${}
                  FROM v WHERE tasks.id = v.id",
-                values(rows.len(), 4),
-                rows.len() * 4 + 1
+                values(n, 4),
+                n * 4 + 1
             )));
-            for (id, output, fuel, report) in rows {
+            for (id, output, fuel, report) in pad(rows, VERIFIED_ROWS) {
                 q = q
                     .bind(*id)
                     .bind(output.as_str())
@@ -503,19 +507,20 @@ impl Store {
         for rows in frames.chunks(FRAMES_PER_INSERT) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO frames (id, bytes, created_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
-                values(rows.len(), 3)
+                values(padded(rows.len(), FRAMES_PER_INSERT), 3)
             )));
-            for (id, bytes) in rows {
+            for (id, bytes) in pad(rows, FRAMES_PER_INSERT) {
                 q = q.bind(id.to_string()).bind(*bytes).bind(now);
             }
             q.execute(&mut **tx).await?;
         }
+        let outputs: Vec<(ContentId, &[u8])> = outputs.into_iter().collect();
         for rows in outputs.chunks(OUTPUTS_PER_INSERT) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO blobs (id, bytes, size, created_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
-                values(rows.len(), 4)
+                values(padded(rows.len(), OUTPUTS_PER_INSERT), 4)
             )));
-            for (id, bytes) in rows {
+            for (id, bytes) in pad(rows, OUTPUTS_PER_INSERT) {
                 q = q
                     .bind(id.to_string())
                     .bind(*bytes)
@@ -533,9 +538,9 @@ impl Store {
                  agreed = nodes.agreed + v.agreed, disagreed = nodes.disagreed + v.disagreed,
                  spot_passed = nodes.spot_passed + v.passed, spot_failed = nodes.spot_failed + v.failed
                  FROM v WHERE nodes.id = v.id",
-                values(rows.len(), 8)
+                values(padded(rows.len(), JUDGED_PER_UPDATE), 8)
             )));
-            for (node, j) in rows {
+            for (node, j) in pad(rows, JUDGED_PER_UPDATE) {
                 q = q
                     .bind(node.to_string())
                     .bind(j.record.good)

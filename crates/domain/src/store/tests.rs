@@ -1470,3 +1470,23 @@ async fn a_batch_of_leases_and_results_is_what_one_at_a_time_would_be() {
         );
     }
 }
+
+/// Lists are bound at a few lengths (powers of two, capped), the last value repeated.
+#[test]
+fn lists_are_padded_to_a_few_lengths_with_their_last_value() {
+    let lengths: std::collections::BTreeSet<usize> = (1..=96).map(|n| padded(n, 96)).collect();
+    assert_eq!(
+        lengths.into_iter().collect::<Vec<_>>(),
+        vec![1, 2, 4, 8, 16, 32, 64, 96]
+    );
+    assert_eq!(padded(0, 96), 0);
+    assert_eq!(padded(23, 23), 23);
+    assert_eq!(padded(17, 23), 23);
+    let items = [1, 2, 3, 4, 5];
+    assert_eq!(
+        pad(&items, 96).copied().collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 5, 5, 5]
+    );
+    assert_eq!(pad(&items[..4], 96).count(), 4);
+    assert_eq!(pad::<i32>(&[], 96).count(), 0);
+}
