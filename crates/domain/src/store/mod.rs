@@ -422,18 +422,34 @@ fn pad<T>(items: &[T], max: usize) -> impl Iterator<Item = &T> {
 
 /// `$first, $first+1, …` for `n` bound values.
 fn in_list(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut out = String::with_capacity(n * 6);
+    push_list(&mut out, first, n);
+    out
+}
+
+fn push_list(out: &mut String, first: usize, n: usize) {
+    use std::fmt::Write as _;
+    for i in first..first + n {
+        if i > first {
+            out.push_str(", ");
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(out, "${i}");
+    }
 }
 
 /// The `VALUES` rows of a multi-row insert: `($1, …, $cols), ($cols+1, …)`, `rows` of them.
 fn values(rows: usize, cols: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", in_list(r * cols + 1, cols)))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut out = String::with_capacity(rows * (cols * 6 + 4));
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        push_list(&mut out, r * cols + 1, cols);
+        out.push(')');
+    }
+    out
 }
 
 fn id_i64(v: u64) -> i64 {

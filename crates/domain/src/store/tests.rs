@@ -1490,3 +1490,11 @@ fn lists_are_padded_to_a_few_lengths_with_their_last_value() {
     assert_eq!(pad(&items[..4], 96).count(), 4);
     assert_eq!(pad::<i32>(&[], 96).count(), 0);
 }
+
+#[test]
+fn placeholder_lists_are_numbered_in_order() {
+    assert_eq!(in_list(3, 3), "$3, $4, $5");
+    assert_eq!(in_list(1, 0), "");
+    assert_eq!(values(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    assert_eq!(values(1, 1), "($1)");
+}
