@@ -138,6 +138,9 @@ pub(crate) struct Metrics {
     pub heartbeat_latency: Histogram,
     /// Tasks verified since start (drives the dashboard's throughput chart).
     pub verified: AtomicU64,
+    /// Times the dispatcher read pending tasks from the database (it keeps them between
+    /// rounds, and adds new jobs' tasks without reading).
+    pub pending_reads: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -149,6 +152,7 @@ impl Default for Metrics {
             end_to_end_latency: Histogram::new(LATENCY_BUCKETS),
             heartbeat_latency: Histogram::new(LATENCY_BUCKETS),
             verified: AtomicU64::new(0),
+            pending_reads: AtomicU64::new(0),
         }
     }
 }
@@ -184,6 +188,11 @@ impl Metrics {
             out,
             "stardust_heartbeat_latency_seconds",
             "From a heartbeat frame read off a node's socket to its leases renewed and its node row updated.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP stardust_dispatch_pending_reads_total Times the dispatcher read pending tasks from the database.\n# TYPE stardust_dispatch_pending_reads_total counter\nstardust_dispatch_pending_reads_total {}",
+            self.pending_reads.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

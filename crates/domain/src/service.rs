@@ -15,11 +15,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use stardust_proto::identity::{Identity, NodeId};
 use stardust_proto::message::{Assignment, DomainMessage, encode};
-use stardust_proto::task::{Hardware, LeaseId, Tier};
+use stardust_proto::task::{Hardware, LeaseId, TaskId, Tier};
 use stardust_scheduler::matching::{self, Need, NodeState, NodeView};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 
@@ -519,6 +519,7 @@ impl Domain {
 /// Leases pending tasks to connected nodes with free slots, in batches.
 async fn dispatch_loop(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
+    let mut cache = PendingCache::default();
     loop {
         tokio::select! {
             biased;
@@ -526,14 +527,113 @@ async fn dispatch_loop(shared: Arc<Shared>) {
             () = shared.wake.notified() => {}
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        if let Err(e) = dispatch_round(&shared).await {
+        if let Err(e) = dispatch_round(&shared, &mut cache).await {
+            cache.forget();
             tracing::error!(error = %e, "dispatch round failed");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
 
-async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
+/// Pending tasks read at most at once into [`PendingCache`].
+const CACHE_READ: u32 = 1024;
+
+/// How long [`PendingCache`] trusts what it holds: past this it reads again, whatever it
+/// was told (a safety net; the store tells it every change it knows of).
+const CACHE_TRUST: Duration = Duration::from_secs(1);
+
+/// Pending tasks kept between dispatch rounds, in the order [`Store::pending_tasks`] reads
+/// them (highest priority, oldest job, lowest index first), so that a round reads the
+/// database only when it must: when empty and not known to be complete, when the store's
+/// pending epoch moved (tasks made pending again, see [`Store::pending_epoch`]), when a new
+/// job outranks what it holds, after a round left a task it served still wanting replicas,
+/// or after [`CACHE_TRUST`]. New jobs' tasks are added as the store created them
+/// ([`Store::take_created`]) while the cache holds every pending task (its last read found
+/// fewer than it asked for). A task the cache holds that is no longer pending is refused by
+/// the lease's own checks, which makes the next round read again.
+#[derive(Default)]
+struct PendingCache {
+    tasks: VecDeque<PendingTask>,
+    /// The last read found every pending task.
+    complete: bool,
+    /// The store's pending epoch before the last read.
+    epoch: u64,
+    read_at: Option<Instant>,
+}
+
+impl PendingCache {
+    /// Up to `limit` tasks from the front, reading the database first if it must.
+    async fn take(
+        &mut self,
+        shared: &Shared,
+        limit: usize,
+    ) -> Result<Vec<PendingTask>, StoreError> {
+        let store = &shared.store;
+        let epoch = store.pending_epoch();
+        let created = store.take_created();
+        let mut read = epoch != self.epoch
+            || self.read_at.is_none_or(|t| t.elapsed() > CACHE_TRUST)
+            || (self.tasks.is_empty() && !self.complete);
+        if !read && !created.is_empty() {
+            let lowest = self.tasks.iter().map(|t| t.priority).min();
+            if self.complete {
+                self.add(created);
+            } else if created
+                .iter()
+                .any(|t| lowest.is_none_or(|l| t.priority > l))
+            {
+                // A new job outranks tasks the database holds beyond what was read.
+                read = true;
+            }
+            // Otherwise they come after everything the database holds: read in turn.
+        }
+        if read {
+            // Jobs created from here on are told again; those before are in the read.
+            let _ = store.take_created();
+            let tasks = store.pending_tasks(CACHE_READ).await?;
+            shared.metrics.pending_reads.fetch_add(1, Ordering::Relaxed);
+            self.complete = tasks.len() < CACHE_READ as usize;
+            self.tasks = tasks.into();
+            self.epoch = epoch;
+            self.read_at = Some(Instant::now());
+        }
+        let n = limit.min(self.tasks.len());
+        Ok(self.tasks.drain(..n).collect())
+    }
+
+    /// Adds new jobs' tasks in their place (after every task of their priority or higher),
+    /// leaving out any already held (a job created while the cache read).
+    fn add(&mut self, created: Vec<PendingTask>) {
+        let held: HashSet<TaskId> = self.tasks.iter().map(|t| t.spec.task).collect();
+        let reorder = created
+            .iter()
+            .any(|c| self.tasks.iter().any(|t| t.priority < c.priority));
+        self.tasks
+            .extend(created.into_iter().filter(|t| !held.contains(&t.spec.task)));
+        if reorder {
+            // Stable: jobs keep their order within a priority.
+            self.tasks
+                .make_contiguous()
+                .sort_by_key(|t| std::cmp::Reverse(t.priority));
+        }
+    }
+
+    /// Puts back, in front and in order, tasks a round took and did not serve.
+    fn put_back(&mut self, tasks: Vec<PendingTask>) {
+        for t in tasks.into_iter().rev() {
+            self.tasks.push_front(t);
+        }
+    }
+
+    /// Drops what it holds: the next round reads.
+    fn forget(&mut self) {
+        self.tasks.clear();
+        self.complete = false;
+        self.read_at = None;
+    }
+}
+
+async fn dispatch_round(shared: &Shared, cache: &mut PendingCache) -> Result<(), StoreError> {
     if shared.config.stake > 0 {
         refresh_stake(shared).await?;
     }
@@ -544,15 +644,11 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
     if free == 0 {
         return Ok(());
     }
-    let pending = shared
-        .store
-        .pending_tasks(
-            shared
-                .config
-                .dispatch_batch
-                .min(free.saturating_mul(2).max(16)),
-        )
-        .await?;
+    let limit = shared
+        .config
+        .dispatch_batch
+        .min(free.saturating_mul(2).max(16));
+    let pending = cache.take(shared, limit as usize).await?;
     if pending.is_empty() {
         return Ok(());
     }
@@ -589,6 +685,7 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
                 views[index[&node]].running += 1;
                 w.excluded.push(node);
                 w.proposed += 1;
+                w.touched = true;
                 wants.push(Want {
                     task: w.task.spec.task,
                     node,
@@ -659,6 +756,22 @@ async fn dispatch_round(shared: &Shared) -> Result<(), StoreError> {
             break;
         }
     }
+    // Tasks not proposed go back to the cache as they were; a task proposed and still
+    // wanting replicas has changed (holders, replication): the next round reads again.
+    let mut untouched = Vec::new();
+    let mut changed = false;
+    for w in open {
+        if !w.touched {
+            untouched.push(w.task);
+        } else if w.held < w.wanted {
+            changed = true;
+        }
+    }
+    if changed {
+        cache.forget();
+    } else {
+        cache.put_back(untouched);
+    }
     for node in spots {
         // Only in room left after every replica proposed this round.
         let view = index[&node];
@@ -713,6 +826,8 @@ struct Wanting {
     wanted: usize,
     /// Nothing more for it this round.
     done: bool,
+    /// Proposed to a node this round.
+    touched: bool,
 }
 
 impl Wanting {
@@ -731,6 +846,7 @@ impl Wanting {
             proposed: 0,
             wanted,
             done: false,
+            touched: false,
             task,
         }
     }
@@ -884,5 +1000,52 @@ mod tests {
         b.pace.record(10_000, 6_000);
         assert_eq!(b.capacity(), 12);
         assert_eq!(b.free(), 12);
+    }
+
+    fn pending(task: TaskId, priority: i64) -> PendingTask {
+        PendingTask {
+            spec: stardust_proto::task::TaskSpec {
+                task,
+                job: task / 100,
+                module: stardust_proto::content::ContentId::of(b"m"),
+                input: stardust_proto::content::ContentId::of(b"i"),
+                args: Vec::new(),
+                limits: stardust_proto::task::Limits::default(),
+                seed: 0,
+            },
+            requirements: Default::default(),
+            replicas_on: Vec::new(),
+            submitted_ms: 0,
+            redundancy: 1,
+            replicas: 1,
+            adaptive: false,
+            priority,
+        }
+    }
+
+    fn order(cache: &PendingCache) -> Vec<TaskId> {
+        cache.tasks.iter().map(|t| t.spec.task).collect()
+    }
+
+    #[test]
+    fn the_pending_cache_keeps_the_database_order_as_jobs_are_added_and_tasks_put_back() {
+        let mut cache = PendingCache {
+            tasks: [pending(101, 1), pending(102, 1), pending(201, 0)].into(),
+            ..PendingCache::default()
+        };
+        // A normal job after the normal one and before the low one; one of its tasks was
+        // already read (created while the cache read): not twice.
+        cache.add(vec![pending(102, 1), pending(301, 1), pending(302, 1)]);
+        assert_eq!(order(&cache), vec![101, 102, 301, 302, 201]);
+        // A high job goes first; a low one last.
+        cache.add(vec![pending(401, 2)]);
+        cache.add(vec![pending(501, 0)]);
+        assert_eq!(order(&cache), vec![401, 101, 102, 301, 302, 201, 501]);
+        // What a round took and did not serve goes back in front, in order.
+        let taken: Vec<PendingTask> = cache.tasks.drain(..3).collect();
+        cache.put_back(taken.into_iter().skip(1).collect());
+        assert_eq!(order(&cache), vec![101, 102, 301, 302, 201, 501]);
+        cache.forget();
+        assert!(cache.tasks.is_empty() && !cache.complete && cache.read_at.is_none());
     }
 }

@@ -74,7 +74,8 @@ impl Store {
             rows.extend(
                 sqlx::query(
                     "SELECT t.id, t.job_id, t.args, t.input, t.seed, t.replicas, j.module, j.terms,
-                     CASE WHEN j.terms IS NULL THEN j.spec END AS spec, j.created_ms, j.redundancy, j.adaptive
+                     CASE WHEN j.terms IS NULL THEN j.spec END AS spec, j.created_ms, j.redundancy, j.adaptive,
+                     j.priority
                      FROM tasks t JOIN jobs j ON j.id = t.job_id
                      WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
                 )
@@ -135,6 +136,7 @@ impl Store {
                 redundancy: r.try_get::<i64, _>("redundancy")?.clamp(0, 255) as u8,
                 replicas: r.try_get::<i64, _>("replicas")?.clamp(0, 255) as u8,
                 adaptive: r.try_get::<i64, _>("adaptive")? != 0,
+                priority: r.try_get("priority")?,
             });
         }
         Ok(out)

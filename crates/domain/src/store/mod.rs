@@ -15,8 +15,10 @@ mod ledger;
 mod results;
 pub mod schema;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Connection as _, Row};
@@ -166,6 +168,9 @@ pub struct PendingTask {
     pub replicas: u8,
     /// Whether its job allows adaptive replication.
     pub adaptive: bool,
+    /// Its job's priority (0 low, 1 normal, 2 high): pending tasks are served highest
+    /// first, then oldest job first, then in index order.
+    pub priority: i64,
 }
 
 /// A lease held by a node, as needed to resume it after a reconnect.
@@ -379,7 +384,25 @@ pub struct Store {
     economy: Economy,
     /// Jobs that ended, told after their transaction committed ([`Store::ended_jobs`]).
     ended: tokio::sync::broadcast::Sender<JobId>,
+    /// What a dispatcher keeping pending tasks in memory must hear ([`Store::pending_epoch`],
+    /// [`Store::take_created`]).
+    news: Arc<PendingNews>,
 }
+
+/// Changes to the set of pending tasks, told after the transaction that made them commits.
+#[derive(Debug, Default)]
+struct PendingNews {
+    /// Bumped when tasks became pending other than by a job's creation (a failed attempt, a
+    /// lapsed lease, more replicas wanted) or stopped being pending (a job cancelled or past
+    /// its deadline).
+    epoch: AtomicU64,
+    /// The tasks of jobs created since the dispatcher last took them, in creation order.
+    created: std::sync::Mutex<Vec<PendingTask>>,
+}
+
+/// New jobs' tasks held for the dispatcher at most; past this they are dropped and the epoch
+/// bumped (the dispatcher reads them from the database instead).
+const MAX_CREATED: usize = 4096;
 
 /// Ended jobs told to subscribers and not yet read by the slowest of them at most (a
 /// subscriber that falls further behind is told it lagged, and reads the jobs it waits for).
@@ -537,6 +560,7 @@ impl Store {
             signer: None,
             economy: Economy::default(),
             ended: tokio::sync::broadcast::channel(ENDED_JOBS_BACKLOG).0,
+            news: Arc::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -550,6 +574,46 @@ impl Store {
     }
 
     /// Tells subscribers these jobs ended (their transaction committed).
+    /// Changes whenever tasks became pending, other than by a job's creation, or stopped
+    /// being pending other than by being leased; read it before reading pending tasks, and
+    /// read them again once it changed.
+    pub fn pending_epoch(&self) -> u64 {
+        self.news.epoch.load(Ordering::Acquire)
+    }
+
+    /// The tasks of the jobs created since the last call, in creation order, each as
+    /// [`Store::pending_tasks`] would read it.
+    pub fn take_created(&self) -> Vec<PendingTask> {
+        self.news
+            .created
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+
+    /// After a commit that changed which tasks are pending.
+    fn tell_pending_changed(&self) {
+        self.news.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// After a job's creation committed.
+    fn tell_created(&self, tasks: Vec<PendingTask>) {
+        let overflow = match self.news.created.lock() {
+            Ok(mut created) if created.len() + tasks.len() <= MAX_CREATED => {
+                created.extend(tasks);
+                false
+            }
+            Ok(mut created) => {
+                created.clear();
+                true
+            }
+            Err(_) => true,
+        };
+        if overflow {
+            self.tell_pending_changed();
+        }
+    }
+
     fn tell_ended(&self, jobs: impl IntoIterator<Item = i64>) {
         for job in jobs {
             // No subscriber is fine: nobody waits.
@@ -728,9 +792,10 @@ impl Store {
         let job: i64 = row.try_get("id")?;
         // Many rows a statement (a statement is a round trip to the database): a sweep of
         // 20,000 tasks was 20,000 inserts.
+        let mut ids: HashMap<i64, i64> = HashMap::with_capacity(trials.len());
         for rows in trials.chunks(rows_per_statement(8)) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) VALUES {}",
+                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) VALUES {} RETURNING id, idx",
                 values(rows.len(), 8)
             )));
             for t in rows {
@@ -744,7 +809,9 @@ impl Store {
                     .bind(i64::from(spec.redundancy))
                     .bind(0i64);
             }
-            q.execute(&mut *tx).await?;
+            for r in q.fetch_all(&mut *tx).await? {
+                ids.insert(r.try_get("idx")?, r.try_get("id")?);
+            }
         }
         let maximum = pricing::job_maximum(
             trials.len() as u64,
@@ -795,7 +862,32 @@ impl Store {
             }
             self.close_chain(&mut tx, chain).await?;
         }
+        let mut created = Vec::with_capacity(trials.len());
+        for t in trials {
+            let id = ids
+                .get(&i64::from(t.index))
+                .ok_or_else(|| corrupt("task insert", "a task without its id"))?;
+            created.push(PendingTask {
+                spec: TaskSpec {
+                    task: *id as TaskId,
+                    job: job as JobId,
+                    module: metered,
+                    input: t.input,
+                    args: t.args.clone(),
+                    limits: spec.limits,
+                    seed: t.seed,
+                },
+                requirements: spec.requirements.clone(),
+                replicas_on: Vec::new(),
+                submitted_ms: now,
+                redundancy: spec.redundancy,
+                replicas: spec.redundancy,
+                adaptive: spec.adaptive,
+                priority,
+            });
+        }
         tx.commit().await?;
+        self.tell_created(created);
         Ok(job as JobId)
     }
 
@@ -1275,6 +1367,8 @@ impl Store {
                 let ended = self.finish_job_if_done(&mut tx, job, now).await?;
                 expired.push((lease as LeaseId, node));
                 tx.commit().await?;
+                // Its task may be pending again.
+                self.tell_pending_changed();
                 self.tell_ended(ended.then_some(job));
                 continue;
             }

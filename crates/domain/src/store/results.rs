@@ -173,6 +173,15 @@ impl Store {
         }
         let ended = self.close_batch(&mut tx, batch, now).await?;
         tx.commit().await?;
+        // A failed attempt or a task wanting more replicas may be pending again.
+        if out.iter().any(|o| {
+            matches!(
+                o,
+                Ok(Recorded::Stored | Recorded::MoreReplicas(_) | Recorded::Failed(_))
+            )
+        }) {
+            self.tell_pending_changed();
+        }
         self.tell_ended(ended);
         Ok(out)
     }

@@ -1,0 +1,130 @@
+//! The dispatcher keeps pending tasks between rounds: new jobs' tasks are dispatched
+//! without reading them back from the database, and a task made pending again (a lease
+//! that lapsed) is still found. A real in-process domain and the real node library.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use stardust_domain::{Config, Domain};
+use stardust_ledger::MICRO_PER_CREDIT;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::{join, key, next_domain, upload_hello};
+
+fn spec(module: &str, input: &str, n: u32) -> stardust_proto::job::JobSpec {
+    serde_json::from_value(serde_json::json!({
+        "module": module,
+        "input": input,
+        "args": ["{i}"],
+        "limits": {"fuel": 1_000_000_000u64, "memory_bytes": 64u64 << 20, "wall_ms": 10_000, "output_bytes": 4096},
+        "sweep": {"grid": {"i": (0..n).collect::<Vec<_>>()}},
+    }))
+    .expect("spec")
+}
+
+/// `stardust_dispatch_pending_reads_total` from `/metrics`.
+async fn pending_reads(addr: SocketAddr) -> u64 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("response");
+    body.lines()
+        .find_map(|l| l.strip_prefix("stardust_dispatch_pending_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pending-reads counter in /metrics: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(dir.path().join("domain"));
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.welcome_grant = 1_000 * MICRO_PER_CREDIT;
+    config.lease_ms = 1_000;
+    let domain = Domain::start(config, key(200)).await.expect("domain");
+    let addr = domain.addr();
+    let url = format!("http://{addr}");
+    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
+    let module = upload_hello(&client).await.to_string();
+    let input = client
+        .put_blob(b"x".to_vec())
+        .await
+        .expect("input")
+        .to_string();
+
+    // A node that takes a lease and never answers: its lease lapses, and the task, pending
+    // again, must still be found by the dispatcher.
+    let mut silent = join(addr, &key(2), 1).await;
+    let lapsed = client
+        .submit(&spec(&module, &input, 1))
+        .await
+        .expect("submit");
+    let assigned = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match next_domain(&mut silent).await {
+                Some(stardust_proto::message::DomainMessage::Assign { tasks }) => break tasks,
+                Some(_) => {}
+                None => panic!("the silent node's session ended"),
+            }
+        }
+    })
+    .await
+    .expect("the silent node is given the task");
+    assert_eq!(assigned.len(), 1);
+    drop(silent);
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
+    c.slots = 2;
+    c.bench = false;
+    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let s = tokio::time::timeout(Duration::from_secs(30), client.wait(lapsed, |_| {}))
+        .await
+        .expect("the lapsed task is run by the other node")
+        .expect("status");
+    assert_eq!(s["state"], "completed", "{s}");
+
+    // Single-task jobs one after another: each is dispatched from what its creation told
+    // the dispatcher, not from a read (the cache re-reads at most once a second).
+    let before = pending_reads(addr).await;
+    let started = std::time::Instant::now();
+    let jobs = 30;
+    for _ in 0..jobs {
+        let job = client
+            .submit(&spec(&module, &input, 1))
+            .await
+            .expect("submit");
+        let s = tokio::time::timeout(Duration::from_secs(30), client.wait(job, |_| {}))
+            .await
+            .expect("the job ends")
+            .expect("status");
+        assert_eq!(s["state"], "completed", "{s}");
+    }
+    let reads = pending_reads(addr).await - before;
+    let seconds = started.elapsed().as_secs() + 1;
+    assert!(
+        reads <= 2 * seconds + 2,
+        "{reads} reads of pending tasks for {jobs} jobs in {seconds} s"
+    );
+    assert!(reads < jobs, "{reads} reads for {jobs} jobs");
+
+    // A larger job: more than one round's worth, all of it served.
+    let big = client
+        .submit(&spec(&module, &input, 300))
+        .await
+        .expect("submit");
+    let s = tokio::time::timeout(Duration::from_secs(60), client.wait(big, |_| {}))
+        .await
+        .expect("the big job ends")
+        .expect("status");
+    assert_eq!(s["state"], "completed", "{s}");
+    assert_eq!(s["tasks_verified"], 300, "{s}");
+
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    domain.shutdown().await;
+}
