@@ -1327,7 +1327,7 @@ impl Store {
         now: i64,
         max_attempts: u32,
     ) -> Result<Vec<(LeaseId, NodeId)>> {
-        let rows = sqlx::query("SELECT id, task_id, node, kind FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY id LIMIT 1000")
+        let rows = sqlx::query("SELECT id, task_id, node, kind FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY deadline_ms, id LIMIT 1000")
             .bind(now)
             .fetch_all(&mut *self.db.acquire().await?)
             .await?;

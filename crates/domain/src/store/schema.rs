@@ -263,4 +263,24 @@ ALTER TABLE leases ADD COLUMN frame TEXT;
 DROP INDEX leases_by_task
 "#,
     },
+    Migration {
+        version: 5,
+        name: "partial indexes: pending tasks, active leases (a task or lease leaves them once instead of moving within them)",
+        sqlite: r#"
+DROP INDEX tasks_by_state;
+CREATE INDEX tasks_pending ON tasks (job_id, idx) WHERE state = 'pending';
+DROP INDEX leases_by_state;
+CREATE INDEX leases_active_by_deadline ON leases (deadline_ms) WHERE state = 'active';
+DROP INDEX leases_by_node;
+CREATE INDEX leases_active_by_node ON leases (node) WHERE state = 'active'
+"#,
+        postgres: r#"
+DROP INDEX tasks_by_state;
+CREATE INDEX tasks_pending ON tasks (job_id, idx) WHERE state = 'pending';
+DROP INDEX leases_by_state;
+CREATE INDEX leases_active_by_deadline ON leases (deadline_ms) WHERE state = 'active';
+DROP INDEX leases_by_node;
+CREATE INDEX leases_active_by_node ON leases (node) WHERE state = 'active'
+"#,
+    },
 ];
