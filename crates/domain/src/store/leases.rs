@@ -53,9 +53,9 @@ impl Store {
     /// Up to `limit` tasks that want another replica, highest priority and oldest first.
     ///
     /// Open jobs are listed first (few), then each job's pending tasks are read in index
-    /// order (`tasks_pending`: job, position, pending tasks only) up to what is still wanted: no sort
-    /// over every pending task, which made each dispatch round O(pending) and a large job
-    /// O(n²). The holders of all of them are read in one more statement.
+    /// order (`tasks_pending`: job, position, pending tasks only) up to what is still
+    /// wanted: no sort over every pending task, which made each dispatch round O(pending)
+    /// and a large job O(n²). The holders of all of them are read in one more statement.
     pub async fn pending_tasks(&self, limit: u32) -> Result<Vec<PendingTask>> {
         // One connection for all of it: taking one from the pool costs several times a
         // statement.
