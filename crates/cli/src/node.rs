@@ -32,6 +32,10 @@ pub struct Args {
     /// Extra CA certificates (PEM) to trust for an https domain.
     #[arg(long, env = "STARDUST_CA")]
     ca: Option<PathBuf>,
+    /// Disk the caches of fetched inputs and compiled modules may use, MiB (at least 16;
+    /// the least recently used go first).
+    #[arg(long, env = "STARDUST_CACHE_MB", default_value_t = stardust_node::DEFAULT_CACHE_BYTES >> 20)]
+    cache_mb: u64,
     /// Skip the startup benchmark.
     #[arg(long)]
     no_bench: bool,
@@ -51,6 +55,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
             Ok(s.split(',').map(str::to_string).collect())
         })?;
         f.set("no_bench", &mut args.no_bench, from_str)?;
+        f.set("cache_mb", &mut args.cache_mb, from_str)?;
         f.set("ca", &mut args.ca, |s| Ok(Some(PathBuf::from(s))))?;
         f.finish()?;
     }
@@ -67,6 +72,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         config.idle_threshold = args.idle_threshold;
         config.labels = args.labels.clone();
         config.bench = !args.no_bench;
+        config.cache_bytes = args.cache_mb.saturating_mul(1 << 20);
         if let Some(ca) = &args.ca {
             config.ca_pem = Some(
                 std::fs::read(ca)

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod cache;
 pub mod policy;
 pub mod probe;
 
@@ -39,6 +40,12 @@ use stardust_proto::task::{Hardware, LeaseId};
 use stardust_sandbox::{Sandbox, Task};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio_tungstenite::tungstenite::Message;
+
+/// [`Config::cache_bytes`] by default: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
+/// [`Config::cache_bytes`] at least: 16 MiB (a module and its compiled form must fit).
+pub const MIN_CACHE_BYTES: u64 = 16 << 20;
 
 /// Node settings. Defaults are listed per field.
 #[derive(Debug, Clone)]
@@ -64,6 +71,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Extra CA certificates (PEM) to trust for an `https` domain.
     pub ca_pem: Option<Vec<u8>>,
+    /// Bytes of disk the caches of fetched blobs and compiled modules may use; the least
+    /// recently used go first. Default 1 GiB.
+    pub cache_bytes: u64,
 }
 
 impl Config {
@@ -80,6 +90,7 @@ impl Config {
             bench: true,
             drain_timeout: Duration::from_secs(120),
             ca_pem: None,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -132,6 +143,8 @@ struct Shared {
     /// Since when the owner policy pauses the node.
     paused_since: std::sync::Mutex<Option<Instant>>,
     draining: AtomicBool,
+    /// The disk budget of the blob and module caches.
+    cache: cache::Budget,
 }
 
 impl Shared {
@@ -162,8 +175,28 @@ pub async fn run(
             config.cpu_limit
         )));
     }
+    if config.cache_bytes < MIN_CACHE_BYTES {
+        return Err(NodeError::Config(format!(
+            "the cache needs at least {} MiB, not {} bytes ({} MiB)",
+            MIN_CACHE_BYTES >> 20,
+            config.cache_bytes,
+            config.cache_bytes >> 20
+        )));
+    }
     std::fs::create_dir_all(config.data_dir.join("blobs"))
         .map_err(|e| NodeError::Io(e.to_string()))?;
+    let cache = cache::Budget::new(
+        vec![
+            config.data_dir.join("blobs"),
+            config.data_dir.join("modules"),
+        ],
+        config.cache_bytes,
+    );
+    tracing::info!(
+        used_mib = cache.used() >> 20,
+        limit_mib = config.cache_bytes >> 20,
+        "caches of blobs and compiled modules"
+    );
     let sandbox = Sandbox::new(stardust_sandbox::Config {
         max_instances: config.slots * 2 + 2,
         cache_dir: Some(config.data_dir.join("modules")),
@@ -196,6 +229,7 @@ pub async fn run(
         paused: AtomicBool::new(false),
         paused_since: std::sync::Mutex::new(None),
         draining: AtomicBool::new(false),
+        cache,
     });
     let mut workers = Vec::new();
     for slot in 0..shared.config.slots {
@@ -611,6 +645,7 @@ async fn fetch(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Vec<u8>
     if let Ok(bytes) = tokio::fs::read(&path).await
         && id.matches(&bytes)
     {
+        cache::Budget::touch(&path);
         return Some(bytes);
     }
     let mut wait = Duration::from_millis(200);
@@ -618,8 +653,10 @@ async fn fetch(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Vec<u8>
         match shared.client.get_blob(id).await {
             Ok(bytes) => {
                 let tmp = path.with_extension("tmp");
-                if tokio::fs::write(&tmp, &bytes).await.is_ok() {
-                    let _ = tokio::fs::rename(&tmp, &path).await;
+                if tokio::fs::write(&tmp, &bytes).await.is_ok()
+                    && tokio::fs::rename(&tmp, &path).await.is_ok()
+                {
+                    shared.cache.added(bytes.len() as u64);
                 }
                 return Some(bytes);
             }

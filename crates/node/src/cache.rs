@@ -1,0 +1,191 @@
+//! The node's disk caches — fetched blobs (`blobs/`) and compiled modules (`modules/`) —
+//! kept under a byte budget, so a contributor's disk does not fill up with every module and
+//! input the domain ever sent.
+//!
+//! Least recently used goes first: a file's modification time is its last use (a cache hit
+//! touches it). When the caches pass the budget they are trimmed to 90 % of it. A file
+//! removed while a task uses it is harmless: blobs are read into memory before a run, and a
+//! compiled module is loaded (mapped) before it runs. The blob cache's growth is counted as
+//! it is written; the module cache, written by the sandbox, is measured again at most every
+//! [`RESCAN_AFTER`] when blobs are fetched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often, at most, the caches are measured again on disk between trims.
+pub(crate) const RESCAN_AFTER: Duration = Duration::from_secs(10);
+
+/// A byte budget over some directories.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    dirs: Vec<PathBuf>,
+    limit: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Bytes in the directories, as last measured plus what was added since.
+    used: u64,
+    measured: Instant,
+}
+
+/// A cached file: when last used, its size, where.
+struct Entry {
+    used: SystemTime,
+    size: u64,
+    path: PathBuf,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes over `dirs` (measured now; trimmed if already past it).
+    pub fn new(dirs: Vec<PathBuf>, limit: u64) -> Self {
+        let budget = Self {
+            dirs,
+            limit,
+            state: Mutex::new(State {
+                used: 0,
+                measured: Instant::now(),
+            }),
+        };
+        budget.trim_if_over(true);
+        budget
+    }
+
+    /// Bytes the caches hold, as last measured plus what was added since.
+    pub fn used(&self) -> u64 {
+        self.state.lock().map_or(0, |s| s.used)
+    }
+
+    /// A file of `bytes` was written to one of the directories: trims when past the budget
+    /// (measuring the directories again first, at most every [`RESCAN_AFTER`]).
+    pub fn added(&self, bytes: u64) {
+        let rescan = match self.state.lock() {
+            Ok(mut s) => {
+                s.used = s.used.saturating_add(bytes);
+                s.measured.elapsed() >= RESCAN_AFTER
+            }
+            Err(_) => true,
+        };
+        self.trim_if_over(rescan);
+    }
+
+    /// A cached file was used: it is now the most recently used.
+    pub fn touch(path: &Path) {
+        if let Ok(f) = std::fs::File::options().append(true).open(path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    fn entries(&self) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for dir in &self.dirs {
+            let Ok(list) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in list.flatten() {
+                let Ok(meta) = e.metadata() else { continue };
+                if meta.is_file() {
+                    out.push(Entry {
+                        used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        size: meta.len(),
+                        path: e.path(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn trim_if_over(&self, rescan: bool) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if !rescan && s.used <= self.limit {
+            return;
+        }
+        let mut entries = self.entries();
+        s.used = entries.iter().map(|e| e.size).sum();
+        s.measured = Instant::now();
+        if s.used <= self.limit {
+            return;
+        }
+        let target = self.limit / 10 * 9;
+        entries.sort_by_key(|e| e.used);
+        let mut removed = 0usize;
+        for e in entries {
+            if s.used <= target {
+                break;
+            }
+            if std::fs::remove_file(&e.path).is_ok() {
+                s.used = s.used.saturating_sub(e.size);
+                removed += 1;
+            }
+        }
+        tracing::info!(
+            removed,
+            used = s.used,
+            limit = self.limit,
+            "trimmed the node's caches"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, size: usize, age_s: u64) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, vec![7u8; size]).expect("write");
+        let f = std::fs::File::options()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        f.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+            .expect("set mtime");
+        path
+    }
+
+    #[test]
+    fn the_least_recently_used_files_go_first_when_past_the_budget() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (blobs, modules) = (tmp.path().join("blobs"), tmp.path().join("modules"));
+        std::fs::create_dir_all(&blobs).expect("dir");
+        std::fs::create_dir_all(&modules).expect("dir");
+        let oldest = write(&blobs, "a", 1000, 500);
+        let old_module = write(&modules, "m", 1000, 400);
+        let used_lately = write(&blobs, "b", 1000, 300);
+        let budget = Budget::new(vec![blobs.clone(), modules.clone()], 3000);
+        assert_eq!(budget.used(), 3000, "measured at start, nothing removed");
+
+        // A hit makes an old file the most recently used.
+        Budget::touch(&used_lately);
+        let newest = write(&blobs, "c", 1000, 0);
+        budget.added(1000);
+        // 4,000 > 3,000: trimmed to at most 2,700, oldest first.
+        assert!(!oldest.exists(), "the least recently used blob is removed");
+        assert!(
+            !old_module.exists(),
+            "a compiled module counts and goes too"
+        );
+        assert!(used_lately.exists() && newest.exists());
+        assert_eq!(budget.used(), 2000);
+
+        // Within the budget nothing is touched.
+        write(&blobs, "d", 1000, 0);
+        budget.added(1000);
+        assert_eq!(budget.used(), 3000);
+        assert_eq!(std::fs::read_dir(&blobs).expect("list").count(), 3);
+    }
+
+    #[test]
+    fn a_cache_already_past_its_budget_is_trimmed_at_start() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for (i, age) in [300u64, 200, 100].iter().enumerate() {
+            write(tmp.path(), &format!("f{i}"), 1000, *age);
+        }
+        let budget = Budget::new(vec![tmp.path().to_path_buf()], 2000);
+        assert_eq!(budget.used(), 1000);
+        assert!(tmp.path().join("f2").exists(), "the newest stays");
+    }
+}
