@@ -231,6 +231,8 @@ pub(crate) struct Shared {
     pub beats: mpsc::Sender<Beat>,
     /// Result frames waiting to be recorded, batched by [`crate::recorder`].
     pub filed: mpsc::Sender<crate::recorder::Filed>,
+    /// Status requests held open (`wait_ms`), per client key.
+    pub waiters: crate::http::Waiters,
 }
 
 /// One node's heartbeat on its way to the store, with where to answer.
@@ -446,6 +448,7 @@ impl Domain {
             beats,
             filed,
             config,
+            waiters: crate::http::Waiters::default(),
         });
         let router = crate::http::router(shared.clone());
         let mut server_stop = shutdown.clone();

@@ -134,3 +134,90 @@ async fn a_status_request_waits_for_its_own_job_to_end_and_no_longer() {
     let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
     domain.shutdown().await;
 }
+
+/// A key may hold a bounded number of status requests open; past it, a clear refusal, and
+/// each one answered frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_status_requests_are_bounded_per_key() {
+    const PER_KEY: usize = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(dir.path().join("domain"));
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.welcome_grant = 1_000 * MICRO_PER_CREDIT;
+    let unlimited = stardust_domain::Rate {
+        per_s: 1e9,
+        burst: 1e9,
+    };
+    config.rate_per_key = unlimited;
+    config.rate_per_addr = unlimited;
+    let domain = Domain::start(config, key(200)).await.expect("domain");
+    let url = format!("http://{}", domain.addr());
+    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
+    let module = upload_hello(&client).await.to_string();
+    let input = client
+        .put_blob(b"x".to_vec())
+        .await
+        .expect("input")
+        .to_string();
+    // No node: the job stays queued and every wait is held.
+    let a = client.submit(&spec(&module, &input)).await.expect("submit");
+    let held: Vec<_> = (0..PER_KEY)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.job_wait(a, 60_000).await })
+        })
+        .collect();
+    // Let them arrive.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "a held request was answered early"
+    );
+    // Until all are held, a short probe may still get in (and is answered when its wait
+    // is over): probe until refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refusal = loop {
+        match client.job_wait(a, 100).await {
+            Err(stardust_sdk::Error::Api {
+                status,
+                code,
+                message,
+            }) => break (status, code, message),
+            Ok(s) => assert_eq!(s["state"], "queued", "{s}"),
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{PER_KEY} held requests never made a further one refused"
+        );
+    };
+    assert_eq!(
+        (refusal.0, refusal.1.as_str()),
+        (429, "too_many_waits"),
+        "{}",
+        refusal.2
+    );
+    assert!(refusal.2.contains("64"), "{}", refusal.2);
+    // Another key is not held back by this one's waits.
+    let other = stardust_sdk::Client::new(&url, key(101)).expect("client");
+    let b = other.submit(&spec(&module, &input)).await.expect("submit");
+    let s = other.job_wait(b, 100).await.expect("another key waits");
+    assert_eq!(s["state"], "queued", "{s}");
+    // A wait without wait_ms is never refused.
+    let s = client.job(a).await.expect("status");
+    assert_eq!(s["state"], "queued", "{s}");
+    // Cancelling answers the held requests; their places are free again.
+    client.cancel(a).await.expect("cancel");
+    for h in held {
+        let s = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("answered")
+            .expect("join")
+            .expect("status");
+        assert_eq!(s["state"], "cancelled", "{s}");
+    }
+    let c = client.submit(&spec(&module, &input)).await.expect("submit");
+    let s = client.job_wait(c, 100).await.expect("a wait is held again");
+    assert_eq!(s["state"], "queued", "{s}");
+    domain.shutdown().await;
+}

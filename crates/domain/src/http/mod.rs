@@ -7,7 +7,7 @@ mod contrib;
 mod dashboard;
 mod session;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Router;
@@ -528,6 +528,71 @@ struct JobQuery {
 /// The longest `wait_ms` a status request may ask for.
 const MAX_WAIT_MS: u64 = 60_000;
 
+/// Status requests one client key may hold open at once.
+pub(crate) const MAX_WAITS_PER_KEY: u32 = 64;
+
+/// Status requests held open at once, all keys together.
+pub(crate) const MAX_WAITS: u32 = 8192;
+
+/// Counts the status requests held open, per key and in all.
+#[derive(Debug, Default)]
+pub(crate) struct Waiters(std::sync::Mutex<(HashMap<NodeId, u32>, u32)>);
+
+/// One held status request; counted until dropped.
+struct Waiting<'a> {
+    waiters: &'a Waiters,
+    key: NodeId,
+}
+
+impl Waiters {
+    /// Counts one more request held by `key`, or says which bound it would pass.
+    fn enter(&self, key: NodeId) -> Result<Waiting<'_>, ApiError> {
+        let mut w = self.0.lock().map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the domain's log",
+            )
+        })?;
+        let (per_key, total) = &mut *w;
+        if *total >= MAX_WAITS {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "{MAX_WAITS} status requests are held already; ask without wait_ms or retry later"
+                ),
+            ));
+        }
+        let mine = per_key.entry(key).or_insert(0);
+        if *mine >= MAX_WAITS_PER_KEY {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_waits",
+                format!("a key may hold {MAX_WAITS_PER_KEY} status requests with wait_ms at once"),
+            ));
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Waiting { waiters: self, key })
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.waiters.0.lock() {
+            let (per_key, total) = &mut *w;
+            *total = total.saturating_sub(1);
+            if let Some(mine) = per_key.get_mut(&self.key) {
+                *mine = mine.saturating_sub(1);
+                if *mine == 0 {
+                    per_key.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
 fn ended(state: &str) -> bool {
     matches!(state, "completed" | "failed" | "cancelled")
 }
@@ -551,6 +616,11 @@ async fn get_job(
     // Subscribed before the first read: an end committed in between is told, not missed.
     let mut ends = shared.store.ended_jobs();
     let mut job = owned_job(&shared, id, client).await?;
+    let _held = if query.wait_ms > 0 && !ended(&job.state) {
+        Some(shared.waiters.enter(client)?)
+    } else {
+        None
+    };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
     while !ended(&job.state) {
         let told = tokio::select! {
