@@ -7,11 +7,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use stardust_domain::{Config, Domain};
-use stardust_ledger::MICRO_PER_CREDIT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{join, key, next_domain, upload_hello};
+use common::{Running, join, key, next_domain, start};
 
 fn spec(module: &str, input: &str, n: u32) -> stardust_proto::job::JobSpec {
     serde_json::from_value(serde_json::json!({
@@ -40,21 +38,15 @@ async fn pending_reads(addr: SocketAddr) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_found() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::new(dir.path().join("domain"));
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.welcome_grant = 1_000 * MICRO_PER_CREDIT;
-    config.lease_ms = 1_000;
-    let domain = Domain::start(config, key(200)).await.expect("domain");
+    let Running {
+        dir,
+        domain,
+        url,
+        client,
+        module,
+        input,
+    } = start(|config| config.lease_ms = 1_000).await;
     let addr = domain.addr();
-    let url = format!("http://{addr}");
-    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
-    let module = upload_hello(&client).await.to_string();
-    let input = client
-        .put_blob(b"x".to_vec())
-        .await
-        .expect("input")
-        .to_string();
 
     // A node that takes a lease and never answers: its lease lapses, and the task, pending
     // again, must still be found by the dispatcher.

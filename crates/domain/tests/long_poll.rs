@@ -3,13 +3,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use stardust_domain::{Config, Domain};
-use stardust_ledger::MICRO_PER_CREDIT;
-
-use common::{key, upload_hello};
+use common::{Running, key, start};
 
 fn spec(module: &str, input: &str) -> stardust_proto::job::JobSpec {
     serde_json::from_value(serde_json::json!({
@@ -24,19 +20,14 @@ fn spec(module: &str, input: &str) -> stardust_proto::job::JobSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_request_waits_for_its_own_job_to_end_and_no_longer() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::new(dir.path().join("domain"));
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.welcome_grant = 1_000 * MICRO_PER_CREDIT;
-    let domain = Domain::start(config, key(200)).await.expect("domain");
-    let url = format!("http://{}", domain.addr());
-    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
-    let module = upload_hello(&client).await.to_string();
-    let input = client
-        .put_blob(b"x".to_vec())
-        .await
-        .expect("input")
-        .to_string();
+    let Running {
+        dir,
+        domain,
+        url,
+        client,
+        module,
+        input,
+    } = start(|_| {}).await;
 
     // No node yet: the jobs stay queued.
     let a = client
@@ -140,25 +131,22 @@ async fn a_status_request_waits_for_its_own_job_to_end_and_no_longer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_status_requests_are_bounded_per_key() {
     const PER_KEY: usize = 64;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::new(dir.path().join("domain"));
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.welcome_grant = 1_000 * MICRO_PER_CREDIT;
-    let unlimited = stardust_domain::Rate {
-        per_s: 1e9,
-        burst: 1e9,
-    };
-    config.rate_per_key = unlimited;
-    config.rate_per_addr = unlimited;
-    let domain = Domain::start(config, key(200)).await.expect("domain");
-    let url = format!("http://{}", domain.addr());
-    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
-    let module = upload_hello(&client).await.to_string();
-    let input = client
-        .put_blob(b"x".to_vec())
-        .await
-        .expect("input")
-        .to_string();
+    let Running {
+        domain,
+        url,
+        client,
+        module,
+        input,
+        ..
+    } = start(|config| {
+        let unlimited = stardust_domain::Rate {
+            per_s: 1e9,
+            burst: 1e9,
+        };
+        config.rate_per_key = unlimited;
+        config.rate_per_addr = unlimited;
+    })
+    .await;
     // No node: the job stays queued and every wait is held.
     let a = client.submit(&spec(&module, &input)).await.expect("submit");
     let held: Vec<_> = (0..PER_KEY)

@@ -79,3 +79,45 @@ pub async fn upload_hello(client: &stardust_sdk::Client) -> stardust_proto::cont
     .expect("test-programs/hello.wasm");
     client.put_blob(bytes).await.expect("upload hello.wasm")
 }
+
+/// An in-process domain on loopback and a client with credits that uploaded
+/// `test-programs/hello.wasm` and a one-byte input.
+pub struct Running {
+    pub dir: tempfile::TempDir,
+    pub domain: stardust_domain::Domain,
+    pub url: String,
+    pub client: stardust_sdk::Client,
+    /// The uploaded module's content id.
+    pub module: String,
+    /// The uploaded input's content id.
+    pub input: String,
+}
+
+/// Starts [`Running`]: key 200 for the domain, key 100 for the client (1,000 credits of
+/// welcome grant); `adjust` changes the domain's settings first.
+pub async fn start(adjust: impl FnOnce(&mut stardust_domain::Config)) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = stardust_domain::Config::new(dir.path().join("domain"));
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.welcome_grant = 1_000 * stardust_ledger::MICRO_PER_CREDIT;
+    adjust(&mut config);
+    let domain = stardust_domain::Domain::start(config, key(200))
+        .await
+        .expect("domain");
+    let url = format!("http://{}", domain.addr());
+    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
+    let module = upload_hello(&client).await.to_string();
+    let input = client
+        .put_blob(b"x".to_vec())
+        .await
+        .expect("input")
+        .to_string();
+    Running {
+        dir,
+        domain,
+        url,
+        client,
+        module,
+        input,
+    }
+}
