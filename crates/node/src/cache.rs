@@ -2,8 +2,10 @@
 //! kept under a byte budget, so a contributor's disk does not fill up with every module and
 //! input the domain ever sent.
 //!
-//! Least recently used goes first: a file's modification time is its last use (a cache hit
-//! touches it). When the caches pass the budget they are trimmed to 90 % of it. A file
+//! Least recently used goes first: a file's modification time is its last use (a blob hit
+//! touches it; a compiled module's time is when it was compiled, and the sandbox keeps the
+//! modules in use in memory). When the caches pass the budget they are trimmed to 90 % of
+//! it. A file
 //! removed while a task uses it is harmless: blobs are read into memory before a run, and a
 //! compiled module is loaded (mapped) before it runs. The blob cache's growth is counted as
 //! it is written; the module cache, written by the sandbox, is measured again at most every
