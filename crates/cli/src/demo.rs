@@ -384,7 +384,7 @@ fn text(o: &Outcome, s: &Value) -> String {
     if s["ledger_ok"] == true {
         let _ = writeln!(
             out,
-            "\nLedger: OK — {} signed, hash-chained events re-verified; {} tasks paid once each",
+            "\nLedger: OK — {} hash-chained events re-verified (every link, every signature); {} tasks paid once each",
             l["events"], l["tasks_paid"]
         );
     } else {
