@@ -106,6 +106,30 @@ fn domain_id(at: &Location) -> anyhow::Result<NodeId> {
     Ok(key.id())
 }
 
+/// The JSON of a verification error, naming the record by its stored id.
+async fn named(
+    store: &Store,
+    e: &VerifyError,
+    failed: &impl Fn(u64, Option<String>, String) -> Value,
+) -> anyhow::Result<Value> {
+    let index = match e {
+        VerifyError::Record { index, .. }
+        | VerifyError::WrongSigner { index, .. }
+        | VerifyError::Chain { index, .. }
+        | VerifyError::Apply { index, .. }
+        | VerifyError::Invariant { index, .. }
+        | VerifyError::Unsigned { index } => *index,
+        _ => 0,
+    };
+    let id = store
+        .ledger_records(index, 1)
+        .await?
+        .into_iter()
+        .find(|r| r.seq == index)
+        .map(|r| r.id);
+    Ok(failed(index, id, e.to_string()))
+}
+
 /// What `verify` found, as JSON.
 async fn check(at: &Location) -> anyhow::Result<Value> {
     let domain = domain_id(at)?;
@@ -117,41 +141,55 @@ async fn check(at: &Location) -> anyhow::Result<Value> {
 /// with `ok` and, when it fails, `error` {`seq`, `id`, `message`}; `balances` maps each
 /// account to its re-derived balance.
 pub async fn audit(store: &Store, domain: NodeId) -> anyhow::Result<Value> {
-    let mut records = Vec::new();
+    // A page at a time: memory for the balances, not for the whole log.
+    let (events, _) = store.ledger_head().await?;
+    let failed = |seq: u64, id: Option<String>, message: String| {
+        json!({
+            "ok": false,
+            "events": events,
+            "error": { "seq": seq, "id": id, "message": message },
+        })
+    };
+    let mut replay = stardust_ledger::Replay::new(domain);
+    let mut tasks_paid = std::collections::BTreeSet::new();
+    let mut slashes = 0u64;
+    let mut head = None;
     let mut from = 0u64;
     loop {
         let page = store.ledger_records(from, 10_000).await?;
         let Some(last) = page.last() else { break };
         from = last.seq + 1;
-        records.extend(page);
-    }
-    // Rows out of sequence (a deleted or inserted row) break the chain too.
-    if let Some((i, r)) = records.iter().enumerate().find(|(i, r)| r.seq != *i as u64) {
-        return Ok(json!({
-            "ok": false,
-            "events": records.len(),
-            "error": { "seq": i, "id": r.id, "message": format!("event {} is stored at position {}, expected {i}", r.id, r.seq) },
-        }));
-    }
-    let verified = stardust_ledger::verify(domain, records.iter().map(|r| r.record.as_slice()));
-    let ledger = match verified {
-        Ok(l) => l,
-        Err(e) => {
-            let index = match &e {
-                VerifyError::Record { index, .. }
-                | VerifyError::WrongSigner { index, .. }
-                | VerifyError::Chain { index, .. }
-                | VerifyError::Apply { index, .. }
-                | VerifyError::Invariant { index, .. } => *index,
-                _ => 0,
-            };
-            let id = records.get(index as usize).map(|r| r.id.clone());
-            return Ok(json!({
-                "ok": false,
-                "events": records.len(),
-                "error": { "seq": index, "id": id, "message": e.to_string() },
-            }));
+        head = Some(stardust_ledger::link(&last.record));
+        for r in &page {
+            // Rows out of sequence (a deleted or inserted row) break the chain too.
+            let expected = replay.len();
+            if r.seq != expected {
+                return Ok(failed(
+                    expected,
+                    Some(r.id.clone()),
+                    format!(
+                        "event {} is stored at position {}, expected {expected}",
+                        r.id, r.seq
+                    ),
+                ));
+            }
+            if let Err(e) = replay.push(&r.record) {
+                return named(store, &e, &failed).await;
+            }
+            if let Ok((e, _)) = stardust_ledger::open(&r.record) {
+                match e.reason {
+                    Reason::Settle { task } => {
+                        tasks_paid.insert(task);
+                    }
+                    Reason::Slash { .. } => slashes += 1,
+                    _ => {}
+                }
+            }
         }
+    }
+    let ledger = match replay.finish() {
+        Ok(l) => l,
+        Err(e) => return named(store, &e, &failed).await,
     };
     // The stored balances must match the log.
     let stored = store.balances().await?;
@@ -159,7 +197,7 @@ pub async fn audit(store: &Store, domain: NodeId) -> anyhow::Result<Value> {
         if ledger.balance(*account) != *balance {
             return Ok(json!({
                 "ok": false,
-                "events": records.len(),
+                "events": events,
                 "error": { "seq": null, "id": null, "message": format!(
                     "stored balance of {} is {}, the log gives {}",
                     account.key(), balance, ledger.balance(*account)
@@ -172,22 +210,9 @@ pub async fn audit(store: &Store, domain: NodeId) -> anyhow::Result<Value> {
     if derived != stored_nonzero {
         return Ok(json!({
             "ok": false,
-            "events": records.len(),
+            "events": events,
             "error": { "seq": null, "id": null, "message": "stored balances are missing accounts the log has" },
         }));
-    }
-    let mut tasks_paid = std::collections::BTreeSet::new();
-    let mut slashes = 0u64;
-    for r in &records {
-        if let Ok((e, _)) = stardust_ledger::open(&r.record) {
-            match e.reason {
-                Reason::Settle { task } => {
-                    tasks_paid.insert(task);
-                }
-                Reason::Slash { .. } => slashes += 1,
-                _ => {}
-            }
-        }
     }
     let balances: serde_json::Map<String, Value> = ledger
         .balances()
@@ -202,8 +227,8 @@ pub async fn audit(store: &Store, domain: NodeId) -> anyhow::Result<Value> {
     };
     Ok(json!({
         "ok": true,
-        "events": records.len(),
-        "head": records.last().map(|r| stardust_ledger::link(&r.record)),
+        "events": events,
+        "head": head,
         "minted": ledger.minted() as i128,
         "accounts": derived,
         "escrow_held": sum(&|a| matches!(a, Account::Escrow(_))),

@@ -468,72 +468,206 @@ pub enum VerifyError {
 /// balance: each signed record must be signed by `domain`, each record must continue the
 /// chain (`seq`, `prev`), and the last must be signed (it vouches for the linked records
 /// before it). A broken link is blamed on the record whose bytes the next signature does not
-/// vouch for, so a changed linked record is named, not its successor.
+/// vouch for, so a changed linked record is named, not its successor. [`Replay`] does the
+/// same a record at a time.
 pub fn verify<'a>(
     domain: NodeId,
     records: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Ledger, VerifyError> {
-    let records: Vec<&[u8]> = records.into_iter().collect();
-    let mut ledger = Ledger::new();
-    let mut last: Option<(u64, bool)> = None;
-    for (index, record) in records.iter().enumerate() {
-        let index = index as u64;
+    let mut replay = Replay::new(domain);
+    for record in records {
+        replay.push(record)?;
+    }
+    replay.finish()
+}
+
+/// [`verify`], a record at a time: memory for the balances and, after a broken link, the
+/// records up to the next signature (to tell which one changed), not for the whole chain.
+#[derive(Debug)]
+pub struct Replay {
+    domain: NodeId,
+    ledger: Ledger,
+    /// Records pushed.
+    pushed: u64,
+    /// The last record and whether it was signed.
+    last: Option<(Vec<u8>, bool)>,
+    /// A link broke: the records from the one before the break, until a signature.
+    broken: Option<Broken>,
+    /// The error found; every later push answers it.
+    failed: Option<VerifyError>,
+}
+
+#[derive(Debug)]
+struct Broken {
+    /// Index of `records[0]` (the record before the break).
+    first: u64,
+    /// Index of the record that did not link.
+    at: u64,
+    /// Its event id.
+    id: String,
+    records: Vec<Vec<u8>>,
+}
+
+impl Replay {
+    /// An empty chain of `domain`'s.
+    pub fn new(domain: NodeId) -> Self {
+        Self {
+            domain,
+            ledger: Ledger::new(),
+            pushed: 0,
+            last: None,
+            broken: None,
+            failed: None,
+        }
+    }
+
+    /// Records pushed so far.
+    pub fn len(&self) -> u64 {
+        self.pushed
+    }
+
+    /// True before the first record.
+    pub fn is_empty(&self) -> bool {
+        self.pushed == 0
+    }
+
+    /// The next record. `Err` once the chain is known to be wrong (a broken link is known
+    /// at the next signed record, or at [`Replay::finish`]).
+    pub fn push(&mut self, record: &[u8]) -> Result<(), VerifyError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let index = self.pushed;
+        self.pushed += 1;
+        let result = self.step(index, record);
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    fn step(&mut self, index: u64, record: &[u8]) -> Result<(), VerifyError> {
+        if let Some(broken) = &mut self.broken {
+            broken.records.push(record.to_vec());
+            return match open(record) {
+                Ok((_, Some(s))) if s == self.domain => Err(self.blame()),
+                _ => Ok(()),
+            };
+        }
         let (event, signer) =
             open(record).map_err(|reason| VerifyError::Record { index, reason })?;
         if let Some(signer) = signer
-            && signer != domain
+            && signer != self.domain
         {
             return Err(VerifyError::WrongSigner { index, signer });
         }
-        if event.seq != ledger.seq {
+        if event.seq != self.ledger.seq {
             return Err(VerifyError::Chain {
                 index,
                 id: event.id,
             });
         }
-        if event.prev != ledger.head {
-            return Err(match blame(domain, &records, index as usize) {
-                Some(culprit) if culprit != index as usize => {
-                    let index = culprit as u64;
-                    let id = open(records[culprit]).map_or_else(|_| String::new(), |(e, _)| e.id);
-                    VerifyError::Chain { index, id }
-                }
-                _ => VerifyError::Chain {
-                    index,
-                    id: event.id,
-                },
+        if event.prev != self.ledger.head {
+            let before = self.last.take().map(|(r, _)| r);
+            self.broken = Some(Broken {
+                first: index.saturating_sub(1),
+                at: index,
+                id: event.id,
+                records: before.into_iter().chain([record.to_vec()]).collect(),
             });
+            return match signer {
+                Some(_) => Err(self.blame()),
+                None => Ok(()),
+            };
         }
-        ledger
+        self.ledger
             .apply(&event)
             .map_err(|source| VerifyError::Apply { index, source })?;
-        ledger
-            .check_invariants()
-            .map_err(|reason| VerifyError::Invariant { index, reason })?;
-        ledger.head = link(record);
-        last = Some((index, signer.is_some()));
-    }
-    match last {
-        Some((index, false)) => Err(VerifyError::Unsigned { index }),
-        _ => Ok(ledger),
-    }
-}
-
-/// Record `broken` continues the sequence but does not link to the record before it. Walks back from the next record
-/// signed by `domain`: each vouched-for `prev` must be the link of the record before; the
-/// first record that is not what its successor vouches for is the one changed. `None` when no
-/// signature follows (nothing to tell which of the two changed).
-fn blame(domain: NodeId, records: &[&[u8]], broken: usize) -> Option<usize> {
-    let signed = (broken..records.len())
-        .find(|&i| matches!(open(records[i]), Ok((_, Some(s))) if s == domain))?;
-    let mut vouched = open(records[signed]).ok()?.0.prev;
-    for k in (broken.saturating_sub(1)..signed).rev() {
-        if link(records[k]) != vouched {
-            return Some(k);
+        // The movement rules keep every invariant; checked on the accounts it touched (the
+        // whole ledger is checked at the end).
+        for account in [event.from, event.to] {
+            let balance = self.ledger.balance(account);
+            if balance < 0 && !account.may_go_negative() {
+                return Err(VerifyError::Invariant {
+                    index,
+                    reason: format!("{account:?} is negative: {balance}"),
+                });
+            }
         }
-        vouched = open(records[k]).ok()?.0.prev;
+        self.ledger.head = link(record);
+        self.last = Some((record.to_vec(), signer.is_some()));
+        Ok(())
     }
-    Some(broken)
+
+    /// The error of a broken link, once the records up to a signature (or the end) are in:
+    /// walking back from the signature, each vouched-for `prev` must be the link of the
+    /// record before; the first record that is not what its successor vouches for is the one
+    /// changed. Without a signature, the record that did not link is named.
+    fn blame(&self) -> VerifyError {
+        let Some(b) = &self.broken else {
+            return VerifyError::Invariant {
+                index: self.pushed,
+                reason: "no broken link to blame".into(),
+            };
+        };
+        let named = |k: usize| VerifyError::Chain {
+            index: b.first + k as u64,
+            id: open(&b.records[k]).map_or_else(|_| String::new(), |(e, _)| e.id),
+        };
+        let at = VerifyError::Chain {
+            index: b.at,
+            id: b.id.clone(),
+        };
+        let Some(signed) = b.records.len().checked_sub(1) else {
+            return at;
+        };
+        let Ok((mut vouched, Some(_))) = open(&b.records[signed]).map(|(e, s)| (e.prev, s)) else {
+            return at;
+        };
+        // The walk starts at the record before the break (absent when the break is the
+        // first record).
+        let lowest = usize::from(b.first == b.at);
+        for k in (lowest..signed).rev() {
+            if link(&b.records[k]) != vouched {
+                return if b.first + k as u64 == b.at {
+                    at
+                } else {
+                    named(k)
+                };
+            }
+            match open(&b.records[k]) {
+                Ok((e, _)) => vouched = e.prev,
+                Err(_) => return named(k),
+            }
+        }
+        at
+    }
+
+    /// The re-derived ledger, or what is wrong: a broken link no signature followed, a chain
+    /// that ends in a linked record, or an invariant.
+    pub fn finish(self) -> Result<Ledger, VerifyError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        if let Some(b) = &self.broken {
+            return Err(VerifyError::Chain {
+                index: b.at,
+                id: b.id.clone(),
+            });
+        }
+        if let Some((_, false)) = self.last {
+            return Err(VerifyError::Unsigned {
+                index: self.pushed - 1,
+            });
+        }
+        self.ledger
+            .check_invariants()
+            .map_err(|reason| VerifyError::Invariant {
+                index: self.pushed.saturating_sub(1),
+                reason,
+            })?;
+        Ok(self.ledger)
+    }
 }
 
 impl Ledger {

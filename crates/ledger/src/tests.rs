@@ -402,3 +402,41 @@ proptest! {
         prop_assert_eq!(paid, i128::from(split(1_000_003, 2).providers[0]) * crashes.len() as i128);
     }
 }
+
+#[test]
+fn replay_a_record_at_a_time_is_verify_and_knows_a_break_at_the_next_signature() {
+    let w = sample();
+    let mut replay = Replay::new(domain().id());
+    for r in &w.records {
+        replay.push(r).expect("valid record");
+    }
+    assert_eq!(replay.len(), w.records.len() as u64);
+    assert_eq!(replay.finish().expect("valid chain"), w.ledger);
+
+    // Record 2 (linked) changed: its own push and the next linked one's pass (nothing tells
+    // yet which changed), the signed record 5 names record 2, and so does every later call.
+    let mut records = w.records.clone();
+    let mut e: Event = serde_json::from_slice(&records[2]).expect("linked record is JSON");
+    e.amount -= 1;
+    records[2] = linked(&e);
+    let mut replay = Replay::new(domain().id());
+    for r in &records[..5] {
+        replay.push(r).expect("not known yet");
+    }
+    let err = replay
+        .push(&records[5])
+        .expect_err("known at the signature");
+    assert!(matches!(err, VerifyError::Chain { index: 2, .. }), "{err}");
+    assert_eq!(replay.push(&records[6]).expect_err("stays failed"), err);
+    assert_eq!(replay.finish().expect_err("failed"), err);
+
+    // A break that no signature follows names the record that did not link.
+    let mut replay = Replay::new(domain().id());
+    for r in &records[..4] {
+        replay.push(r).expect("not known yet");
+    }
+    assert!(matches!(
+        replay.finish(),
+        Err(VerifyError::Chain { index: 3, .. })
+    ));
+}
