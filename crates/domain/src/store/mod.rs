@@ -792,10 +792,13 @@ impl Store {
         let job: i64 = row.try_get("id")?;
         // Many rows a statement (a statement is a round trip to the database): a sweep of
         // 20,000 tasks was 20,000 inserts.
-        let mut ids: HashMap<i64, i64> = HashMap::with_capacity(trials.len());
+        // The dispatcher is told a small job's tasks (it reads a large one's).
+        let tell = trials.len() <= MAX_CREATED;
+        let returning = if tell { " RETURNING id, idx" } else { "" };
+        let mut ids: HashMap<i64, i64> = HashMap::new();
         for rows in trials.chunks(rows_per_statement(8)) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) VALUES {} RETURNING id, idx",
+                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) VALUES {}{returning}",
                 values(rows.len(), 8)
             )));
             for t in rows {
@@ -862,8 +865,8 @@ impl Store {
             }
             self.close_chain(&mut tx, chain).await?;
         }
-        let mut created = Vec::with_capacity(trials.len());
-        for t in trials {
+        let mut created = Vec::with_capacity(if tell { trials.len() } else { 0 });
+        for t in trials.iter().filter(|_| tell) {
             let id = ids
                 .get(&i64::from(t.index))
                 .ok_or_else(|| corrupt("task insert", "a task without its id"))?;
@@ -887,7 +890,11 @@ impl Store {
             });
         }
         tx.commit().await?;
-        self.tell_created(created);
+        if tell {
+            self.tell_created(created);
+        } else {
+            self.tell_pending_changed();
+        }
         Ok(job as JobId)
     }
 
