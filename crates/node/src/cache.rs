@@ -12,6 +12,8 @@
 //! [`RESCAN_AFTER`] when blobs are fetched.
 
 use std::path::{Path, PathBuf};
+
+use stardust_proto::content::ContentId;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -132,6 +134,54 @@ impl Budget {
     }
 }
 
+/// Blobs kept in memory at most, bytes.
+pub(crate) const HOT_BYTES: usize = 64 << 20;
+
+/// Larger blobs are not kept in memory.
+pub(crate) const HOT_BLOB_MAX: usize = 4 << 20;
+
+/// Blobs used lately, in memory, bounded by [`HOT_BYTES`]; the least recently used go
+/// first.
+#[derive(Debug, Default)]
+pub(crate) struct Hot {
+    blobs: std::collections::HashMap<ContentId, (std::sync::Arc<[u8]>, u64)>,
+    bytes: usize,
+    clock: u64,
+}
+
+impl Hot {
+    pub fn get(&mut self, id: &ContentId) -> Option<std::sync::Arc<[u8]>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.blobs.get_mut(id).map(|(b, used)| {
+            *used = clock;
+            b.clone()
+        })
+    }
+
+    pub fn put(&mut self, id: ContentId, bytes: std::sync::Arc<[u8]>) {
+        if bytes.len() > HOT_BLOB_MAX || self.blobs.contains_key(&id) {
+            return;
+        }
+        while self.bytes + bytes.len() > HOT_BYTES {
+            let Some(oldest) = self
+                .blobs
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            if let Some((b, _)) = self.blobs.remove(&oldest) {
+                self.bytes -= b.len();
+            }
+        }
+        self.clock += 1;
+        self.bytes += bytes.len();
+        self.blobs.insert(id, (bytes, self.clock));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +239,34 @@ mod tests {
         let budget = Budget::new(vec![tmp.path().to_path_buf()], 2000);
         assert_eq!(budget.used(), 1000);
         assert!(tmp.path().join("f2").exists(), "the newest stays");
+    }
+
+    #[test]
+    fn hot_blobs_stay_within_their_bytes_least_recently_used_first() {
+        let mut hot = Hot::default();
+        let blob = |i: u8| -> (ContentId, std::sync::Arc<[u8]>) {
+            let bytes = vec![i; HOT_BLOB_MAX];
+            (ContentId::of(&bytes), bytes.into())
+        };
+        let first = blob(0);
+        hot.put(first.0, first.1.clone());
+        let n = HOT_BYTES / HOT_BLOB_MAX;
+        for i in 1..n as u8 {
+            let (id, b) = blob(i);
+            hot.put(id, b);
+        }
+        // Full: the first is used again, so the second is the one to go.
+        assert!(hot.get(&first.0).is_some());
+        let (id, b) = blob(200);
+        hot.put(id, b);
+        assert!(hot.bytes <= HOT_BYTES);
+        assert!(hot.get(&first.0).is_some(), "used lately: kept");
+        assert!(hot.get(&blob(1).0).is_none(), "least recently used: gone");
+        assert!(hot.get(&id).is_some());
+        // Too large for memory: not kept.
+        let big = vec![9u8; HOT_BLOB_MAX + 1];
+        let big_id = ContentId::of(&big);
+        hot.put(big_id, big.into());
+        assert!(hot.get(&big_id).is_none());
     }
 }

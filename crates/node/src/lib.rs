@@ -145,6 +145,8 @@ struct Shared {
     draining: AtomicBool,
     /// The disk budget of the blob and module caches.
     cache: cache::Budget,
+    /// Blobs used lately, in memory (a task's input is often every task's input).
+    hot: std::sync::Mutex<cache::Hot>,
 }
 
 impl Shared {
@@ -230,6 +232,7 @@ pub async fn run(
         paused_since: std::sync::Mutex::new(None),
         draining: AtomicBool::new(false),
         cache,
+        hot: std::sync::Mutex::new(cache::Hot::default()),
     });
     let mut workers = Vec::new();
     for slot in 0..shared.config.slots {
@@ -639,8 +642,22 @@ async fn worker(shared: Arc<Shared>, slot: u32) {
     }
 }
 
-/// Fetches a blob through the local cache, retrying while the domain is unreachable.
-async fn fetch(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Vec<u8>> {
+/// Fetches a blob through the caches (memory, then disk), retrying while the domain is
+/// unreachable.
+async fn fetch(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Arc<[u8]>> {
+    if let Some(bytes) = shared.hot.lock().ok().and_then(|mut h| h.get(&id)) {
+        return Some(bytes);
+    }
+    let bytes = fetch_cold(shared, id, lease).await?;
+    let bytes: Arc<[u8]> = Arc::from(bytes);
+    if let Ok(mut h) = shared.hot.lock() {
+        h.put(id, bytes.clone());
+    }
+    Some(bytes)
+}
+
+/// Fetches a blob through the disk cache, retrying while the domain is unreachable.
+async fn fetch_cold(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Vec<u8>> {
     let path = shared.config.data_dir.join("blobs").join(id.to_hex());
     if let Ok(bytes) = tokio::fs::read(&path).await
         && id.matches(&bytes)
@@ -678,18 +695,25 @@ async fn fetch(shared: &Shared, id: ContentId, lease: LeaseId) -> Option<Vec<u8>
 
 /// Runs one assignment; `None` when it cannot produce a result (cancelled, blobs missing).
 async fn execute(shared: &Arc<Shared>, a: &Assignment) -> Option<TaskResult> {
-    let module = fetch(shared, a.spec.module, a.lease).await?;
+    // A module loaded already is run by its id: its bytes are neither read nor hashed again.
+    let module = match shared.sandbox.loaded(&a.spec.module) {
+        Some(prepared) => Ok(prepared),
+        None => Err(fetch(shared, a.spec.module, a.lease).await?),
+    };
     let input = fetch(shared, a.spec.input, a.lease).await?;
     let shared2 = shared.clone();
     let spec = a.spec.clone();
     let out = tokio::task::spawn_blocking(move || {
         let task = Task {
-            input: Arc::from(input),
+            input,
             args: &spec.args,
             seed: spec.seed,
             limits: spec.limits,
         };
-        shared2.sandbox.run_bytes(&module, &task)
+        match &module {
+            Ok(prepared) => shared2.sandbox.run(prepared, &task),
+            Err(bytes) => shared2.sandbox.run_bytes(bytes, &task),
+        }
     })
     .await
     .ok()?;

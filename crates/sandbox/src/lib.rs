@@ -335,6 +335,12 @@ impl Sandbox {
         &self.config
     }
 
+    /// The module with metered id `id`, if it is loaded already (no bytes needed: a node
+    /// that knows a task's module id skips reading and hashing the module for every task).
+    pub fn loaded(&self, id: &ContentId) -> Option<Prepared> {
+        self.cache.lock().ok().and_then(|mut c| c.get(id))
+    }
+
     /// Compiles (or fetches from the cache) a metered module and checks its imports and
     /// exports.
     pub fn load(&self, metered: &[u8]) -> Result<Prepared, LoadError> {
