@@ -298,6 +298,12 @@ const MAX_QUEUED_PER_SLOT: usize = 64;
 /// Results in one frame at most.
 const MAX_RESULTS_PER_FRAME: usize = 256;
 
+/// Results a frame waits for while the node still has work running or queued...
+const GATHER_RESULTS: usize = 8;
+
+/// ...for this long at most after the first of them was ready.
+const GATHER_FOR: Duration = Duration::from_millis(1);
+
 /// Inline output bytes in one result frame at most.
 const MAX_INLINE_PER_FRAME: usize = 4 * 1024 * 1024;
 
@@ -419,6 +425,8 @@ async fn session(
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
     let mut seq = 0u64;
     let mut told_draining = false;
+    // Since when results wait to be sent.
+    let mut gathering: Option<Instant> = None;
     let mut drain_started: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
@@ -464,6 +472,20 @@ async fn session(
                 .collect()
         };
         if !batch.is_empty() {
+            // Under load (tasks still running or queued), a frame waits a moment for more
+            // results: fewer, fuller frames, each one signature to make and one to check.
+            let waited = *gathering.get_or_insert_with(Instant::now);
+            if batch.len() < GATHER_RESULTS
+                && waited.elapsed() < GATHER_FOR
+                && shared.busy().await > 0
+            {
+                tokio::select! {
+                    () = shared.results.notified() => {}
+                    () = tokio::time::sleep(GATHER_FOR.saturating_sub(waited.elapsed())) => {}
+                }
+                continue;
+            }
+            gathering = None;
             let now = Instant::now();
             sent.extend(batch.iter().map(|r| (r.lease, now)));
             let frame = encode(&shared.identity, &ResultBatch { results: batch });
