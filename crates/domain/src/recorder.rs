@@ -120,10 +120,12 @@ async fn record(shared: &Shared, frames: Vec<Filed>) -> Result<(), Vec<Filed>> {
     match outcomes {
         Ok(outcomes) => {
             let mut outcomes = outcomes.into_iter();
+            let mut acks = Acks::new();
             for f in frames {
                 let mine: Vec<Outcome> = outcomes.by_ref().take(f.results.len()).collect();
-                answer(shared, f, mine).await;
+                answer(shared, f, mine, &mut acks).await;
             }
+            send_acks(shared, acks);
             Ok(())
         }
         Err(e) => {
@@ -147,9 +149,28 @@ fn fail(shared: &Shared, frames: Vec<Filed>) {
     }
 }
 
-/// Answers one frame: updates the node's session, metrics and judged records, then sends
-/// `ack` for every result recorded or refused and `reject` for the refused ones.
-pub(crate) async fn answer(shared: &Shared, frame: Filed, outcomes: Vec<Outcome>) {
+/// The leases to acknowledge on each session (by its outbox): one `ack` frame per session
+/// for a whole batch (each frame is a signature to make and one to check).
+pub(crate) type Acks = Vec<(mpsc::Sender<Vec<u8>>, Vec<LeaseId>)>;
+
+/// Sends each node one `ack` for the leases gathered in `acks`.
+pub(crate) fn send_acks(shared: &Shared, acks: Acks) {
+    let mut any = false;
+    for (outbox, leases) in acks {
+        if leases.is_empty() {
+            continue;
+        }
+        any = true;
+        let _ = outbox.try_send(encode(&shared.identity, &DomainMessage::Ack { leases }));
+    }
+    if any {
+        shared.wake.notify_one();
+    }
+}
+
+/// Answers one frame: updates the node's session, metrics and judged records, adds to
+/// `acks` every result recorded or refused, and sends `reject` for the refused ones.
+pub(crate) async fn answer(shared: &Shared, frame: Filed, outcomes: Vec<Outcome>, acks: &mut Acks) {
     let now = now_ms();
     let Filed {
         node,
@@ -222,11 +243,10 @@ pub(crate) async fn answer(shared: &Shared, frame: Filed, outcomes: Vec<Outcome>
     let mut acked = done;
     acked.extend(refused.iter().map(|(l, _)| *l));
     if !acked.is_empty() {
-        let _ = outbox.try_send(encode(
-            &shared.identity,
-            &DomainMessage::Ack { leases: acked },
-        ));
-        shared.wake.notify_one();
+        match acks.iter_mut().find(|(o, _)| o.same_channel(&outbox)) {
+            Some((_, leases)) => leases.extend(acked),
+            None => acks.push((outbox.clone(), acked)),
+        }
     }
     if !refused.is_empty() {
         let detail = refused

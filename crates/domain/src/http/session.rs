@@ -384,7 +384,9 @@ async fn results(
         outbox: outbox.clone(),
     };
     if filed.results.is_empty() {
-        crate::recorder::answer(shared, filed, Vec::new()).await;
+        let mut acks = crate::recorder::Acks::new();
+        crate::recorder::answer(shared, filed, Vec::new(), &mut acks).await;
+        crate::recorder::send_acks(shared, acks);
         return Ok(());
     }
     shared
