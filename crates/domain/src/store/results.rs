@@ -299,13 +299,7 @@ impl Store {
 
         if !report.status.is_deterministic() {
             // Not a vote: the attempt failed; lease the replica again, or give up.
-            sqlx::query("UPDATE leases SET state = 'failed', report = $1, frame = $2, finished_ms = $3 WHERE id = $4")
-                .bind(to_json(report))
-                .bind(&frame)
-                .bind(now)
-                .bind(id_i64(lease))
-                .execute(&mut **tx)
-                .await?;
+            Self::finish_lease(tx, lease, "failed", report, &frame, now).await?;
             let reason = format!("attempt failed: {}", report.status);
             return Ok(Self::failed_attempt(
                 tx,
@@ -325,13 +319,7 @@ impl Store {
             single_report = Some(json.clone());
             batch.done.push((id_i64(lease), json, frame));
         } else {
-            sqlx::query("UPDATE leases SET state = 'done', report = $1, frame = $2, finished_ms = $3 WHERE id = $4")
-                .bind(to_json(report))
-                .bind(&frame)
-                .bind(now)
-                .bind(id_i64(lease))
-                .execute(&mut **tx)
-                .await?;
+            Self::finish_lease(tx, lease, "done", report, &frame, now).await?;
         }
         let mut votes = Vec::new();
         let mut reports = Vec::new();
@@ -456,6 +444,29 @@ impl Store {
                 Recorded::Failed(reason)
             }
         })
+    }
+
+    /// Ends a lease with its result: `state` (`done` or `failed`), the report, and the frame
+    /// that carried it.
+    async fn finish_lease(
+        tx: &mut Tx,
+        lease: LeaseId,
+        state: &str,
+        report: &RunReport,
+        frame: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE leases SET state = $1, report = $2, frame = $3, finished_ms = $4 WHERE id = $5",
+        )
+        .bind(state)
+        .bind(to_json(report))
+        .bind(frame)
+        .bind(now)
+        .bind(id_i64(lease))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     /// Writes the held single-replica updates (leases done, tasks verified) as set
@@ -776,16 +787,7 @@ impl Store {
         } else {
             ("done", Some(Outcome::SpotFailed))
         };
-        sqlx::query(
-            "UPDATE leases SET state = $1, report = $2, frame = $3, finished_ms = $4 WHERE id = $5",
-        )
-        .bind(state)
-        .bind(to_json(report))
-        .bind(frame)
-        .bind(now)
-        .bind(id_i64(lease))
-        .execute(&mut **tx)
-        .await?;
+        Self::finish_lease(tx, lease, state, report, frame, now).await?;
         let Some(outcome) = outcome else {
             return Ok(Recorded::Stored);
         };
