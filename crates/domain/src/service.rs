@@ -1044,9 +1044,12 @@ mod tests {
         cache.add(vec![pending(401, 2)]);
         cache.add(vec![pending(501, 0)]);
         assert_eq!(order(&cache), vec![401, 101, 102, 301, 302, 201, 501]);
-        // What a round took and did not serve goes back in front, in order.
-        let taken: Vec<PendingTask> = cache.tasks.drain(..3).collect();
-        cache.put_back(taken.into_iter().skip(1).collect());
+        // What a round took and did not serve goes back in front, in order (the first of
+        // the three taken was served).
+        let mut unserved: Vec<PendingTask> = cache.tasks.drain(..3).collect();
+        let served = unserved.remove(0);
+        assert_eq!(served.spec.task, 401);
+        cache.put_back(unserved);
         assert_eq!(order(&cache), vec![101, 102, 301, 302, 201, 501]);
         cache.forget();
         assert!(cache.tasks.is_empty() && !cache.complete && cache.read_at.is_none());

@@ -140,8 +140,12 @@ pub(crate) const HOT_BYTES: usize = 64 << 20;
 /// Larger blobs are not kept in memory.
 pub(crate) const HOT_BLOB_MAX: usize = 4 << 20;
 
-/// Blobs used lately, in memory, bounded by [`HOT_BYTES`]; the least recently used go
-/// first.
+/// Blobs kept in memory at most, in number: eviction looks over all of them, so a sweep of
+/// many small distinct inputs does not make every task scan thousands.
+pub(crate) const HOT_ENTRIES: usize = 1024;
+
+/// Blobs used lately, in memory, bounded by [`HOT_BYTES`] and [`HOT_ENTRIES`]; the least
+/// recently used go first.
 #[derive(Debug, Default)]
 pub(crate) struct Hot {
     blobs: std::collections::HashMap<ContentId, (std::sync::Arc<[u8]>, u64)>,
@@ -163,7 +167,7 @@ impl Hot {
         if bytes.len() > HOT_BLOB_MAX || self.blobs.contains_key(&id) {
             return;
         }
-        while self.bytes + bytes.len() > HOT_BYTES {
+        while self.bytes + bytes.len() > HOT_BYTES || self.blobs.len() >= HOT_ENTRIES {
             let Some(oldest) = self
                 .blobs
                 .iter()
@@ -268,5 +272,21 @@ mod tests {
         let big_id = ContentId::of(&big);
         hot.put(big_id, big.into());
         assert!(hot.get(&big_id).is_none());
+    }
+
+    #[test]
+    fn hot_blobs_stay_within_their_count() {
+        let mut hot = Hot::default();
+        let ids: Vec<ContentId> = (0..HOT_ENTRIES + 10)
+            .map(|i| {
+                let bytes = (i as u64).to_le_bytes().to_vec();
+                let id = ContentId::of(&bytes);
+                hot.put(id, bytes.into());
+                id
+            })
+            .collect();
+        assert_eq!(hot.blobs.len(), HOT_ENTRIES);
+        assert!(hot.get(&ids[0]).is_none(), "the oldest went first");
+        assert!(hot.get(&ids[HOT_ENTRIES + 9]).is_some());
     }
 }
