@@ -19,6 +19,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
+use super::script::Script;
+
 /// The store's connections.
 #[derive(Clone)]
 pub(crate) enum Db {
@@ -137,6 +139,21 @@ impl Tx {
     /// Commits.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+        self.open = false;
+        if let Conn::One(_, one) = &self.conn {
+            one.wrote.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Runs `script`'s writes and commits: on SQLite in one trip when its last statements
+    /// were joined.
+    pub async fn commit_with(mut self, mut script: Script) -> Result<(), sqlx::Error> {
+        if !script.append_commit() {
+            script.run(&mut self).await?;
+            return self.commit().await;
+        }
+        script.run(&mut self).await?;
         self.open = false;
         if let Conn::One(_, one) = &self.conn {
             one.wrote.notify_one();

@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sqlx::Row;
+
+use super::script::Script;
 use stardust_ledger::Account;
 use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
@@ -235,23 +237,24 @@ impl Store {
                     .ok_or_else(|| super::corrupt("lease insert", "fewer ids than leases"))?;
             }
         }
-        Self::write_tasks(&mut tx, &open).await?;
+        // The writes left, with the commit: one trip on SQLite.
+        let mut script = Script::new(self.backend);
+        Self::write_tasks(&mut script, &open);
         let jobs: BTreeSet<i64> = new
             .iter()
             .filter_map(|(task, _)| open.get(task).map(|t| t.job))
             .collect();
         let jobs: Vec<i64> = jobs.into_iter().collect();
         for chunk in jobs.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = script.push(&format!(
                 "UPDATE jobs SET state = 'running' WHERE state = 'queued' AND id IN ({})",
                 in_list(1, padded(chunk.len(), IDS_PER_QUERY))
-            )));
+            ));
             for j in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*j);
             }
-            q.execute(&mut *tx).await?;
         }
-        tx.commit().await?;
+        tx.commit_with(script).await?;
         Ok(outcomes)
     }
 
@@ -434,8 +437,9 @@ impl Store {
             .collect()
     }
 
-    /// Writes the tasks whose replication or state changed, grouped by their new values.
-    async fn write_tasks(tx: &mut Tx, open: &HashMap<i64, Open>) -> Result<()> {
+    /// Queues the writes of the tasks whose replication or state changed, grouped by their
+    /// new values.
+    fn write_tasks(script: &mut Script, open: &HashMap<i64, Open>) {
         let mut groups: BTreeMap<(i64, &str), Vec<i64>> = BTreeMap::new();
         for (id, t) in open {
             if t.changed {
@@ -447,17 +451,17 @@ impl Store {
         }
         for ((replicas, state), ids) in groups {
             for chunk in ids.chunks(IDS_PER_QUERY) {
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE tasks SET replicas = $1, state = $2 WHERE id IN ({})",
-                    in_list(3, padded(chunk.len(), IDS_PER_QUERY))
-                )));
-                q = q.bind(replicas).bind(state);
+                let mut q = script
+                    .push(&format!(
+                        "UPDATE tasks SET replicas = $1, state = $2 WHERE id IN ({})",
+                        in_list(3, padded(chunk.len(), IDS_PER_QUERY))
+                    ))
+                    .bind(replicas)
+                    .bind(state);
                 for id in pad(chunk, IDS_PER_QUERY) {
                     q = q.bind(*id);
                 }
-                q.execute(&mut **tx).await?;
             }
         }
-        Ok(())
     }
 }

@@ -15,6 +15,7 @@ use sqlx::Row;
 use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
 use stardust_proto::identity::NodeId;
 
+use super::script::Script;
 use super::{Backend, Result, Store, StoreError, corrupt, id_i64, padded, values};
 
 /// One movement to write.
@@ -204,7 +205,16 @@ impl Store {
     /// others: one signature per transaction, not per movement), and writes them
     /// (multi-row inserts), the balance changes (one upsert per account touched) and the head
     /// back; call once before committing `tx`.
-    pub(crate) async fn close_chain(&self, tx: &mut Tx, mut chain: Chain) -> Result<()> {
+    pub(crate) async fn close_chain(&self, tx: &mut Tx, chain: Chain) -> Result<()> {
+        let mut script = Script::new(self.backend);
+        self.write_chain(&mut script, chain)?;
+        script.run(tx).await?;
+        Ok(())
+    }
+
+    /// [`Store::close_chain`]'s writes, queued on `script`: nothing may read the ledger, the
+    /// balances or the head in the transaction before the script runs.
+    pub(crate) fn write_chain(&self, script: &mut Script, mut chain: Chain) -> Result<()> {
         let signer = self.signer.as_ref().ok_or(StoreError::NoSigner)?;
         let last = chain.events.len().saturating_sub(1);
         let mut records = Vec::with_capacity(chain.events.len());
@@ -225,12 +235,12 @@ impl Store {
         {
             // Padded with rows of NULLs, left out by the `WHERE` (see `padded`).
             let n = padded(events.len(), RECORDS_PER_INSERT);
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = script.push(&format!(
                 "WITH v (seq, id, record, at_ms) AS (VALUES {})
                  INSERT INTO ledger (seq, id, record, at_ms)
                  SELECT seq, id, record, at_ms FROM v WHERE id IS NOT NULL",
                 values(n, 4)
-            )));
+            ));
             for (event, record) in events.iter().zip(records) {
                 q = q
                     .bind(Some(id_i64(event.seq)))
@@ -245,7 +255,6 @@ impl Store {
                     .bind(None::<&[u8]>)
                     .bind(None::<i64>);
             }
-            q.execute(&mut **tx).await?;
         }
         // Each account once, in account order (PostgreSQL locks the rows in that order).
         let mut changes = Vec::with_capacity(chain.deltas.len());
@@ -256,24 +265,22 @@ impl Store {
             }
         }
         for rows in changes.chunks(BALANCES_PER_UPSERT) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = script.push(&format!(
                 "INSERT INTO balances (account, amount) VALUES {}
                  ON CONFLICT (account) DO UPDATE SET amount = balances.amount + excluded.amount",
                 values(rows.len(), 2)
-            )));
+            ));
             for (account, delta) in rows {
                 q = q.bind(account.as_str()).bind(*delta);
             }
-            q.execute(&mut **tx).await?;
         }
-        sqlx::query(
-            "UPDATE ledger_head SET seq = $1, head = $2, compute_micro_scu = $3 WHERE one = 1",
-        )
-        .bind(id_i64(chain.seq))
-        .bind(&chain.head)
-        .bind(id_i64(chain.compute_micro_scu))
-        .execute(&mut **tx)
-        .await?;
+        script
+            .push(
+                "UPDATE ledger_head SET seq = $1, head = $2, compute_micro_scu = $3 WHERE one = 1",
+            )
+            .bind(id_i64(chain.seq))
+            .bind(chain.head.as_str())
+            .bind(id_i64(chain.compute_micro_scu));
         Ok(())
     }
 

@@ -14,6 +14,7 @@ mod leases;
 mod ledger;
 mod results;
 pub mod schema;
+mod script;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -823,6 +824,8 @@ impl Store {
             price,
         );
         let welcome = self.economy.welcome;
+        // The ledger's writes, with the commit: one trip on SQLite.
+        let mut script = script::Script::new(self.backend);
         if maximum > 0 || welcome > 0 {
             let mut chain = self.chain(&mut tx).await?;
             let submitter = Account::Submitter(owner);
@@ -850,8 +853,9 @@ impl Store {
                     amount: maximum,
                     reason: Reason::Escrow { job: job as JobId },
                 };
+                // The job's id is new (never reused): so is its escrow's.
                 if self
-                    .post(&mut tx, &mut chain, escrow, now, false)
+                    .post(&mut tx, &mut chain, escrow, now, true)
                     .await?
                     .is_err()
                 {
@@ -863,7 +867,7 @@ impl Store {
                     });
                 }
             }
-            self.close_chain(&mut tx, chain).await?;
+            self.write_chain(&mut script, chain)?;
         }
         let mut created = Vec::with_capacity(if tell { trials.len() } else { 0 });
         for t in trials.iter().filter(|_| tell) {
@@ -889,7 +893,7 @@ impl Store {
                 priority,
             });
         }
-        tx.commit().await?;
+        tx.commit_with(script).await?;
         if tell {
             self.tell_created(created);
         } else {

@@ -25,6 +25,7 @@ use stardust_scheduler::quorum::{self, Decision};
 use stardust_scheduler::reputation::{Outcome, Record};
 
 use super::ledger::{Chain, Post};
+use super::script::Script;
 use super::{
     Backend, RecordError, Recorded, Result, Retry, Store, Submitted, corrupt, id_i64, in_list,
     json, pad, padded, parse, terms, to_json, values,
@@ -42,8 +43,9 @@ const JUDGED_PER_UPDATE: usize = super::rows_per_statement(8);
 const FRAMES_PER_INSERT: usize = super::rows_per_statement(3);
 
 /// What a batch's results share until it closes.
-#[derive(Default)]
 struct Batch<'a> {
+    /// Writes queued until the next read that needs them, or the commit.
+    script: Script,
     /// The ledger chain, opened (its head locked) at the batch's first movement.
     chain: Option<Chain>,
     /// Judged nodes: the record as it stands now, and the counters to add.
@@ -66,6 +68,24 @@ struct Batch<'a> {
     /// statements ([`Store::flush`]) before anything reads those rows.
     done: Vec<(i64, String, String)>,
     verified: Vec<(i64, String, i64, String)>,
+}
+
+impl Batch<'_> {
+    fn new(backend: Backend) -> Self {
+        Self {
+            script: Script::new(backend),
+            chain: None,
+            judged: BTreeMap::new(),
+            jobs: BTreeSet::new(),
+            terms: HashMap::new(),
+            outputs: HashMap::new(),
+            frames: HashMap::new(),
+            leases: HashMap::new(),
+            touched: HashSet::new(),
+            done: Vec::new(),
+            verified: Vec::new(),
+        }
+    }
 }
 
 /// A lease with what recording its result needs of its task.
@@ -147,7 +167,7 @@ impl Store {
     ) -> Result<Vec<std::result::Result<Recorded, RecordError>>> {
         let mut tx = self.db.begin().await?;
         self.lock_batch(&mut tx, results).await?;
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(self.backend);
         let ids: BTreeSet<i64> = results.iter().map(|r| id_i64(r.lease)).collect();
         let ids: Vec<i64> = ids.into_iter().collect();
         for chunk in ids.chunks(IDS_PER_QUERY) {
@@ -171,8 +191,8 @@ impl Store {
                 outcome => out.push(outcome),
             }
         }
-        let ended = self.close_batch(&mut tx, batch, now).await?;
-        tx.commit().await?;
+        let (ended, script) = self.close_batch(&mut tx, batch, now).await?;
+        tx.commit_with(script).await?;
         // A failed attempt or a task wanting more replicas may be pending again.
         if out.iter().any(|o| {
             matches!(
@@ -469,35 +489,42 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the held single-replica updates (leases done, tasks verified) as set
-    /// statements (one row fewer than a statement's share, for the time bound last).
+    /// Writes the held single-replica updates and anything else queued, before a read.
     async fn flush(&self, tx: &mut Tx, batch: &mut Batch<'_>, now: i64) -> Result<()> {
+        Self::queue_held(batch, now);
+        batch.script.run(tx).await?;
+        Ok(())
+    }
+
+    /// Queues the held single-replica updates (leases done, tasks verified) as set
+    /// statements (one row fewer than a statement's share, for the time bound last).
+    fn queue_held(batch: &mut Batch<'_>, now: i64) {
         const DONE_ROWS: usize = super::rows_per_statement(3) - 1;
         const VERIFIED_ROWS: usize = super::rows_per_statement(4) - 1;
         for rows in batch.done.chunks(DONE_ROWS) {
             let n = padded(rows.len(), DONE_ROWS);
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = batch.script.push(&format!(
                 "WITH v (id, report, frame) AS (VALUES {})
                  UPDATE leases SET state = 'done', report = v.report, frame = v.frame, finished_ms = ${}
                  FROM v WHERE leases.id = v.id",
                 values(n, 3),
                 n * 3 + 1
-            )));
+            ));
             for (id, report, frame) in pad(rows, DONE_ROWS) {
                 q = q.bind(*id).bind(report.as_str()).bind(frame.as_str());
             }
-            q.bind(now).execute(&mut **tx).await?;
+            q.bind(now);
         }
         batch.done.clear();
         for rows in batch.verified.chunks(VERIFIED_ROWS) {
             let n = padded(rows.len(), VERIFIED_ROWS);
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = batch.script.push(&format!(
                 "WITH v (id, output, fuel, report) AS (VALUES {})
                  UPDATE tasks SET state = 'verified', output = v.output, fuel = v.fuel, report = v.report, finished_ms = ${}
                  FROM v WHERE tasks.id = v.id",
                 values(n, 4),
                 n * 4 + 1
-            )));
+            ));
             for (id, output, fuel, report) in pad(rows, VERIFIED_ROWS) {
                 q = q
                     .bind(*id)
@@ -505,41 +532,37 @@ impl Store {
                     .bind(*fuel)
                     .bind(report.as_str());
             }
-            q.bind(now).execute(&mut **tx).await?;
+            q.bind(now);
         }
         batch.verified.clear();
-        Ok(())
     }
 
-    /// Writes what the batch's results share: inline outputs, reputations (in node id
-    /// order), the ledger, then ends the jobs left with nothing open; returns those it ended.
-    async fn close_batch(&self, tx: &mut Tx, mut batch: Batch<'_>, now: i64) -> Result<Vec<i64>> {
-        self.flush(tx, &mut batch, now).await?;
-        let Batch {
-            chain,
-            judged,
-            jobs,
-            outputs,
-            frames,
-            ..
-        } = batch;
-        let frames: Vec<(ContentId, &[u8])> = frames.into_iter().collect();
+    /// Queues what the batch's results share: inline outputs, reputations (in node id
+    /// order), the ends of the jobs left with nothing open (with their refunds), then the
+    /// ledger. Returns the jobs it ended and the writes still to run, to commit with.
+    async fn close_batch(
+        &self,
+        tx: &mut Tx,
+        mut batch: Batch<'_>,
+        now: i64,
+    ) -> Result<(Vec<i64>, Script)> {
+        Self::queue_held(&mut batch, now);
+        let frames: Vec<(ContentId, &[u8])> = batch.frames.drain().collect();
         for rows in frames.chunks(FRAMES_PER_INSERT) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = batch.script.push(&format!(
                 "INSERT INTO frames (id, bytes, created_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
                 values(padded(rows.len(), FRAMES_PER_INSERT), 3)
-            )));
+            ));
             for (id, bytes) in pad(rows, FRAMES_PER_INSERT) {
                 q = q.bind(id.to_string()).bind(*bytes).bind(now);
             }
-            q.execute(&mut **tx).await?;
         }
-        let outputs: Vec<(ContentId, &[u8])> = outputs.into_iter().collect();
+        let outputs: Vec<(ContentId, &[u8])> = batch.outputs.drain().collect();
         for rows in outputs.chunks(OUTPUTS_PER_INSERT) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = batch.script.push(&format!(
                 "INSERT INTO blobs (id, bytes, size, created_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
                 values(padded(rows.len(), OUTPUTS_PER_INSERT), 4)
-            )));
+            ));
             for (id, bytes) in pad(rows, OUTPUTS_PER_INSERT) {
                 q = q
                     .bind(id.to_string())
@@ -547,19 +570,18 @@ impl Store {
                     .bind(bytes.len() as i64)
                     .bind(now);
             }
-            q.execute(&mut **tx).await?;
         }
         // One set statement for the judged nodes (in node id order).
-        let judged: Vec<(&NodeId, &Judged)> = judged.iter().collect();
+        let judged: Vec<(NodeId, Judged)> = std::mem::take(&mut batch.judged).into_iter().collect();
         for rows in judged.chunks(JUDGED_PER_UPDATE) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut q = batch.script.push(&format!(
                 "WITH v (id, good, bad, streak, agreed, disagreed, passed, failed) AS (VALUES {})
                  UPDATE nodes SET rep_good = v.good, rep_bad = v.bad, streak = v.streak,
                  agreed = nodes.agreed + v.agreed, disagreed = nodes.disagreed + v.disagreed,
                  spot_passed = nodes.spot_passed + v.passed, spot_failed = nodes.spot_failed + v.failed
                  FROM v WHERE nodes.id = v.id",
                 values(padded(rows.len(), JUDGED_PER_UPDATE), 8)
-            )));
+            ));
             for (node, j) in pad(rows, JUDGED_PER_UPDATE) {
                 q = q
                     .bind(node.to_string())
@@ -571,19 +593,83 @@ impl Store {
                     .bind(j.counts[2])
                     .bind(j.counts[3]);
             }
-            q.execute(&mut **tx).await?;
         }
-        if let Some(chain) = chain {
-            self.close_chain(tx, chain).await?;
-        }
-        // After the chain is written: a refund opens the chain again.
+        let jobs = std::mem::take(&mut batch.jobs);
         let mut ended = Vec::new();
-        for job in jobs {
-            if self.finish_job_if_done(tx, job, now).await? {
-                ended.push(job);
+        if !jobs.is_empty() {
+            // Whether a job is done reads its tasks' states: the writes so far go first.
+            batch.script.run(tx).await?;
+            for job in jobs {
+                if self.end_job_if_done(tx, &mut batch, job, now).await? {
+                    ended.push(job);
+                }
             }
         }
-        Ok(ended)
+        let mut script = batch.script;
+        if let Some(chain) = batch.chain {
+            self.write_chain(&mut script, chain)?;
+        }
+        Ok((ended, script))
+    }
+
+    /// Ends `job` when none of its tasks is pending or running — completed when one was
+    /// verified, failed otherwise — and refunds what is left of its escrow to its submitter
+    /// through the batch's chain; returns whether it ended it. Queued: the job's update.
+    async fn end_job_if_done(
+        &self,
+        tx: &mut Tx,
+        batch: &mut Batch<'_>,
+        job: i64,
+        now: i64,
+    ) -> Result<bool> {
+        // Existence, not counts: counting a large job's open tasks on every result made
+        // recording results O(n²) over the job. (On PostgreSQL the job's row is locked
+        // already: `lock_batch`.)
+        let row = sqlx::query(
+            "SELECT state, owner,
+             (SELECT 1 FROM tasks WHERE state IN ('pending', 'running') AND job_id = $1 LIMIT 1) AS open,
+             (SELECT 1 FROM tasks WHERE state = 'verified' AND job_id = $2 LIMIT 1) AS verified
+             FROM jobs WHERE id = $3",
+        )
+        .bind(job)
+        .bind(job)
+        .bind(job)
+        .fetch_one(&mut **tx)
+        .await?;
+        let state: String = row.try_get("state")?;
+        if !matches!(state.as_str(), "queued" | "running")
+            || row.try_get::<Option<i64>, _>("open")?.is_some()
+        {
+            return Ok(false);
+        }
+        let state = if row.try_get::<Option<i64>, _>("verified")?.is_some() {
+            "completed"
+        } else {
+            "failed"
+        };
+        batch
+            .script
+            .push("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3")
+            .bind(state)
+            .bind(now)
+            .bind(job);
+        let escrow = Account::Escrow(job as JobId);
+        let chain = self.batch_chain(tx, batch).await?;
+        let left = Self::balance_now(tx, chain, escrow).await?;
+        if left > 0 {
+            let owner: String = row.try_get("owner")?;
+            let post = Post {
+                id: format!("refund:{job}"),
+                from: escrow,
+                to: Account::Submitter(parse("job owner", &owner)?),
+                amount: u64::try_from(left).unwrap_or(u64::MAX),
+                reason: Reason::Refund { job: job as JobId },
+            };
+            // The job ends once, in this transaction (its row locked, or SQLite's one
+            // writer): its refund's id is new.
+            self.post_valid(tx, chain, post, now, true).await?;
+        }
+        Ok(true)
     }
 
     /// Updates a node's reputation record with `outcome` (written when the batch closes);

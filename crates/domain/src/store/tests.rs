@@ -1498,3 +1498,81 @@ fn placeholder_lists_are_numbered_in_order() {
     assert_eq!(values(2, 3), "($1, $2, $3), ($4, $5, $6)");
     assert_eq!(values(1, 1), "($1)");
 }
+
+// ---- scripts -----------------------------------------------------------------------------
+
+/// The blob ids stored, in order.
+async fn blob_ids(store: &Store) -> Vec<String> {
+    let rows = sqlx::query("SELECT id FROM blobs ORDER BY id")
+        .fetch_all(&mut *store.db.acquire().await.expect("conn"))
+        .await
+        .expect("blobs");
+    rows.iter().map(|r| r.try_get("id").expect("id")).collect()
+}
+
+#[tokio::test]
+async fn a_script_runs_its_writes_in_order_and_commits_or_leaves_nothing() {
+    for (store, _dir) in backends().await {
+        // Joined statements, one that cannot join (a value used twice) between them, then
+        // the commit in the same trip.
+        let mut script = script::Script::new(store.backend);
+        script
+            .push("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)")
+            .bind("a").bind(&b"1"[..]).bind(1_i64).bind(5_i64)
+            .bind("b").bind(&b"22"[..]).bind(2_i64).bind(5_i64);
+        script
+            .push("UPDATE blobs SET size = size + $1, created_ms = $1 WHERE id = $2")
+            .bind(10_i64)
+            .bind("b");
+        script
+            .push("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4)")
+            .bind("c")
+            .bind(&b"333"[..])
+            .bind(3_i64)
+            .bind(6_i64);
+        script.push("DELETE FROM blobs WHERE id = $1").bind("a");
+        let tx = store.db.begin().await.expect("begin");
+        tx.commit_with(script).await.expect("commit");
+        assert_eq!(blob_ids(&store).await, ["b", "c"], "{:?}", store.backend);
+        let b = sqlx::query("SELECT size, created_ms FROM blobs WHERE id = 'b'")
+            .fetch_one(&mut *store.db.acquire().await.expect("conn"))
+            .await
+            .expect("b");
+        assert_eq!(b.try_get::<i64, _>("size").expect("size"), 12);
+        assert_eq!(b.try_get::<i64, _>("created_ms").expect("ms"), 10);
+
+        // A statement that fails halfway (a duplicate id): nothing of the transaction stays,
+        // and the connection is usable after.
+        let mut script = script::Script::new(store.backend);
+        script.push("DELETE FROM blobs WHERE id = $1").bind("c");
+        script
+            .push("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4)")
+            .bind("b")
+            .bind(&b"x"[..])
+            .bind(1_i64)
+            .bind(7_i64);
+        script
+            .push("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4)")
+            .bind("d")
+            .bind(&b"x"[..])
+            .bind(1_i64)
+            .bind(7_i64);
+        let tx = store.db.begin().await.expect("begin");
+        assert!(tx.commit_with(script).await.is_err());
+        assert_eq!(blob_ids(&store).await, ["b", "c"], "{:?}", store.backend);
+
+        // Too few values bound: refused before anything runs.
+        let mut script = script::Script::new(store.backend);
+        script
+            .push("DELETE FROM blobs WHERE id = $1 OR id = $2")
+            .bind("c");
+        let mut tx = store.db.begin().await.expect("begin");
+        let err = script.run(&mut tx).await.expect_err("refused");
+        assert!(
+            err.to_string().contains("1 values to 2 placeholders"),
+            "{err}"
+        );
+        drop(tx);
+        assert_eq!(blob_ids(&store).await, ["b", "c"], "{:?}", store.backend);
+    }
+}
