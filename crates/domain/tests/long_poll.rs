@@ -126,6 +126,82 @@ async fn a_status_request_waits_for_its_own_job_to_end_and_no_longer() {
     domain.shutdown().await;
 }
 
+/// `POST /v1/jobs?wait_ms=N`: submission and the long poll in one request, answered with
+/// the job's results when it ends in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_may_wait_for_its_job_and_answer_with_its_results() {
+    let Running {
+        dir,
+        domain,
+        url,
+        client,
+        module,
+        input,
+    } = start(|_| {}).await;
+
+    // A wait beyond the limit refuses the submission: no job is made.
+    let before = client.submit(&spec(&module, &input)).await.expect("submit");
+    match client.submit_wait(&spec(&module, &input), 60_001).await {
+        Err(stardust_sdk::Error::Api { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (400, "invalid_wait"));
+        }
+        other => panic!("wait_ms 60001 must be refused: {other:?}"),
+    }
+    let next = client.submit(&spec(&module, &input)).await.expect("submit");
+    assert_eq!(next, before + 1, "the refused submission made a job");
+
+    // No node: answered when the wait is over, with the job as it is then and no results.
+    let held = Instant::now();
+    let a = client
+        .submit_wait(&spec(&module, &input), 150)
+        .await
+        .expect("submit and wait");
+    assert!(held.elapsed() >= Duration::from_millis(150), "{a}");
+    assert_eq!(a["job"]["state"], "queued", "{a}");
+    assert_eq!(a["job"]["job_id"], a["job_id"], "{a}");
+    assert!(a.get("results").is_none(), "{a}");
+
+    // With a node: answered when the job ends, with each task's verified output.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
+    c.slots = 2;
+    c.bench = false;
+    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let done = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.submit_wait(&spec(&module, &input), 30_000),
+    )
+    .await
+    .expect("answered when the job ends")
+    .expect("submit and wait");
+    assert_eq!(done["job"]["state"], "completed", "{done}");
+    assert_eq!(done["job"]["tasks_verified"], 2, "{done}");
+    let results = done["results"].as_array().expect("results");
+    let mut texts: Vec<&str> = results
+        .iter()
+        .map(|r| r["output_text"].as_str().expect("inline output"))
+        .collect();
+    texts.sort_unstable();
+    assert_eq!(
+        texts,
+        [
+            "hello from task with 1 args: 1\nX",
+            "hello from task with 1 args: 2\nX"
+        ],
+        "{done}"
+    );
+    // The same as asking for them afterwards.
+    let job = done["job_id"].as_u64().expect("job id");
+    assert_eq!(
+        client.results(job).await.expect("results")["results"],
+        done["results"]
+    );
+
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    domain.shutdown().await;
+}
+
 /// A key may hold a bounded number of status requests open; past it, a clear refusal, and
 /// each one answered frees its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,6 +264,16 @@ impl Client {
             .ok_or_else(|| Error::Decode(format!("no job_id in {v}")))
     }
 
+    /// `POST /v1/jobs?wait_ms=…`: submits a job and waits, in the same request, until it
+    /// ends or `wait_ms` milliseconds (at most 60,000) pass. The answer is the submission's
+    /// (`job_id`, `tasks`, …) with the job's status as `job` and, when the job ended and has
+    /// at most 64 tasks, its `results` as [`Client::results`] lists them (outputs inline).
+    pub async fn submit_wait(&self, spec: &JobSpec, wait_ms: u64) -> Result<Value, Error> {
+        let body = serde_json::to_vec(spec).map_err(|e| Error::Decode(e.to_string()))?;
+        self.json(Method::POST, &format!("/v1/jobs?wait_ms={wait_ms}"), body)
+            .await
+    }
+
     /// `POST /v1/quote`: the price per SCU now, the job's maximum cost (what submission
     /// holds in escrow) and the client's balance.
     pub async fn quote(&self, spec: &JobSpec) -> Result<Value, Error> {

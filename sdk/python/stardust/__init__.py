@@ -226,6 +226,17 @@ class Client:
         body = json.dumps(spec).encode()
         return int(self._json("POST", "/v1/jobs", body)["job_id"])
 
+    def run(self, spec: Union[Dict[str, Any], str, os.PathLike], wait_ms: int = 60_000) -> Dict[str, Any]:
+        """Submits a job and waits for it in the same request (``POST /v1/jobs?wait_ms=``):
+        the domain answers when the job ends or after ``wait_ms`` (at most 60000). Returns
+        the submission's answer (``job_id``, ...) with the job's status as ``job`` and, when
+        it ended with at most 64 tasks, its ``results`` as :meth:`results` lists them.
+        Accepts what :meth:`submit` accepts."""
+        if not isinstance(spec, dict):
+            spec = self._load_job_file(Path(spec))
+        body = json.dumps(spec).encode()
+        return self._json("POST", f"/v1/jobs?wait_ms={int(wait_ms)}", body)
+
     def quote(self, spec: Union[Dict[str, Any], str, os.PathLike]) -> Dict[str, Any]:
         """Prices a job now without submitting it: ``price_per_scu`` and ``max_cost`` (the
         escrow submission holds) in micro-credits, the demand factor, ``balance`` and

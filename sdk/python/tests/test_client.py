@@ -118,6 +118,13 @@ def test_a_small_job_end_to_end(domain):
     balances = client.account()
     assert 0 < 1000 * 10**6 - balances["submitter"] < quote["max_cost"]
     assert set(balances) == {"submitter", "operator", "author", "stake"}
+    # Submission and the wait in one request, answered with the results.
+    ran = client.run(tmp / "job.toml", wait_ms=60_000)
+    assert ran["job"]["state"] == "completed" and ran["job"]["job_id"] == ran["job_id"] != job
+    assert sorted(r["output_text"] for r in ran["results"]) == [r["output_text"] for r in results]
+    with pytest.raises(stardust.ApiError) as e:
+        client.run(tmp / "job.toml", wait_ms=60_001)
+    assert e.value.status == 400 and e.value.code == "invalid_wait"
 
 
 def test_an_unaffordable_job_is_refused_with_a_typed_error(domain):

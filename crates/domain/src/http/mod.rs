@@ -264,15 +264,38 @@ async fn get_blob(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
+/// `POST /v1/jobs` options.
+#[derive(Debug, Deserialize)]
+struct SubmitQuery {
+    /// Answer once the job has ended (with its results, for a small job), or after this
+    /// many milliseconds: submission and a long poll in one request.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// Results a submission that waited answers with at most; a larger job's are paged
+/// (`GET /v1/jobs/{id}/results`).
+const SUBMIT_RESULTS: u64 = 64;
+
 async fn submit(
     State(shared): State<Arc<Shared>>,
+    Query(query): Query<SubmitQuery>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
     let owner = authenticate(&shared, &method, &uri, &headers, &body).await?;
+    check_wait(query.wait_ms)?;
     let (spec, trials) = parse_job(&body)?;
+    // Before the job exists: a wait refused refuses the submission, and an end is told to
+    // a subscriber that exists before the job does.
+    let _held = if query.wait_ms > 0 {
+        Some(shared.waiters.enter(owner)?)
+    } else {
+        None
+    };
+    let ends = shared.store.ended_jobs();
     let q = price(&shared, &spec, trials.len() as u64).await?;
     if let Some(limit) = spec.price_limit
         && q.price_per_scu > limit
@@ -356,17 +379,25 @@ async fn submit(
     };
     shared.wake.notify_one();
     tracing::info!(job, tasks = trials.len(), owner = %owner.short(), "job submitted");
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({
-            "job_id": job,
-            "tasks": trials.len(),
-            "module": metered,
-            "price_per_scu": q.price_per_scu,
-            "escrow": q.max_cost,
-        })),
-    )
-        .into_response())
+    let mut answer = json!({
+        "job_id": job,
+        "tasks": trials.len(),
+        "module": metered,
+        "price_per_scu": q.price_per_scu,
+        "escrow": q.max_cost,
+    });
+    if query.wait_ms > 0 {
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
+        let row = owned_job(&shared, job, owner).await?;
+        let row = wait_until_ended(&shared, job, owner, row, ends, deadline).await?;
+        if ended(&row.state) && row.counts.total <= SUBMIT_RESULTS {
+            let tasks = shared.store.tasks(job, 0, SUBMIT_RESULTS as u32).await?;
+            answer["results"] = json!(result_entries(&shared, tasks).await?);
+        }
+        answer["job"] = job_json(&row);
+    }
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
 
 /// Micro-credits as a decimal credit string.
@@ -606,22 +637,42 @@ async fn get_job(
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
-    if query.wait_ms > MAX_WAIT_MS {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_wait",
-            format!("wait_ms is at most {MAX_WAIT_MS} (ask again to wait longer)"),
-        ));
-    }
+    check_wait(query.wait_ms)?;
     // Subscribed before the first read: an end committed in between is told, not missed.
-    let mut ends = shared.store.ended_jobs();
-    let mut job = owned_job(&shared, id, client).await?;
+    let ends = shared.store.ended_jobs();
+    let job = owned_job(&shared, id, client).await?;
     let _held = if query.wait_ms > 0 && !ended(&job.state) {
         Some(shared.waiters.enter(client)?)
     } else {
         None
     };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
+    let job = wait_until_ended(&shared, id, client, job, ends, deadline).await?;
+    Ok(axum::Json(job_json(&job)))
+}
+
+/// Refuses a `wait_ms` past [`MAX_WAIT_MS`].
+fn check_wait(wait_ms: u64) -> ApiResult<()> {
+    if wait_ms > MAX_WAIT_MS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_wait",
+            format!("wait_ms is at most {MAX_WAIT_MS} (ask again to wait longer)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Job `id` (`client`'s, last read as `job`) once it has ended, or as it is at `deadline`.
+/// `ends` was subscribed before `job` was read, so an end in between is not missed.
+async fn wait_until_ended(
+    shared: &Shared,
+    id: u64,
+    client: NodeId,
+    mut job: crate::store::JobRow,
+    mut ends: tokio::sync::broadcast::Receiver<stardust_proto::task::JobId>,
+    deadline: tokio::time::Instant,
+) -> ApiResult<crate::store::JobRow> {
     while !ended(&job.state) {
         let told = tokio::select! {
             told = ends.recv() => told,
@@ -631,12 +682,12 @@ async fn get_job(
             Ok(j) if j != id => continue,
             // It ended, or ends were missed (lagged): read again.
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                job = owned_job(&shared, id, client).await?;
+                job = owned_job(shared, id, client).await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         }
     }
-    Ok(axum::Json(job_json(&job)))
+    Ok(job)
 }
 
 #[derive(Debug, Deserialize)]
@@ -692,6 +743,17 @@ async fn results(
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
     let tasks = owned_tasks(&shared, id, &page, &method, &uri, &headers).await?;
+    Ok(axum::Json(
+        json!({ "results": result_entries(&shared, tasks).await? }),
+    ))
+}
+
+/// Tasks as `GET /v1/jobs/{id}/results` shows them: outputs of valid UTF-8 up to
+/// [`INLINE_OUTPUT`] inline as text.
+async fn result_entries(
+    shared: &Shared,
+    tasks: Vec<crate::store::TaskRow>,
+) -> ApiResult<Vec<Value>> {
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
         let mut entry = json!({ "task": t.id, "index": t.index, "args": t.args, "state": t.state, "reason": t.reason });
@@ -710,7 +772,7 @@ async fn results(
         }
         out.push(entry);
     }
-    Ok(axum::Json(json!({ "results": out })))
+    Ok(out)
 }
 
 async fn why(
