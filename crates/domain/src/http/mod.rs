@@ -392,8 +392,11 @@ async fn submit(
         let row = owned_job(&shared, job, owner).await?;
         let row = wait_until_ended(&shared, job, owner, row, ends, deadline).await?;
         if ended(&row.state) && row.counts.total <= SUBMIT_RESULTS {
-            let tasks = shared.store.tasks(job, 0, SUBMIT_RESULTS as u32).await?;
-            answer["results"] = json!(result_entries(&shared, tasks).await?);
+            let tasks = shared
+                .store
+                .tasks_with_outputs(job, 0, SUBMIT_RESULTS as u32, INLINE_OUTPUT)
+                .await?;
+            answer["results"] = json!(result_entries(tasks));
         }
         answer["job"] = job_json(&row);
     }
@@ -742,20 +745,20 @@ async fn results(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
-    let tasks = owned_tasks(&shared, id, &page, &method, &uri, &headers).await?;
-    Ok(axum::Json(
-        json!({ "results": result_entries(&shared, tasks).await? }),
-    ))
+    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    owned_job(&shared, id, client).await?;
+    let tasks = shared
+        .store
+        .tasks_with_outputs(id, page.offset, page.limit.min(10_000), INLINE_OUTPUT)
+        .await?;
+    Ok(axum::Json(json!({ "results": result_entries(tasks) })))
 }
 
-/// Tasks as `GET /v1/jobs/{id}/results` shows them: outputs of valid UTF-8 up to
-/// [`INLINE_OUTPUT`] inline as text.
-async fn result_entries(
-    shared: &Shared,
-    tasks: Vec<crate::store::TaskRow>,
-) -> ApiResult<Vec<Value>> {
+/// Tasks as `GET /v1/jobs/{id}/results` shows them, with the bytes of their outputs up to
+/// [`INLINE_OUTPUT`]: those of valid UTF-8 inline as text.
+fn result_entries(tasks: Vec<(crate::store::TaskRow, Option<Vec<u8>>)>) -> Vec<Value> {
     let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
+    for (t, bytes) in tasks {
         let mut entry = json!({ "task": t.id, "index": t.index, "args": t.args, "state": t.state, "reason": t.reason });
         if let Some(r) = &t.report {
             entry["status"] = json!(r.status);
@@ -763,8 +766,7 @@ async fn result_entries(
             entry["fuel_used"] = json!(r.fuel_used);
             entry["output"] = json!(r.output);
             entry["output_len"] = json!(r.output_len);
-            if (r.output_len as usize) <= INLINE_OUTPUT
-                && let Some(bytes) = shared.store.blob(r.output).await?
+            if let Some(bytes) = bytes
                 && let Ok(text) = String::from_utf8(bytes)
             {
                 entry["output_text"] = json!(text);
@@ -772,7 +774,7 @@ async fn result_entries(
         }
         out.push(entry);
     }
-    Ok(out)
+    out
 }
 
 async fn why(

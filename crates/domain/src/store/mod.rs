@@ -904,14 +904,17 @@ impl Store {
 
     /// A job with its task counts.
     pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
+        // One connection for both reads (SQLite's is taken once).
+        let mut conn = self.db.acquire().await?;
         let Some(r) = sqlx::query("SELECT id, owner, name, spec, module, state, created_ms, finished_ms FROM jobs WHERE id = $1")
             .bind(id_i64(id))
-            .fetch_optional(&mut *self.db.acquire().await?)
+            .fetch_optional(&mut *conn)
             .await?
         else {
             return Ok(None);
         };
-        let counts = self.counts(id).await?;
+        let counts = Self::counts_on(&mut conn, id).await?;
+        drop(conn);
         Ok(Some(JobRow {
             id,
             owner: parse("job owner", &r.try_get::<String, _>("owner")?)?,
@@ -976,10 +979,14 @@ impl Store {
 
     /// Task counts of a job.
     pub async fn counts(&self, job: JobId) -> Result<Counts> {
+        Self::counts_on(&mut *self.db.acquire().await?, job).await
+    }
+
+    async fn counts_on(conn: &mut sqlx::AnyConnection, job: JobId) -> Result<Counts> {
         let rows =
             sqlx::query("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state")
                 .bind(id_i64(job))
-                .fetch_all(&mut *self.db.acquire().await?)
+                .fetch_all(conn)
                 .await?;
         let mut c = Counts::default();
         for r in rows {
@@ -1009,6 +1016,31 @@ impl Store {
         .fetch_all(&mut *self.db.acquire().await?)
         .await?;
         rows.iter().map(task_row).collect()
+    }
+
+    /// A job's tasks as [`Store::tasks`] reads them, each with its output's bytes when they
+    /// are stored here and at most `inline` long: one statement, not one more per output.
+    pub async fn tasks_with_outputs(
+        &self,
+        job: JobId,
+        offset: u32,
+        limit: u32,
+        inline: usize,
+    ) -> Result<Vec<(TaskRow, Option<Vec<u8>>)>> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.idx, t.args, t.state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms, b.bytes
+             FROM tasks t LEFT JOIN blobs b ON b.id = t.output AND b.size <= $1
+             WHERE t.job_id = $2 ORDER BY t.idx LIMIT $3 OFFSET $4",
+        )
+        .bind(i64::try_from(inline).unwrap_or(i64::MAX))
+        .bind(id_i64(job))
+        .bind(i64::from(limit))
+        .bind(i64::from(offset))
+        .fetch_all(&mut *self.db.acquire().await?)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((task_row(r)?, r.try_get::<Option<Vec<u8>>, _>("bytes")?)))
+            .collect()
     }
 
     /// Cancels a job: its unfinished tasks and their active leases. Returns the cancelled

@@ -1576,3 +1576,62 @@ async fn a_script_runs_its_writes_in_order_and_commits_or_leaves_nothing() {
         assert_eq!(blob_ids(&store).await, ["b", "c"], "{:?}", store.backend);
     }
 }
+
+#[tokio::test]
+async fn tasks_come_with_their_stored_outputs_up_to_the_inline_size() {
+    for (store, _dir) in backends().await {
+        join(&store, &[1]).await;
+        let job = priced_job(&store, node(100), 1, 3, 0).await.expect("job");
+        let pending = store.pending_tasks(10).await.expect("pending");
+        let outputs: [&[u8]; 2] = [b"short", b"a longer output"];
+        for (p, out) in pending.iter().zip(outputs) {
+            let t = p.spec.task;
+            let l = store
+                .lease(t, node(1), 0, 10_000)
+                .await
+                .expect("lease")
+                .expect("leased");
+            let submitted = Submitted {
+                lease: l,
+                node: node(1),
+                task: t,
+                report: &report(out, 9),
+                envelope: b"envelope",
+                output: Some(out),
+            };
+            store
+                .record_result(submitted, RETRY, 2_000)
+                .await
+                .expect("record");
+        }
+        // The third task is not done: no report, no bytes. The second's output is longer
+        // than the inline size asked for.
+        let rows = store
+            .tasks_with_outputs(job, 0, 10, 10)
+            .await
+            .expect("tasks");
+        let got: Vec<(String, Option<Vec<u8>>)> =
+            rows.into_iter().map(|(t, b)| (t.state, b)).collect();
+        assert_eq!(
+            got,
+            [
+                ("verified".to_string(), Some(b"short".to_vec())),
+                ("verified".to_string(), None),
+                ("pending".to_string(), None),
+            ],
+            "{:?}",
+            store.backend
+        );
+        // The same tasks as `tasks` reads them, paged alike.
+        let plain = store.tasks(job, 1, 2).await.expect("tasks");
+        let with = store
+            .tasks_with_outputs(job, 1, 2, 1 << 16)
+            .await
+            .expect("tasks");
+        assert_eq!(
+            format!("{plain:?}"),
+            format!("{:?}", with.iter().map(|(t, _)| t).collect::<Vec<_>>())
+        );
+        assert_eq!(with[0].1.as_deref(), Some(&b"a longer output"[..]));
+    }
+}
