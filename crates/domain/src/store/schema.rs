@@ -283,4 +283,20 @@ DROP INDEX leases_by_node;
 CREATE INDEX leases_active_by_node ON leases (node) WHERE state = 'active'
 "#,
     },
+    Migration {
+        version: 6,
+        name: "indexes that a task's or lease's change of state does not move: verified tasks partial, leases by task alone",
+        sqlite: r#"
+DROP INDEX tasks_by_state_id;
+CREATE INDEX tasks_verified ON tasks (id) WHERE state = 'verified';
+DROP INDEX leases_by_task_state;
+CREATE INDEX leases_by_task ON leases (task_id)
+"#,
+        postgres: r#"
+DROP INDEX tasks_by_state_id;
+CREATE INDEX tasks_verified ON tasks (id) WHERE state = 'verified';
+DROP INDEX leases_by_task_state;
+CREATE INDEX leases_by_task ON leases (task_id)
+"#,
+    },
 ];

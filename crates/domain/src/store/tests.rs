@@ -1635,3 +1635,42 @@ async fn tasks_come_with_their_stored_outputs_up_to_the_inline_size() {
         assert_eq!(with[0].1.as_deref(), Some(&b"a longer output"[..]));
     }
 }
+
+/// What SQLite plans for the statements that run per task or per request: each searches an
+/// index, or scans only a partial one (pending or verified tasks), never a whole table or a
+/// whole index of every task or lease.
+#[tokio::test]
+async fn hot_statements_search_indexes_on_sqlite() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Store::open_sqlite(dir.path()).await.expect("open");
+    let mut conn = store.db.acquire().await.expect("conn");
+    for sql in [
+        "SELECT COUNT(*) AS n FROM tasks INDEXED BY tasks_pending WHERE state = 'pending'",
+        "SELECT t.id FROM tasks t WHERE t.state = 'verified'
+         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id AND l.node = 'n')
+         ORDER BY t.id DESC LIMIT 64",
+        "SELECT node, report FROM leases WHERE task_id = 1 AND state = 'done' ORDER BY id",
+        "SELECT COUNT(*) AS n FROM leases WHERE task_id = 1 AND state = 'active'",
+        "SELECT 1 FROM tasks WHERE state IN ('pending', 'running') AND job_id = 1 LIMIT 1",
+        "SELECT t.id FROM tasks t WHERE t.state = 'pending' AND t.job_id = 1 ORDER BY t.idx LIMIT 5",
+        "SELECT task_id, node FROM leases WHERE task_id IN (1, 2) AND state IN ('active', 'done')",
+        "SELECT id FROM leases WHERE state = 'active' AND deadline_ms < 5 ORDER BY deadline_ms, id LIMIT 1000",
+    ] {
+        let plan = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+            .fetch_all(&mut *conn)
+            .await
+            .expect("plan");
+        for step in &plan {
+            let detail: String = step.try_get("detail").expect("detail");
+            if detail.starts_with("SCAN") {
+                assert!(
+                    detail.contains("tasks_pending") || detail.contains("tasks_verified"),
+                    "{sql}\n{detail}"
+                );
+            }
+        }
+    }
+    drop(conn);
+    // The backlog's count is the one above.
+    assert_eq!(store.backlog().await.expect("backlog"), 0);
+}
