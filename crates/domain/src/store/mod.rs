@@ -409,6 +409,11 @@ const MAX_CREATED: usize = 4096;
 /// subscriber that falls further behind is told it lagged, and reads the jobs it waits for).
 const ENDED_JOBS_BACKLOG: usize = 4096;
 
+/// [`Store::backlog`] on SQLite: its planner, without statistics, would rather scan a
+/// covering index of every task than the partial index of pending ones, so it is told.
+const BACKLOG_SQLITE: &str =
+    "SELECT COUNT(*) AS n FROM tasks INDEXED BY tasks_pending WHERE state = 'pending'";
+
 /// Values bound to one statement at most. sqlx's SQLite driver finds each parameter of a
 /// statement by its name, and SQLite looks a name up by walking the statement's list of
 /// names: binding n values costs n². At a few hundred values a statement, binding cost more
@@ -944,11 +949,7 @@ impl Store {
     /// Tasks waiting for a replica, across all jobs (the pricing backlog).
     pub async fn backlog(&self) -> Result<u64> {
         let sql = match self.backend {
-            // SQLite's planner, without statistics, would rather scan a covering index of
-            // every task than the partial index of pending ones.
-            Backend::Sqlite => {
-                "SELECT COUNT(*) AS n FROM tasks INDEXED BY tasks_pending WHERE state = 'pending'"
-            }
+            Backend::Sqlite => BACKLOG_SQLITE,
             Backend::Postgres => "SELECT COUNT(*) AS n FROM tasks WHERE state = 'pending'",
         };
         Ok(sqlx::query(sql)
@@ -1310,27 +1311,8 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
         }
-        // Existence, not counts: counting a large job's open tasks on every result made
-        // recording results O(n²) over the job.
-        let open = sqlx::query(
-            "SELECT 1 AS one FROM tasks WHERE state IN ('pending', 'running') AND job_id = $1 LIMIT 1",
-        )
-        .bind(job)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if open.is_some() {
+        let Some((state, _)) = Self::job_ending(tx, job).await? else {
             return Ok(false);
-        }
-        let verified = sqlx::query(
-            "SELECT 1 AS one FROM tasks WHERE state = 'verified' AND job_id = $1 LIMIT 1",
-        )
-        .bind(job)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let state = if verified.is_some() {
-            "completed"
-        } else {
-            "failed"
         };
         let ended = sqlx::query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
             .bind(state)
@@ -1343,6 +1325,42 @@ impl Store {
             self.refund(tx, job, now).await?;
         }
         Ok(ended == 1)
+    }
+
+    /// Whether `job` ends now: still queued or running, with no task pending or running.
+    /// Then how it ends (`completed` when a task was verified, else `failed`) and its owner.
+    pub(crate) async fn job_ending(
+        tx: &mut db::Tx,
+        job: i64,
+    ) -> Result<Option<(&'static str, NodeId)>> {
+        // Existence, not counts: counting a large job's open tasks on every result made
+        // recording results O(n²) over the job.
+        let row = sqlx::query(
+            "SELECT state, owner,
+             (SELECT 1 FROM tasks WHERE state IN ('pending', 'running') AND job_id = $1 LIMIT 1) AS open,
+             (SELECT 1 FROM tasks WHERE state = 'verified' AND job_id = $2 LIMIT 1) AS verified
+             FROM jobs WHERE id = $3",
+        )
+        .bind(job)
+        .bind(job)
+        .bind(job)
+        .fetch_one(&mut **tx)
+        .await?;
+        let state: String = row.try_get("state")?;
+        if !matches!(state.as_str(), "queued" | "running")
+            || row.try_get::<Option<i64>, _>("open")?.is_some()
+        {
+            return Ok(None);
+        }
+        let end = if row.try_get::<Option<i64>, _>("verified")?.is_some() {
+            "completed"
+        } else {
+            "failed"
+        };
+        Ok(Some((
+            end,
+            parse("job owner", &row.try_get::<String, _>("owner")?)?,
+        )))
     }
 
     /// Returns what is left of an ended job's escrow to its submitter.

@@ -622,30 +622,9 @@ impl Store {
         job: i64,
         now: i64,
     ) -> Result<bool> {
-        // Existence, not counts: counting a large job's open tasks on every result made
-        // recording results O(n²) over the job. (On PostgreSQL the job's row is locked
-        // already: `lock_batch`.)
-        let row = sqlx::query(
-            "SELECT state, owner,
-             (SELECT 1 FROM tasks WHERE state IN ('pending', 'running') AND job_id = $1 LIMIT 1) AS open,
-             (SELECT 1 FROM tasks WHERE state = 'verified' AND job_id = $2 LIMIT 1) AS verified
-             FROM jobs WHERE id = $3",
-        )
-        .bind(job)
-        .bind(job)
-        .bind(job)
-        .fetch_one(&mut **tx)
-        .await?;
-        let state: String = row.try_get("state")?;
-        if !matches!(state.as_str(), "queued" | "running")
-            || row.try_get::<Option<i64>, _>("open")?.is_some()
-        {
+        // (On PostgreSQL the job's row is locked already: `lock_batch`.)
+        let Some((state, owner)) = Self::job_ending(tx, job).await? else {
             return Ok(false);
-        }
-        let state = if row.try_get::<Option<i64>, _>("verified")?.is_some() {
-            "completed"
-        } else {
-            "failed"
         };
         batch
             .script
@@ -657,11 +636,10 @@ impl Store {
         let chain = self.batch_chain(tx, batch).await?;
         let left = Self::balance_now(tx, chain, escrow).await?;
         if left > 0 {
-            let owner: String = row.try_get("owner")?;
             let post = Post {
                 id: format!("refund:{job}"),
                 from: escrow,
-                to: Account::Submitter(parse("job owner", &owner)?),
+                to: Account::Submitter(owner),
                 amount: u64::try_from(left).unwrap_or(u64::MAX),
                 reason: Reason::Refund { job: job as JobId },
             };

@@ -1645,7 +1645,7 @@ async fn hot_statements_search_indexes_on_sqlite() {
     let store = Store::open_sqlite(dir.path()).await.expect("open");
     let mut conn = store.db.acquire().await.expect("conn");
     for sql in [
-        "SELECT COUNT(*) AS n FROM tasks INDEXED BY tasks_pending WHERE state = 'pending'",
+        BACKLOG_SQLITE,
         "SELECT t.id FROM tasks t WHERE t.state = 'verified'
          AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id AND l.node = 'n')
          ORDER BY t.id DESC LIMIT 64",
@@ -1671,6 +1671,6 @@ async fn hot_statements_search_indexes_on_sqlite() {
         }
     }
     drop(conn);
-    // The backlog's count is the one above.
+    // The backlog's count is the statement above.
     assert_eq!(store.backlog().await.expect("backlog"), 0);
 }
