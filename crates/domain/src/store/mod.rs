@@ -537,6 +537,8 @@ impl Store {
                     "PRAGMA journal_mode = WAL",
                     "PRAGMA synchronous = NORMAL",
                     "PRAGMA foreign_keys = ON",
+                    // Statement journals (multi-row writes) in memory, not temporary files.
+                    "PRAGMA temp_store = MEMORY",
                     // 64 MiB of page cache (the default 2 MiB made large jobs re-read their
                     // pages from the OS on every status query).
                     "PRAGMA cache_size = -65536",
