@@ -36,6 +36,11 @@ pub struct Args {
     /// the least recently used go first).
     #[arg(long, env = "STARDUST_CACHE_MB", default_value_t = stardust_node::DEFAULT_CACHE_BYTES >> 20)]
     cache_mb: u64,
+    /// CPU priority as a nice value, 0–19: the node runs below its owner's own work (19,
+    /// the lowest, by default, as BOINC runs its tasks); 0 keeps the priority it started
+    /// with.
+    #[arg(long, env = "STARDUST_NICE", default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
+    nice: u8,
     /// Skip the startup benchmark.
     #[arg(long)]
     no_bench: bool,
@@ -57,8 +62,14 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         f.set("no_bench", &mut args.no_bench, from_str)?;
         f.set("cache_mb", &mut args.cache_mb, from_str)?;
         f.set("ca", &mut args.ca, |s| Ok(Some(PathBuf::from(s))))?;
+        f.set("nice", &mut args.nice, |s| match from_str::<u8>(s)? {
+            n @ 0..=19 => Ok(n),
+            n => Err(format!("nice must be 0–19, not {n}")),
+        })?;
         f.finish()?;
     }
+    // Before the runtime starts its threads: they inherit it.
+    lower_priority(args.nice)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         std::fs::create_dir_all(&args.data)?;
@@ -95,4 +106,22 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         eprintln!("stardust node: drained, bye");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Lowers this process's CPU priority to nice value `nice` (never raises it: a node has no
+/// reason to, and only a privileged process may). Linux keeps the nice value per thread and
+/// gives each new thread its creator's: this runs before the node's threads start.
+fn lower_priority(nice: u8) -> anyhow::Result<()> {
+    if nice == 0 {
+        return Ok(());
+    }
+    let now = rustix::process::getpriority_process(None)
+        .map_err(|e| anyhow::anyhow!("cannot read this process's priority: {e}"))?;
+    let nice = i32::from(nice);
+    if nice > now {
+        rustix::process::setpriority_process(None, nice).map_err(|e| {
+            anyhow::anyhow!("cannot lower this process's priority to nice {nice}: {e}")
+        })?;
+    }
+    Ok(())
 }

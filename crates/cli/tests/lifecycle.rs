@@ -418,3 +418,70 @@ fn hostile_tasks_end_with_agreed_outcomes_and_the_nodes_keep_working() {
         assert!(n.terminate(Duration::from_secs(30)).success());
     }
 }
+
+/// The nice value of each thread of process `pid`, by thread name (Linux `/proc`).
+fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.path().join("comm")),
+            std::fs::read_to_string(t.path().join("stat")),
+        ) else {
+            continue;
+        };
+        // Fields after the name (which may hold spaces) in parentheses: state is field 3,
+        // nice field 19.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        if let Some(nice) = rest.split_whitespace().nth(16).and_then(|n| n.parse().ok()) {
+            out.push((comm.trim().to_string(), nice));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_node_runs_below_its_owners_work_unless_told_otherwise() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // No domain listens there: the node keeps retrying, its threads up.
+    let domain = format!("http://127.0.0.1:{}", free_port());
+    let ours = thread_nice(std::process::id())
+        .first()
+        .map(|(_, n)| *n)
+        .expect("this test's own nice value");
+    for (flag, want) in [(None, 19), (Some("0"), ours)] {
+        let data = d.join(format!("node-{}", flag.unwrap_or("default")));
+        let data = data.to_str().expect("utf-8");
+        let mut args = vec!["node", "--domain", &domain, "--data", data, "--no-bench"];
+        if let Some(n) = flag {
+            args.extend(["--nice", n]);
+        }
+        let node = Proc::spawn("node", &args, &d.join("node.log"));
+        let pid = node.child.id();
+        let mut threads = Vec::new();
+        wait_until(
+            "the node's runtime threads",
+            Duration::from_secs(20),
+            || {
+                threads = thread_nice(pid);
+                threads.iter().any(|(name, _)| name == "tokio-rt-worker")
+            },
+        );
+        assert!(
+            threads.iter().all(|(_, nice)| *nice == want.max(ours)),
+            "--nice {flag:?}: every thread at nice {want}: {threads:?}"
+        );
+        node.kill9();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_stardust"))
+        .args(["node", "--domain", &domain, "--nice", "20"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--nice") && err.contains("20"), "{err}");
+}
