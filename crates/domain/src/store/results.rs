@@ -120,6 +120,45 @@ const LEASE_ROW: &str =
     "SELECT l.id, l.task_id, l.node, l.state, l.report, l.kind, t.replicas, t.attempts, t.job_id
      FROM leases l JOIN tasks t ON t.id = l.task_id";
 
+/// What recording a result needs that no database read decides, worked out before the
+/// batch's transaction begins.
+struct Prepared {
+    /// The frame that carried it, and its id as stored.
+    frame: ContentId,
+    frame_id: String,
+    /// The report as stored (JSON).
+    report: String,
+    /// The sender, as leases name it.
+    node: String,
+}
+
+impl Prepared {
+    /// One per result, in order; a frame's id computed once for the results it carried
+    /// (they arrive together).
+    fn all(results: &[Submitted<'_>]) -> Vec<Self> {
+        let mut out: Vec<Self> = Vec::with_capacity(results.len());
+        let mut last: Option<(&[u8], ContentId, String)> = None;
+        for r in results {
+            let (frame, frame_id) = match &last {
+                Some((bytes, id, s)) if std::ptr::eq(*bytes, r.envelope) => (*id, s.clone()),
+                _ => {
+                    let id = ContentId::of(r.envelope);
+                    let s = id.to_string();
+                    last = Some((r.envelope, id, s.clone()));
+                    (id, s)
+                }
+            };
+            out.push(Self {
+                frame,
+                frame_id,
+                report: to_json(r.report),
+                node: r.node.to_string(),
+            });
+        }
+        out
+    }
+}
+
 /// Ids a statement reads at most.
 const IDS_PER_QUERY: usize = super::MAX_BOUND;
 
@@ -165,6 +204,9 @@ impl Store {
         retry: Retry,
         now: i64,
     ) -> Result<Vec<std::result::Result<Recorded, RecordError>>> {
+        // What needs no database is worked out before the connection is taken: while a
+        // transaction holds SQLite's one connection, every other writer waits.
+        let prepared = Prepared::all(results);
         let mut tx = self.db.begin().await?;
         self.lock_batch(&mut tx, results).await?;
         let mut batch = Batch::new(self.backend);
@@ -185,8 +227,11 @@ impl Store {
             }
         }
         let mut out = Vec::with_capacity(results.len());
-        for r in results {
-            match self.record_one(&mut tx, &mut batch, *r, retry, now).await {
+        for (r, pre) in results.iter().zip(prepared) {
+            match self
+                .record_one(&mut tx, &mut batch, *r, pre, retry, now)
+                .await
+            {
                 Err(RecordError::Store(e)) => return Err(e),
                 outcome => out.push(outcome),
             }
@@ -246,6 +291,7 @@ impl Store {
         tx: &mut Tx,
         batch: &mut Batch<'a>,
         result: Submitted<'a>,
+        pre: Prepared,
         retry: Retry,
         now: i64,
     ) -> std::result::Result<Recorded, RecordError> {
@@ -278,7 +324,7 @@ impl Store {
         let Some(row) = row else {
             return Err(RecordError::NotLeased(lease));
         };
-        if row.node != node.to_string() {
+        if row.node != pre.node {
             return Err(RecordError::NotLeased(lease));
         }
         let lease_task = row.task_id as TaskId;
@@ -292,7 +338,7 @@ impl Store {
         batch.touched.insert(row.task_id);
         let state = row.state.as_str();
         if state == "done" {
-            return if row.report.as_deref() == Some(to_json(report).as_str()) {
+            return if row.report.as_deref() == Some(pre.report.as_str()) {
                 Ok(Recorded::Duplicate)
             } else {
                 Err(RecordError::NotLeased(lease))
@@ -304,12 +350,21 @@ impl Store {
         if let Some(bytes) = output {
             batch.outputs.entry(report.output).or_insert(bytes);
         }
-        let frame = ContentId::of(envelope);
-        batch.frames.entry(frame).or_insert(envelope);
-        let frame = frame.to_string();
+        batch.frames.entry(pre.frame).or_insert(envelope);
+        let frame = pre.frame_id;
         if row.kind == "spot" {
             return self
-                .record_spot_check(tx, batch, lease, node, task, report, &frame, now)
+                .record_spot_check(
+                    tx,
+                    batch,
+                    lease,
+                    node,
+                    task,
+                    report,
+                    &pre.report,
+                    &frame,
+                    now,
+                )
                 .await;
         }
         let job = row.job_id;
@@ -319,7 +374,7 @@ impl Store {
 
         if !report.status.is_deterministic() {
             // Not a vote: the attempt failed; lease the replica again, or give up.
-            Self::finish_lease(tx, lease, "failed", report, &frame, now).await?;
+            Self::finish_lease(tx, lease, "failed", &pre.report, &frame, now).await?;
             let reason = format!("attempt failed: {}", report.status);
             return Ok(Self::failed_attempt(
                 tx,
@@ -335,11 +390,10 @@ impl Store {
         let mut single_report = None;
         if replicas <= 1 {
             // Nothing reads this lease again in the batch (its task is touched).
-            let json = to_json(report);
-            single_report = Some(json.clone());
-            batch.done.push((id_i64(lease), json, frame));
+            single_report = Some(pre.report.clone());
+            batch.done.push((id_i64(lease), pre.report, frame));
         } else {
-            Self::finish_lease(tx, lease, "done", report, &frame, now).await?;
+            Self::finish_lease(tx, lease, "done", &pre.report, &frame, now).await?;
         }
         let mut votes = Vec::new();
         let mut reports = Vec::new();
@@ -466,13 +520,13 @@ impl Store {
         })
     }
 
-    /// Ends a lease with its result: `state` (`done` or `failed`), the report, and the frame
-    /// that carried it.
+    /// Ends a lease with its result: `state` (`done` or `failed`), the report (JSON), and the
+    /// frame that carried it.
     async fn finish_lease(
         tx: &mut Tx,
         lease: LeaseId,
         state: &str,
-        report: &RunReport,
+        report: &str,
         frame: &str,
         now: i64,
     ) -> Result<()> {
@@ -480,7 +534,7 @@ impl Store {
             "UPDATE leases SET state = $1, report = $2, frame = $3, finished_ms = $4 WHERE id = $5",
         )
         .bind(state)
-        .bind(to_json(report))
+        .bind(report)
         .bind(frame)
         .bind(now)
         .bind(id_i64(lease))
@@ -835,6 +889,7 @@ impl Store {
         node: NodeId,
         task: TaskId,
         report: &RunReport,
+        report_json: &str,
         frame: &str,
         now: i64,
     ) -> std::result::Result<Recorded, RecordError> {
@@ -851,7 +906,7 @@ impl Store {
         } else {
             ("done", Some(Outcome::SpotFailed))
         };
-        Self::finish_lease(tx, lease, state, report, frame, now).await?;
+        Self::finish_lease(tx, lease, state, report_json, frame, now).await?;
         let Some(outcome) = outcome else {
             return Ok(Recorded::Stored);
         };
