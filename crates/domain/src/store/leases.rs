@@ -15,8 +15,8 @@ use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::{
-    Backend, Leased, PendingTask, Result, Store, Terms, id_i64, in_list, json, may_stand_alone_row,
-    pad, padded, parse, terms, values,
+    Backend, Leased, PendingTask, Result, Store, Terms, as_json_rows, id_i64, in_list, json,
+    json_rows, may_stand_alone_row, pad, padded, parse, terms_of, values,
 };
 
 type Tx = super::db::Tx;
@@ -67,57 +67,98 @@ impl Store {
         )
         .fetch_all(&mut *conn)
         .await?;
-        let mut rows = Vec::new();
+        // Per task: id, job, its position, args, input, seed, replicas; then its job's
+        // module, terms (or spec), creation time, redundancy, adaptive, priority.
+        type Row = (
+            i64,
+            i64,
+            i64,
+            String,
+            String,
+            String,
+            i64,
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
+        let mut rows: Vec<Row> = Vec::new();
         for j in jobs {
             let wanted = i64::from(limit) - rows.len() as i64;
             if wanted <= 0 {
                 break;
             }
-            rows.extend(
-                sqlx::query(
-                    "SELECT t.id, t.job_id, t.args, t.input, t.seed, t.replicas, j.module, j.terms,
-                     CASE WHEN j.terms IS NULL THEN j.spec END AS spec, j.created_ms, j.redundancy, j.adaptive,
-                     j.priority
-                     FROM tasks t JOIN jobs j ON j.id = t.job_id
-                     WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
-                )
-                .bind(j.try_get::<i64, _>("id")?)
-                .bind(wanted)
-                .fetch_all(&mut *conn)
-                .await?,
-            );
+            let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+                self.backend,
+                "SELECT t.id, t.job_id, t.idx, t.args, t.input, t.seed, t.replicas, j.module, j.terms,
+                 CASE WHEN j.terms IS NULL THEN j.spec END AS spec, j.created_ms, j.redundancy, j.adaptive,
+                 j.priority
+                 FROM tasks t JOIN jobs j ON j.id = t.job_id
+                 WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
+                &[
+                    "id", "job_id", "idx", "args", "input", "seed", "replicas", "module", "terms",
+                    "spec", "created_ms", "redundancy", "adaptive", "priority",
+                ],
+            )))
+            .bind(j.try_get::<i64, _>("id")?)
+            .bind(wanted);
+            let mut job_rows: Vec<Row> =
+                json_rows("pending tasks", &q.fetch_one(&mut *conn).await?)?;
+            // In the job's order (the rows' order in the array is not promised).
+            job_rows.sort_unstable_by_key(|r| r.2);
+            rows.extend(job_rows);
         }
-        let ids: Vec<i64> = rows
-            .iter()
-            .map(|r| r.try_get::<i64, _>("id"))
-            .collect::<std::result::Result<_, _>>()?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
         let mut holders: HashMap<i64, Vec<NodeId>> = HashMap::new();
         for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT task_id, node FROM leases WHERE task_id IN ({}) AND state IN ('active', 'done')",
-                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+                self.backend,
+                &format!(
+                    "SELECT task_id, node FROM leases WHERE task_id IN ({}) AND state IN ('active', 'done')",
+                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+                ),
+                &["task_id", "node"],
             )));
             for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
-            for h in q.fetch_all(&mut *conn).await? {
+            let found: Vec<(i64, String)> =
+                json_rows("pending holders", &q.fetch_one(&mut *conn).await?)?;
+            for (task, node) in found {
                 holders
-                    .entry(h.try_get("task_id")?)
+                    .entry(task)
                     .or_default()
-                    .push(parse("lease node", &h.try_get::<String, _>("node")?)?);
+                    .push(parse("lease node", &node)?);
             }
         }
         drop(conn);
         let mut out = Vec::with_capacity(rows.len());
         // A job's terms, parsed once.
         let mut parsed: HashMap<i64, Terms> = HashMap::new();
-        for r in rows {
-            let task: i64 = r.try_get("id")?;
-            let job: i64 = r.try_get("job_id")?;
+        for (
+            task,
+            job,
+            _idx,
+            args,
+            input,
+            seed,
+            replicas,
+            module,
+            job_terms,
+            spec,
+            created_ms,
+            redundancy,
+            adaptive,
+            priority,
+        ) in rows
+        {
             let terms = match parsed.get(&job) {
                 Some(t) => t.clone(),
                 None => {
-                    let t = terms(&r)?;
+                    let t = terms_of(job_terms.as_deref(), spec.as_deref())?;
                     parsed.insert(job, t.clone());
                     t
                 }
@@ -126,19 +167,19 @@ impl Store {
                 spec: TaskSpec {
                     task: task as TaskId,
                     job: job as JobId,
-                    module: parse("job module", &r.try_get::<String, _>("module")?)?,
-                    input: parse("task input", &r.try_get::<String, _>("input")?)?,
-                    args: json("task args", &r.try_get::<String, _>("args")?)?,
+                    module: parse("job module", &module)?,
+                    input: parse("task input", &input)?,
+                    args: json("task args", &args)?,
                     limits: terms.limits,
-                    seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
+                    seed: parse("task seed", &seed)?,
                 },
                 requirements: terms.requirements,
                 replicas_on: holders.remove(&task).unwrap_or_default(),
-                submitted_ms: r.try_get("created_ms")?,
-                redundancy: r.try_get::<i64, _>("redundancy")?.clamp(0, 255) as u8,
-                replicas: r.try_get::<i64, _>("replicas")?.clamp(0, 255) as u8,
-                adaptive: r.try_get::<i64, _>("adaptive")? != 0,
-                priority: r.try_get("priority")?,
+                submitted_ms: created_ms,
+                redundancy: redundancy.clamp(0, 255) as u8,
+                replicas: replicas.clamp(0, 255) as u8,
+                adaptive: adaptive != 0,
+                priority,
             });
         }
         Ok(out)
@@ -269,23 +310,36 @@ impl Store {
         };
         let mut open = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT t.id, t.state, t.replicas, t.job_id, j.redundancy, j.adaptive
-                 FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN ({}){lock}",
-                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+                self.backend,
+                &format!(
+                    "SELECT t.id, t.state, t.replicas, t.job_id, j.redundancy, j.adaptive
+                     FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN ({}){lock}",
+                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+                ),
+                &[
+                    "id",
+                    "state",
+                    "replicas",
+                    "job_id",
+                    "redundancy",
+                    "adaptive",
+                ],
             )));
             for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
-            for r in q.fetch_all(&mut **tx).await? {
+            let rows: Vec<(i64, String, i64, i64, i64, i64)> =
+                json_rows("open tasks", &q.fetch_one(&mut **tx).await?)?;
+            for (id, state, replicas, job, redundancy, adaptive) in rows {
                 open.insert(
-                    r.try_get::<i64, _>("id")?,
+                    id,
                     Open {
-                        state: r.try_get("state")?,
-                        replicas: r.try_get("replicas")?,
-                        job: r.try_get("job_id")?,
-                        redundancy: r.try_get("redundancy")?,
-                        adaptive: r.try_get::<i64, _>("adaptive")? != 0,
+                        state,
+                        replicas,
+                        job,
+                        redundancy,
+                        adaptive: adaptive != 0,
                         holders: Vec::new(),
                         changed: false,
                     },
@@ -293,20 +347,23 @@ impl Store {
             }
         }
         for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT l.task_id, l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
-                 WHERE l.task_id IN ({}) AND l.state IN ('active', 'done')",
-                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+                self.backend,
+                &format!(
+                    "SELECT l.task_id, l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
+                     WHERE l.task_id IN ({}) AND l.state IN ('active', 'done')",
+                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+                ),
+                &["task_id", "node", "tier", "streak"],
             )));
             for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
-            for h in q.fetch_all(&mut **tx).await? {
-                if let Some(t) = open.get_mut(&h.try_get::<i64, _>("task_id")?) {
-                    t.holders.push((
-                        h.try_get("node")?,
-                        may_stand_alone_row(h.try_get("tier")?, h.try_get("streak")?),
-                    ));
+            let rows: Vec<(i64, String, Option<String>, Option<i64>)> =
+                json_rows("task holders", &q.fetch_one(&mut **tx).await?)?;
+            for (task, node, tier, streak) in rows {
+                if let Some(t) = open.get_mut(&task) {
+                    t.holders.push((node, may_stand_alone_row(tier, streak)));
                 }
             }
         }

@@ -496,6 +496,35 @@ fn json<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T
     serde_json::from_str(s).map_err(|e| corrupt(what, e))
 }
 
+/// `select` read as one value: its rows as a JSON array of arrays of the columns `cols`
+/// (names `select` gives them), built by the database; [`json_rows`] parses it.
+///
+/// sqlx's SQLite driver hands each row of a result from its worker thread on its own and
+/// copies it into a generic row: ~4.7 µs a row, against ~1.5 µs for the same 48-row reads
+/// aggregated by SQLite and parsed here (measured). Reads of many rows on the hot path use
+/// this. Columns must be numbers, text or NULL (SQLite's JSON holds no BLOB). Row order is
+/// not promised: callers that need one sort what they get.
+fn as_json_rows(backend: Backend, select: &str, cols: &[&str]) -> String {
+    let cols = cols
+        .iter()
+        .map(|c| format!("r.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match backend {
+        Backend::Sqlite => {
+            format!("SELECT json_group_array(json_array({cols})) AS j FROM ({select}) AS r")
+        }
+        Backend::Postgres => format!(
+            "SELECT COALESCE(json_agg(json_build_array({cols})), '[]'::json)::text AS j FROM ({select}) AS r"
+        ),
+    }
+}
+
+/// The rows of an [`as_json_rows`] query, each parsed as `T` (a tuple of its columns).
+fn json_rows<T: serde::de::DeserializeOwned>(what: &'static str, row: &AnyRow) -> Result<Vec<T>> {
+    json(what, &row.try_get::<String, _>("j")?)
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     // Plain data: serialization cannot fail.
     serde_json::to_string(v).unwrap_or_default()
@@ -1633,9 +1662,17 @@ struct Terms {
 /// kilobytes, and copying it for every task was the dispatcher's largest cost.)
 fn terms(r: &AnyRow) -> Result<Terms> {
     match r.try_get::<Option<String>, _>("terms")? {
-        Some(t) => json("job terms", &t),
+        Some(t) => terms_of(Some(&t), None),
+        None => terms_of(None, Some(&r.try_get::<String, _>("spec")?)),
+    }
+}
+
+/// [`terms`] from the two columns' values.
+fn terms_of(terms: Option<&str>, spec: Option<&str>) -> Result<Terms> {
+    match terms {
+        Some(t) => json("job terms", t),
         None => {
-            let spec: JobSpec = json("job spec", &r.try_get::<String, _>("spec")?)?;
+            let spec: JobSpec = json("job spec", spec.unwrap_or_default())?;
             Ok(Terms {
                 limits: spec.limits,
                 requirements: spec.requirements,

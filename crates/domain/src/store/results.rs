@@ -27,8 +27,8 @@ use stardust_scheduler::reputation::{Outcome, Record};
 use super::ledger::{Chain, Post};
 use super::script::Script;
 use super::{
-    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, corrupt, id_i64, in_list,
-    json, pad, padded, parse, terms, to_json, values,
+    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, as_json_rows, corrupt, id_i64,
+    in_list, json, json_rows, pad, padded, parse, terms, to_json, values,
 };
 
 type Tx = super::db::Tx;
@@ -119,6 +119,24 @@ impl LeaseRow {
 const LEASE_ROW: &str =
     "SELECT l.id, l.task_id, l.node, l.state, l.report, l.kind, t.replicas, t.attempts, t.job_id
      FROM leases l JOIN tasks t ON t.id = l.task_id";
+
+/// [`LEASE_ROW`]'s columns, in order, for [`as_json_rows`].
+const LEASE_COLS: [&str; 9] = [
+    "id", "task_id", "node", "state", "report", "kind", "replicas", "attempts", "job_id",
+];
+
+/// A row of [`LEASE_COLS`] as [`json_rows`] parses it.
+type LeaseCols = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    i64,
+);
 
 /// What recording a result needs that no database read decides, worked out before the
 /// batch's transaction begins.
@@ -213,17 +231,32 @@ impl Store {
         let ids: BTreeSet<i64> = results.iter().map(|r| id_i64(r.lease)).collect();
         let ids: Vec<i64> = ids.into_iter().collect();
         for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "{LEASE_ROW} WHERE l.id IN ({})",
-                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+                self.backend,
+                &format!(
+                    "{LEASE_ROW} WHERE l.id IN ({})",
+                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+                ),
+                &LEASE_COLS,
             )));
             for id in pad(chunk, IDS_PER_QUERY) {
                 q = q.bind(*id);
             }
-            for row in q.fetch_all(&mut *tx).await? {
-                batch
-                    .leases
-                    .insert(row.try_get("id")?, LeaseRow::read(&row)?);
+            let row = q.fetch_one(&mut *tx).await?;
+            for (id, task_id, node, state, report, kind, replicas, attempts, job_id) in
+                json_rows::<LeaseCols>("lease rows", &row)?
+            {
+                let lease = LeaseRow {
+                    task_id,
+                    node,
+                    state,
+                    report,
+                    kind,
+                    replicas,
+                    attempts,
+                    job_id,
+                };
+                batch.leases.insert(id, lease);
             }
         }
         let mut out = Vec::with_capacity(results.len());
