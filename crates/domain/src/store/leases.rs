@@ -268,7 +268,8 @@ impl Store {
             }
             outcomes.push((leased, t.replicas.clamp(0, 255) as u8));
         }
-        let mut ids = Self::insert_leases(&mut tx, &new, now, lease_ms)
+        let mut ids = self
+            .insert_leases(&mut tx, &new, now, lease_ms)
             .await?
             .into_iter();
         for (leased, _) in &mut outcomes {
@@ -451,8 +452,14 @@ impl Store {
         Ok(Leased::Yes(0))
     }
 
-    /// Inserts leases (multi-row, `RETURNING`); returns their ids in the order given.
+    /// Inserts leases (multi-row); returns their ids in the order given. The new rows'
+    /// ids come back as one JSON value ([`as_json_rows`]): on PostgreSQL from the insert's
+    /// `RETURNING` in a data-modifying `WITH`; on SQLite (where `RETURNING` rows cannot be
+    /// aggregated) by a second statement in the same trip reading the rows the insert just
+    /// made (ids above the last id less the rows inserted: one writer, ascending ids). Each
+    /// id is matched by its (task, node), so a lease never takes another's id.
     async fn insert_leases(
+        &self,
         tx: &mut Tx,
         new: &[(i64, String)],
         now: i64,
@@ -462,15 +469,34 @@ impl Store {
         for rows in new.chunks(LEASES_PER_INSERT) {
             // Padded with rows of NULLs, left out by the `WHERE` (see `padded`).
             let n = padded(rows.len(), LEASES_PER_INSERT);
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "WITH v (task_id, node) AS (VALUES {})
-                 INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
-                 SELECT task_id, node, 'active', ${}, ${} FROM v WHERE task_id IS NOT NULL
-                 RETURNING id, task_id, node",
-                values(n, 2),
+            let insert = format!(
+                "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
+                 SELECT task_id, node, 'active', ${}, ${} FROM v WHERE task_id IS NOT NULL",
                 2 * n + 1,
                 2 * n + 2
-            )));
+            );
+            let values = values(n, 2);
+            let sql = match self.backend {
+                Backend::Sqlite => format!(
+                    "WITH v (task_id, node) AS (VALUES {values}) {insert};
+                     {}",
+                    as_json_rows(
+                        self.backend,
+                        "SELECT id, task_id, node FROM leases
+                         WHERE id > last_insert_rowid() - changes() AND id <= last_insert_rowid()",
+                        &["id", "task_id", "node"],
+                    )
+                ),
+                Backend::Postgres => format!(
+                    "WITH v (task_id, node) AS (VALUES {values}), made AS ({insert} RETURNING id, task_id, node) {}",
+                    as_json_rows(
+                        self.backend,
+                        "SELECT id, task_id, node FROM made",
+                        &["id", "task_id", "node"],
+                    )
+                ),
+            };
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (task, node) in rows {
                 q = q.bind(Some(*task)).bind(Some(node.as_str()));
             }
@@ -478,11 +504,12 @@ impl Store {
                 q = q.bind(None::<i64>).bind(None::<&str>);
             }
             q = q.bind(now).bind(now.saturating_add(lease_ms));
-            for r in q.fetch_all(&mut **tx).await? {
-                ids.insert(
-                    (r.try_get("task_id")?, r.try_get("node")?),
-                    r.try_get("id")?,
-                );
+            // The insert gives no row; the read gives one.
+            for row in q.fetch_all(&mut **tx).await? {
+                let made: Vec<(i64, i64, String)> = json_rows("new leases", &row)?;
+                for (id, task, node) in made {
+                    ids.insert((task, node), id);
+                }
             }
         }
         new.iter()
