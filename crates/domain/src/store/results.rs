@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sqlx::Row;
-use sqlx::any::AnyRow;
 use stardust_ledger::{Account, Amount, Reason};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::NodeId;
@@ -100,22 +99,7 @@ struct LeaseRow {
     job_id: i64,
 }
 
-impl LeaseRow {
-    fn read(row: &AnyRow) -> Result<Self> {
-        Ok(Self {
-            task_id: row.try_get("task_id")?,
-            node: row.try_get("node")?,
-            state: row.try_get("state")?,
-            report: row.try_get("report")?,
-            kind: row.try_get("kind")?,
-            replicas: row.try_get("replicas")?,
-            attempts: row.try_get("attempts")?,
-            job_id: row.try_get("job_id")?,
-        })
-    }
-}
-
-/// The columns [`LeaseRow::read`] reads.
+/// A lease with its task's columns, as [`Store::read_leases`] reads them.
 const LEASE_ROW: &str =
     "SELECT l.id, l.task_id, l.node, l.state, l.report, l.kind, t.replicas, t.attempts, t.job_id
      FROM leases l JOIN tasks t ON t.id = l.task_id";
@@ -230,35 +214,7 @@ impl Store {
         let mut batch = Batch::new(self.backend);
         let ids: BTreeSet<i64> = results.iter().map(|r| id_i64(r.lease)).collect();
         let ids: Vec<i64> = ids.into_iter().collect();
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
-                self.backend,
-                &format!(
-                    "{LEASE_ROW} WHERE l.id IN ({})",
-                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
-                ),
-                &LEASE_COLS,
-            )));
-            for id in pad(chunk, IDS_PER_QUERY) {
-                q = q.bind(*id);
-            }
-            let row = q.fetch_one(&mut *tx).await?;
-            for (id, task_id, node, state, report, kind, replicas, attempts, job_id) in
-                json_rows::<LeaseCols>("lease rows", &row)?
-            {
-                let lease = LeaseRow {
-                    task_id,
-                    node,
-                    state,
-                    report,
-                    kind,
-                    replicas,
-                    attempts,
-                    job_id,
-                };
-                batch.leases.insert(id, lease);
-            }
-        }
+        batch.leases = self.read_leases(&mut tx, &ids).await?;
         let mut out = Vec::with_capacity(results.len());
         for (r, pre) in results.iter().zip(prepared) {
             match self
@@ -282,6 +238,42 @@ impl Store {
         }
         self.tell_ended(ended);
         Ok(out)
+    }
+
+    /// The leases `ids` (those that exist) with their tasks' columns, in one statement per
+    /// [`IDS_PER_QUERY`] ids.
+    async fn read_leases(&self, tx: &mut Tx, ids: &[i64]) -> Result<HashMap<i64, LeaseRow>> {
+        let mut leases = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+                self.backend,
+                &format!(
+                    "{LEASE_ROW} WHERE l.id IN ({})",
+                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+                ),
+                &LEASE_COLS,
+            )));
+            for id in pad(chunk, IDS_PER_QUERY) {
+                q = q.bind(*id);
+            }
+            let row = q.fetch_one(&mut **tx).await?;
+            for (id, task_id, node, state, report, kind, replicas, attempts, job_id) in
+                json_rows::<LeaseCols>("lease rows", &row)?
+            {
+                let lease = LeaseRow {
+                    task_id,
+                    node,
+                    state,
+                    report,
+                    kind,
+                    replicas,
+                    attempts,
+                    job_id,
+                };
+                leases.insert(id, lease);
+            }
+        }
+        Ok(leases)
     }
 
     /// PostgreSQL: locks the batch's task rows, then their jobs' rows, each in id order, so
@@ -346,12 +338,9 @@ impl Store {
             Some(row) => Some(row),
             None => {
                 self.flush(tx, batch, now).await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("{LEASE_ROW} WHERE l.id = $1")))
-                    .bind(id_i64(lease))
-                    .fetch_optional(&mut **tx)
+                self.read_leases(tx, &[id_i64(lease)])
                     .await?
-                    .map(|r| LeaseRow::read(&r))
-                    .transpose()?
+                    .remove(&id_i64(lease))
             }
         };
         let Some(row) = row else {
