@@ -454,6 +454,7 @@ async fn open_session(
             ..Hardware::default()
         },
         tier: Tier::Small,
+        queue: None,
     };
     ws.send(Message::Binary(encode(key, &hello).into())).await?;
     let heartbeat_ms = loop {

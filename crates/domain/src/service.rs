@@ -49,6 +49,9 @@ pub(crate) struct Session {
     /// Round trip measured at the handshake (challenge sent → hello received), ms.
     pub latency_ms: u32,
     pub slots: u32,
+    /// Assignments the node queues at most beside those running (its hello's
+    /// `queue_bound`): it ignores any beyond.
+    pub queue: u32,
     /// Leases the node may hold at least: `slots × lease_ahead`, so a slot never waits a
     /// round trip for its next task. More while it finishes tasks quickly ([`Pace`]).
     pub capacity: u32,
@@ -99,9 +102,12 @@ impl Session {
 
     /// Leases the node may hold now: enough for [`LEASE_DEPTH_MS`] of its recent pace, at
     /// least `slots × lease_ahead`, at most [`MAX_LEASE_AHEAD`] per slot (fewer for browsers,
-    /// whose library queues fewer). Tasks of a millisecond need a deep queue to keep a
-    /// node busy across the round trips of results and assignments; long tasks keep the
-    /// shallow one, so work is not parked on one node while others idle.
+    /// whose library queues fewer) and three quarters of the queue the node said it keeps
+    /// (room for leases counted as finished a moment early), never less than one a slot.
+    /// Tasks of a millisecond need a deep queue to keep a node busy across the round trips
+    /// of results and assignments, and a deep queue lets results arrive, and be written,
+    /// in larger batches; long tasks keep the shallow one, so work is not parked on one
+    /// node while others idle.
     pub fn capacity(&self) -> u32 {
         let per_slot = if self.tier == Tier::Browser {
             MAX_LEASE_AHEAD_BROWSER
@@ -109,17 +115,21 @@ impl Session {
             MAX_LEASE_AHEAD
         };
         let deep = (self.pace.per_s * LEASE_DEPTH_MS as f64 / 1000.0).ceil() as u32;
-        let most = self.slots.saturating_mul(per_slot);
-        self.capacity.max(deep).min(most.max(self.capacity))
+        let most = self
+            .slots
+            .saturating_mul(per_slot)
+            .min(self.queue / 4 * 3 + self.queue % 4 * 3 / 4)
+            .max(self.slots);
+        self.capacity.max(deep).min(most)
     }
 }
 
 /// Work leased ahead to a node that finishes tasks quickly, in milliseconds of its pace.
 pub(crate) const LEASE_DEPTH_MS: u64 = 250;
 
-/// Leases per slot at most (the reference node queues up to 64: room for a lease the
-/// domain counts as finished a moment early).
-pub(crate) const MAX_LEASE_AHEAD: u32 = 48;
+/// Leases per slot at most, when the node's queue allows (the reference node queues up to
+/// 256 a slot, and a node that does not say queues 64: see [`Session::capacity`]).
+pub(crate) const MAX_LEASE_AHEAD: u32 = 192;
 
 /// Leases per slot at most for a browser node (its library queues up to 8).
 pub(crate) const MAX_LEASE_AHEAD_BROWSER: u32 = 6;
@@ -960,6 +970,7 @@ mod tests {
             stake_slots: None,
             latency_ms: 0,
             slots,
+            queue: slots * 64,
             capacity: slots * 2,
             pace: Pace::default(),
             paused: false,
@@ -977,11 +988,29 @@ mod tests {
             4,
             "slots × lease_ahead before any pace is known"
         );
-        // 1,000 tasks/s: 250 ms of work is 250 leases, capped at 48 per slot.
+        // 1,000 tasks/s: 250 ms of work is 250 leases, capped at three quarters of the
+        // node's queue (64 a slot: a node whose hello does not say).
         s.pace.record(0, 1_000);
         s.pace.record(300, 1_300);
         assert_eq!(s.pace.per_s, 1_000.0);
         assert_eq!(s.capacity(), 96);
+        // A node that queues 256 a slot takes the 250...
+        let deep = Session {
+            queue: 512,
+            ..session(Tier::Standard, 2)
+        };
+        let mut deep = deep;
+        deep.pace = s.pace.clone();
+        assert_eq!(deep.capacity(), 250);
+        // ...up to 192 a slot.
+        deep.pace.record(2_000, 1_600);
+        assert_eq!(deep.capacity(), 384);
+        // A node that queues almost nothing still gets a lease a slot, and no more than
+        // three quarters of a larger queue.
+        deep.queue = 0;
+        assert_eq!(deep.capacity(), 2);
+        deep.queue = 7;
+        assert_eq!(deep.capacity(), 5);
         // 40 tasks/s: 10 leases.
         s.pace.record(12, 1_600);
         assert_eq!(s.capacity(), 10);

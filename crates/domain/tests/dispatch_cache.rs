@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{Running, join, key, next_domain, start};
+use common::{Running, join, join_with, key, next_domain, start};
 
 fn spec(module: &str, input: &str, n: u32) -> stardust_proto::job::JobSpec {
     serde_json::from_value(serde_json::json!({
@@ -118,5 +118,48 @@ async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_fo
 
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    domain.shutdown().await;
+}
+
+/// Assignments `ws` receives until none has come for half a second.
+async fn assigned(ws: &mut common::Ws) -> usize {
+    let mut n = 0;
+    while let Ok(m) = tokio::time::timeout(Duration::from_millis(500), next_domain(ws)).await {
+        match m {
+            Some(stardust_proto::message::DomainMessage::Assign { tasks }) => n += tasks.len(),
+            Some(_) => {}
+            None => panic!("the session ended"),
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_leased_at_most_three_quarters_of_the_queue_its_hello_says() {
+    // A domain that would lease 100 a slot up front: only the nodes' queues hold it back.
+    let Running {
+        domain,
+        client,
+        module,
+        input,
+        ..
+    } = start(|config| config.lease_ahead = 100).await;
+    let addr = domain.addr();
+    let tier = stardust_proto::task::Tier::Small;
+    let mut small = join_with(addr, &key(2), 1, tier, Some(8)).await;
+    let mut silent = join_with(addr, &key(3), 1, tier, None).await;
+    let mut nothing = join_with(addr, &key(4), 2, tier, Some(0)).await;
+    client
+        .submit(&spec(&module, &input, 200))
+        .await
+        .expect("submit");
+    let (a, b, c) = tokio::join!(
+        assigned(&mut small),
+        assigned(&mut silent),
+        assigned(&mut nothing)
+    );
+    // 8 queued: 6. A hello that does not say: 64 a slot, so 48. A queue of nothing: still
+    // one lease a slot.
+    assert_eq!((a, b, c), (6, 48, 2));
     domain.shutdown().await;
 }

@@ -252,6 +252,7 @@ async fn node_session_refusals_leave_the_session_working() {
         slots: 1,
         hardware: Hardware::default(),
         tier: Tier::Small,
+        queue: None,
     };
     ws.send(Message::Binary(encode(&key(5), &hello).into()))
         .await

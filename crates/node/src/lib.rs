@@ -292,8 +292,16 @@ async fn sessions(
     }
 }
 
-/// Most queued assignments per slot.
-const MAX_QUEUED_PER_SLOT: usize = 64;
+/// Most queued assignments per slot (said in the hello: a domain leases at most three
+/// quarters of it). Deep enough that a node finishing tasks of microseconds always has
+/// work queued while its results and the next assignments cross: the domain then writes
+/// them in fewer, larger transactions.
+const MAX_QUEUED_PER_SLOT: u32 = 256;
+
+/// The node's queue bound for `slots` slots.
+fn queue_bound(slots: u32) -> u32 {
+    slots.saturating_mul(MAX_QUEUED_PER_SLOT)
+}
 
 /// Results in one frame at most.
 const MAX_RESULTS_PER_FRAME: usize = 256;
@@ -403,6 +411,7 @@ async fn session(
         slots: shared.config.slots,
         hardware: shared.hardware.clone(),
         tier: shared.hardware.tier(),
+        queue: Some(queue_bound(shared.config.slots)),
     };
     sink.send(Message::Binary(encode(&shared.identity, &hello).into()))
         .await
@@ -562,9 +571,10 @@ async fn handle(shared: &Shared, msg: DomainMessage) {
                 k
             };
             let mut queue = shared.queue.lock().await;
-            // Bounded: a domain leases about two tasks per slot; anything far beyond that is
-            // refused here and comes back to the domain when its lease expires.
-            let cap = shared.config.slots as usize * MAX_QUEUED_PER_SLOT;
+            // Bounded by what the hello said: a domain leases at most three quarters of it;
+            // anything beyond is refused here and comes back to the domain when its lease
+            // expires.
+            let cap = queue_bound(shared.config.slots) as usize;
             for a in tasks {
                 if known.contains(&a.lease) {
                     continue;

@@ -156,6 +156,22 @@ pub struct Hello {
     pub hardware: Hardware,
     /// Its tier (browser nodes say `browser`; native nodes derive it from the hardware).
     pub tier: Tier,
+    /// Assignments it keeps queued at most, beside those running; it ignores any beyond.
+    /// Absent: 64 per slot (the first reference node's bound). A domain leases a node at
+    /// most three quarters of it, leaving room for leases it counts as finished early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
+}
+
+impl Hello {
+    /// Assignments queued at most when a hello does not say ([`Hello::queue`]).
+    pub const DEFAULT_QUEUE_PER_SLOT: u32 = 64;
+
+    /// The node's queue bound: what it says, else [`Hello::DEFAULT_QUEUE_PER_SLOT`] per slot.
+    pub fn queue_bound(&self) -> u32 {
+        self.queue
+            .unwrap_or_else(|| self.slots.saturating_mul(Self::DEFAULT_QUEUE_PER_SLOT))
+    }
 }
 
 impl Message for Hello {
@@ -461,15 +477,22 @@ pub(crate) mod strategies {
     }
 
     pub fn hello() -> impl Strategy<Value = Hello> {
-        (any::<[u8; 32]>(), text(), any::<u32>(), hardware(), tier()).prop_map(
-            |(n, agent, slots, hardware, tier)| Hello {
+        (
+            any::<[u8; 32]>(),
+            text(),
+            any::<u32>(),
+            hardware(),
+            tier(),
+            any::<Option<u32>>(),
+        )
+            .prop_map(|(n, agent, slots, hardware, tier, queue)| Hello {
                 nonce: Nonce(n),
                 agent,
                 slots,
                 hardware,
                 tier,
-            },
-        )
+                queue,
+            })
     }
 
     pub fn node_message() -> impl Strategy<Value = NodeMessage> {

@@ -155,6 +155,7 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 latency_ms,
                 tier: hello.tier,
                 slots: hello.slots,
+                queue: hello.queue_bound(),
                 capacity: hello.slots.saturating_mul(shared.config.lease_ahead.max(1)),
                 pace: crate::service::Pace::default(),
                 paused: false,

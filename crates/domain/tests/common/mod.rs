@@ -43,6 +43,17 @@ pub async fn join(addr: SocketAddr, node: &Identity, slots: u32) -> Ws {
 
 /// [`join`] declaring `tier`.
 pub async fn join_as(addr: SocketAddr, node: &Identity, slots: u32, tier: Tier) -> Ws {
+    join_with(addr, node, slots, tier, None).await
+}
+
+/// [`join`] declaring `tier` and the queue bound `queue` (`None`: the hello does not say).
+pub async fn join_with(
+    addr: SocketAddr,
+    node: &Identity,
+    slots: u32,
+    tier: Tier,
+    queue: Option<u32>,
+) -> Ws {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/nodes/connect"))
         .await
         .expect("connect");
@@ -59,6 +70,7 @@ pub async fn join_as(addr: SocketAddr, node: &Identity, slots: u32, tier: Tier) 
             ..Hardware::default()
         },
         tier,
+        queue,
     };
     ws.send(Message::Binary(encode(node, &hello).into()))
         .await
