@@ -15,8 +15,8 @@ use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::{
-    Backend, Leased, PendingTask, Result, Store, Terms, as_json_rows, id_i64, in_list, json,
-    json_rows, may_stand_alone_row, pad, padded, parse, terms_of, values,
+    Backend, Leased, PendingTask, Result, Store, as_json_rows, id_i64, in_list, json, json_rows,
+    may_stand_alone_row, pad, padded, parse, terms_of, values,
 };
 
 type Tx = super::db::Tx;
@@ -62,125 +62,79 @@ impl Store {
         // One connection for all of it: taking one from the pool costs several times a
         // statement.
         let mut conn = self.db.acquire().await?;
+        // What every task of a job shares is read once, with the job.
         let jobs = sqlx::query(
-            "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
+            "SELECT id, module, terms, CASE WHEN terms IS NULL THEN spec END AS spec, created_ms,
+             redundancy, adaptive, priority
+             FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
         )
         .fetch_all(&mut *conn)
         .await?;
-        // Per task: id, job, its position, args, input, seed, replicas; then its job's
-        // module, terms (or spec), creation time, redundancy, adaptive, priority.
-        type Row = (
-            i64,
-            i64,
-            i64,
-            String,
-            String,
-            String,
-            i64,
-            String,
-            Option<String>,
-            Option<String>,
-            i64,
-            i64,
-            i64,
-            i64,
+        // Per task: id, its position, args, input, seed, replicas, and the nodes holding an
+        // active or finished replica (comma-separated; none for a task never leased).
+        type Row = (i64, i64, String, String, String, i64, Option<String>);
+        let holders = match self.backend {
+            Backend::Sqlite => "group_concat(l.node, ',')",
+            Backend::Postgres => "string_agg(l.node, ',')",
+        };
+        let sql = as_json_rows(
+            self.backend,
+            &format!(
+                "SELECT t.id, t.idx, t.args, t.input, t.seed, t.replicas,
+                 (SELECT {holders} FROM leases l WHERE l.task_id = t.id AND l.state IN ('active', 'done')) AS holders
+                 FROM tasks t WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2"
+            ),
+            &["id", "idx", "args", "input", "seed", "replicas", "holders"],
         );
-        let mut rows: Vec<Row> = Vec::new();
+        let mut out: Vec<PendingTask> = Vec::new();
         for j in jobs {
-            let wanted = i64::from(limit) - rows.len() as i64;
+            let wanted = i64::from(limit) - out.len() as i64;
             if wanted <= 0 {
                 break;
             }
-            let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
-                self.backend,
-                "SELECT t.id, t.job_id, t.idx, t.args, t.input, t.seed, t.replicas, j.module, j.terms,
-                 CASE WHEN j.terms IS NULL THEN j.spec END AS spec, j.created_ms, j.redundancy, j.adaptive,
-                 j.priority
-                 FROM tasks t JOIN jobs j ON j.id = t.job_id
-                 WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2",
-                &[
-                    "id", "job_id", "idx", "args", "input", "seed", "replicas", "module", "terms",
-                    "spec", "created_ms", "redundancy", "adaptive", "priority",
-                ],
-            )))
-            .bind(j.try_get::<i64, _>("id")?)
-            .bind(wanted);
-            let mut job_rows: Vec<Row> =
-                json_rows("pending tasks", &q.fetch_one(&mut *conn).await?)?;
+            let job: i64 = j.try_get("id")?;
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(job)
+                .bind(wanted);
+            let mut rows: Vec<Row> = json_rows("pending tasks", &q.fetch_one(&mut *conn).await?)?;
+            if rows.is_empty() {
+                continue;
+            }
             // In the job's order (the rows' order in the array is not promised).
-            job_rows.sort_unstable_by_key(|r| r.2);
-            rows.extend(job_rows);
-        }
-        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        let mut holders: HashMap<i64, Vec<NodeId>> = HashMap::new();
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
-                self.backend,
-                &format!(
-                    "SELECT task_id, node FROM leases WHERE task_id IN ({}) AND state IN ('active', 'done')",
-                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
-                ),
-                &["task_id", "node"],
-            )));
-            for id in pad(chunk, IDS_PER_QUERY) {
-                q = q.bind(*id);
+            rows.sort_unstable_by_key(|r| r.1);
+            let terms = terms_of(
+                j.try_get::<Option<String>, _>("terms")?.as_deref(),
+                j.try_get::<Option<String>, _>("spec")?.as_deref(),
+            )?;
+            let module = parse("job module", &j.try_get::<String, _>("module")?)?;
+            let submitted_ms: i64 = j.try_get("created_ms")?;
+            let redundancy = j.try_get::<i64, _>("redundancy")?.clamp(0, 255) as u8;
+            let adaptive = j.try_get::<i64, _>("adaptive")? != 0;
+            let priority: i64 = j.try_get("priority")?;
+            for (task, _idx, args, input, seed, replicas, holders) in rows {
+                out.push(PendingTask {
+                    spec: TaskSpec {
+                        task: task as TaskId,
+                        job: job as JobId,
+                        module,
+                        input: parse("task input", &input)?,
+                        args: json("task args", &args)?,
+                        limits: terms.limits,
+                        seed: parse("task seed", &seed)?,
+                    },
+                    requirements: terms.requirements.clone(),
+                    replicas_on: holders
+                        .as_deref()
+                        .map(|h| h.split(',').map(|n| parse("lease node", n)).collect())
+                        .transpose()?
+                        .unwrap_or_default(),
+                    submitted_ms,
+                    redundancy,
+                    replicas: replicas.clamp(0, 255) as u8,
+                    adaptive,
+                    priority,
+                });
             }
-            let found: Vec<(i64, String)> =
-                json_rows("pending holders", &q.fetch_one(&mut *conn).await?)?;
-            for (task, node) in found {
-                holders
-                    .entry(task)
-                    .or_default()
-                    .push(parse("lease node", &node)?);
-            }
-        }
-        drop(conn);
-        let mut out = Vec::with_capacity(rows.len());
-        // A job's terms, parsed once.
-        let mut parsed: HashMap<i64, Terms> = HashMap::new();
-        for (
-            task,
-            job,
-            _idx,
-            args,
-            input,
-            seed,
-            replicas,
-            module,
-            job_terms,
-            spec,
-            created_ms,
-            redundancy,
-            adaptive,
-            priority,
-        ) in rows
-        {
-            let terms = match parsed.get(&job) {
-                Some(t) => t.clone(),
-                None => {
-                    let t = terms_of(job_terms.as_deref(), spec.as_deref())?;
-                    parsed.insert(job, t.clone());
-                    t
-                }
-            };
-            out.push(PendingTask {
-                spec: TaskSpec {
-                    task: task as TaskId,
-                    job: job as JobId,
-                    module: parse("job module", &module)?,
-                    input: parse("task input", &input)?,
-                    args: json("task args", &args)?,
-                    limits: terms.limits,
-                    seed: parse("task seed", &seed)?,
-                },
-                requirements: terms.requirements,
-                replicas_on: holders.remove(&task).unwrap_or_default(),
-                submitted_ms: created_ms,
-                redundancy: redundancy.clamp(0, 255) as u8,
-                replicas: replicas.clamp(0, 255) as u8,
-                adaptive: adaptive != 0,
-                priority,
-            });
         }
         Ok(out)
     }
