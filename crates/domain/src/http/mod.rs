@@ -389,8 +389,8 @@ async fn submit(
     if query.wait_ms > 0 {
         let deadline =
             tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
-        let row = owned_job(&shared, job, owner).await?;
-        let row = wait_until_ended(&shared, job, owner, row, ends, deadline).await?;
+        // Not read now: the job was created after `ends` subscribed, so its end is told.
+        let row = wait_until_ended(&shared, job, owner, None, ends, deadline).await?;
         if ended(&row.state) && row.counts.total <= SUBMIT_RESULTS {
             let tasks = shared
                 .store
@@ -650,7 +650,7 @@ async fn get_job(
         None
     };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
-    let job = wait_until_ended(&shared, id, client, job, ends, deadline).await?;
+    let job = wait_until_ended(&shared, id, client, Some(job), ends, deadline).await?;
     Ok(axum::Json(job_json(&job)))
 }
 
@@ -666,17 +666,18 @@ fn check_wait(wait_ms: u64) -> ApiResult<()> {
     Ok(())
 }
 
-/// Job `id` (`client`'s, last read as `job`) once it has ended, or as it is at `deadline`.
-/// `ends` was subscribed before `job` was read, so an end in between is not missed.
+/// Job `id` (`client`'s, last read as `job`, or not read yet) once it has ended, or as it
+/// is at `deadline`. `ends` was subscribed before `job` was read (or created), so an end in
+/// between is not missed.
 async fn wait_until_ended(
     shared: &Shared,
     id: u64,
     client: NodeId,
-    mut job: crate::store::JobRow,
+    mut job: Option<crate::store::JobRow>,
     mut ends: tokio::sync::broadcast::Receiver<stardust_proto::task::JobId>,
     deadline: tokio::time::Instant,
 ) -> ApiResult<crate::store::JobRow> {
-    while !ended(&job.state) {
+    while !job.as_ref().is_some_and(|j| ended(&j.state)) {
         let told = tokio::select! {
             told = ends.recv() => told,
             () = tokio::time::sleep_until(deadline) => break,
@@ -685,12 +686,15 @@ async fn wait_until_ended(
             Ok(j) if j != id => continue,
             // It ended, or ends were missed (lagged): read again.
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                job = owned_job(shared, id, client).await?;
+                job = Some(owned_job(shared, id, client).await?);
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         }
     }
-    Ok(job)
+    match job {
+        Some(j) => Ok(j),
+        None => owned_job(shared, id, client).await,
+    }
 }
 
 #[derive(Debug, Deserialize)]
