@@ -105,6 +105,22 @@ pub struct Counts {
     pub cancelled: u64,
 }
 
+impl Counts {
+    /// Counts `n` tasks in `state`.
+    fn add(&mut self, state: &str, n: u64) -> Result<()> {
+        match state {
+            "pending" => self.pending += n,
+            "running" => self.running += n,
+            "verified" => self.verified += n,
+            "failed" => self.failed += n,
+            "cancelled" => self.cancelled += n,
+            other => return Err(corrupt("task state", other)),
+        }
+        self.total += n;
+        Ok(())
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRow {
@@ -947,17 +963,35 @@ impl Store {
 
     /// A job with its task counts.
     pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
-        // One connection for both reads (SQLite's is taken once).
-        let mut conn = self.db.acquire().await?;
-        let Some(r) = sqlx::query("SELECT id, owner, name, spec, module, state, created_ms, finished_ms FROM jobs WHERE id = $1")
-            .bind(id_i64(id))
-            .fetch_optional(&mut *conn)
-            .await?
+        // The job and its task counts in one statement (`state:n` pairs).
+        let pairs = match self.backend {
+            Backend::Sqlite => "group_concat(c.state || ':' || c.n, ',')",
+            Backend::Postgres => "string_agg(c.state || ':' || c.n, ',')",
+        };
+        let Some(r) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, owner, name, spec, module, state, created_ms, finished_ms,
+             (SELECT {pairs} FROM (SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state) AS c) AS counts
+             FROM jobs WHERE id = $2"
+        )))
+        .bind(id_i64(id))
+        .bind(id_i64(id))
+        .fetch_optional(&mut *self.db.acquire().await?)
+        .await?
         else {
             return Ok(None);
         };
-        let counts = Self::counts_on(&mut conn, id).await?;
-        drop(conn);
+        let mut counts = Counts::default();
+        for pair in r
+            .try_get::<Option<String>, _>("counts")?
+            .iter()
+            .flat_map(|c| c.split(','))
+        {
+            let (state, n) = pair
+                .split_once(':')
+                .ok_or_else(|| corrupt("task counts", pair))?;
+            let n: u64 = n.parse().map_err(|_| corrupt("task counts", pair))?;
+            counts.add(state, n)?;
+        }
         Ok(Some(JobRow {
             id,
             owner: parse("job owner", &r.try_get::<String, _>("owner")?)?,
@@ -1035,16 +1069,10 @@ impl Store {
                 .await?;
         let mut c = Counts::default();
         for r in rows {
-            let n = r.try_get::<i64, _>("n")? as u64;
-            c.total += n;
-            match r.try_get::<String, _>("state")?.as_str() {
-                "pending" => c.pending += n,
-                "running" => c.running += n,
-                "verified" => c.verified += n,
-                "failed" => c.failed += n,
-                "cancelled" => c.cancelled += n,
-                other => return Err(corrupt("task state", other)),
-            }
+            c.add(
+                &r.try_get::<String, _>("state")?,
+                r.try_get::<i64, _>("n")? as u64,
+            )?;
         }
         Ok(c)
     }
