@@ -65,7 +65,7 @@ struct Batch<'a> {
     touched: HashSet<i64>,
     /// Single-replica results verified: their lease and task updates, written as set
     /// statements ([`Store::flush`]) before anything reads those rows.
-    done: Vec<(i64, String, String)>,
+    done: Vec<(i64, String)>,
     verified: Vec<(i64, String, i64, String)>,
 }
 
@@ -99,9 +99,11 @@ struct LeaseRow {
     job_id: i64,
 }
 
-/// A lease with its task's columns, as [`Store::read_leases`] reads them.
-const LEASE_ROW: &str =
-    "SELECT l.id, l.task_id, l.node, l.state, l.report, l.kind, t.replicas, t.attempts, t.job_id
+/// A lease with its task's columns, as [`Store::read_leases`] reads them. A single
+/// replica's lease keeps no report of its own: a done one's is its task's.
+const LEASE_ROW: &str = "SELECT l.id, l.task_id, l.node, l.state,
+     COALESCE(l.report, CASE WHEN l.state = 'done' THEN t.report END) AS report,
+     l.kind, t.replicas, t.attempts, t.job_id
      FROM leases l JOIN tasks t ON t.id = l.task_id";
 
 /// [`LEASE_ROW`]'s columns, in order, for [`as_json_rows`].
@@ -411,9 +413,11 @@ impl Store {
         // A single replica's report is also its task's accepted report: serialized once.
         let mut single_report = None;
         if replicas <= 1 {
-            // Nothing reads this lease again in the batch (its task is touched).
-            single_report = Some(pre.report.clone());
-            batch.done.push((id_i64(lease), pre.report, frame));
+            // Nothing reads this lease again in the batch (its task is touched). Its report
+            // is kept once, on its task (it is the task's accepted report); the lease names
+            // the frame that carried it.
+            single_report = Some(pre.report);
+            batch.done.push((id_i64(lease), frame));
         } else {
             Self::finish_lease(tx, lease, "done", &pre.report, &frame, now).await?;
         }
@@ -575,19 +579,19 @@ impl Store {
     /// Queues the held single-replica updates (leases done, tasks verified) as set
     /// statements (one row fewer than a statement's share, for the time bound last).
     fn queue_held(batch: &mut Batch<'_>, now: i64) {
-        const DONE_ROWS: usize = super::rows_per_statement(3) - 1;
+        const DONE_ROWS: usize = super::rows_per_statement(2) - 1;
         const VERIFIED_ROWS: usize = super::rows_per_statement(4) - 1;
         for rows in batch.done.chunks(DONE_ROWS) {
             let n = padded(rows.len(), DONE_ROWS);
             let mut q = batch.script.push(&format!(
-                "WITH v (id, report, frame) AS (VALUES {})
-                 UPDATE leases SET state = 'done', report = v.report, frame = v.frame, finished_ms = ${}
+                "WITH v (id, frame) AS (VALUES {})
+                 UPDATE leases SET state = 'done', frame = v.frame, finished_ms = ${}
                  FROM v WHERE leases.id = v.id",
-                values(n, 3),
-                n * 3 + 1
+                values(n, 2),
+                n * 2 + 1
             ));
-            for (id, report, frame) in pad(rows, DONE_ROWS) {
-                q = q.bind(*id).bind(report.as_str()).bind(frame.as_str());
+            for (id, frame) in pad(rows, DONE_ROWS) {
+                q = q.bind(*id).bind(frame.as_str());
             }
             q.bind(now);
         }
