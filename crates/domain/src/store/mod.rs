@@ -421,6 +421,9 @@ struct PendingNews {
 /// bumped (the dispatcher reads them from the database instead).
 const MAX_CREATED: usize = 4096;
 
+/// A job's tasks per insert statement (bound as one JSON array).
+const TASKS_PER_INSERT: usize = 2048;
+
 /// Ended jobs told to subscribers and not yet read by the slowest of them at most (a
 /// subscriber that falls further behind is told it lagged, and reads the jobs it waits for).
 const ENDED_JOBS_BACKLOG: usize = 4096;
@@ -850,28 +853,44 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let job: i64 = row.try_get("id")?;
-        // Many rows a statement (a statement is a round trip to the database): a sweep of
-        // 20,000 tasks was 20,000 inserts.
+        // Many rows a statement (a statement is a round trip to the database: a sweep of
+        // 20,000 tasks was 20,000 inserts), bound as one JSON array of rows that the database
+        // takes apart (binding values one by one cost more than inserting them).
         // The dispatcher is told a small job's tasks (it reads a large one's).
         let tell = trials.len() <= MAX_CREATED;
         let returning = if tell { " RETURNING id, idx" } else { "" };
-        let mut ids: HashMap<i64, i64> = HashMap::new();
-        for rows in trials.chunks(rows_per_statement(8)) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) VALUES {}{returning}",
-                values(rows.len(), 8)
-            )));
-            for t in rows {
-                q = q
-                    .bind(job)
-                    .bind(i64::from(t.index))
-                    .bind(to_json(&t.args))
-                    .bind(t.input.to_string())
-                    .bind(t.seed.to_string())
-                    .bind("pending")
-                    .bind(i64::from(spec.redundancy))
-                    .bind(0i64);
+        let rows_of = match self.backend {
+            Backend::Sqlite => {
+                "SELECT $1, j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, 'pending', $2, 0
+                 FROM json_each($3) AS j ORDER BY j.key"
             }
+            Backend::Postgres => {
+                "SELECT $1, (j.value ->> 0)::bigint, j.value ->> 1, j.value ->> 2, j.value ->> 3, 'pending', $2, 0
+                 FROM json_array_elements($3::json) WITH ORDINALITY AS j(value, n) ORDER BY j.n"
+            }
+        };
+        let insert = format!(
+            "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) {rows_of}{returning}"
+        );
+        let mut ids: HashMap<i64, i64> = HashMap::new();
+        for rows in trials.chunks(TASKS_PER_INSERT) {
+            // Each row: its position, its args (their JSON as a string, stored as given),
+            // input and seed.
+            let rows: Vec<(u32, String, String, String)> = rows
+                .iter()
+                .map(|t| {
+                    (
+                        t.index,
+                        to_json(&t.args),
+                        t.input.to_string(),
+                        t.seed.to_string(),
+                    )
+                })
+                .collect();
+            let q = sqlx::query(sqlx::AssertSqlSafe(insert.as_str()))
+                .bind(job)
+                .bind(i64::from(spec.redundancy))
+                .bind(to_json(&rows));
             for r in q.fetch_all(&mut *tx).await? {
                 ids.insert(r.try_get("idx")?, r.try_get("id")?);
             }

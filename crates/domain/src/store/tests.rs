@@ -333,6 +333,43 @@ async fn blobs_and_modules() {
 }
 
 #[tokio::test]
+async fn a_large_sweep_is_stored_task_for_task() {
+    for (store, _dir) in backends().await {
+        // More tasks than one insert statement takes, with arguments that need escaping.
+        let s: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "wide",
+            "module": ContentId::of(b"module").to_string(),
+            "input": ContentId::of(b"").to_string(),
+            "args": ["{i}", "a \"quoted\" \\ é ✓ \u{1}"],
+            "sweep": {"grid": {"i": (0..2_100).collect::<Vec<_>>()}},
+        }))
+        .expect("spec");
+        let trials = s.expand().expect("expand");
+        let id = store
+            .job_free(node(100), &s, &trials, 1_000)
+            .await
+            .expect("create job");
+        let rows = store.tasks(id, 0, 3_000).await.expect("tasks");
+        assert_eq!(rows.len(), trials.len());
+        for (row, trial) in rows.iter().zip(&trials) {
+            assert_eq!((row.index, &row.args), (trial.index, &trial.args));
+        }
+        assert!(
+            rows.windows(2).all(|w| w[0].id < w[1].id),
+            "ids follow the job's order"
+        );
+        let pending = store.pending_tasks(3_000).await.expect("pending");
+        assert_eq!(pending.len(), trials.len());
+        for (p, trial) in pending.iter().zip(&trials) {
+            assert_eq!(
+                (&p.spec.args, p.spec.seed, p.spec.input),
+                (&trial.args, trial.seed, trial.input)
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_job_runs_to_verified_with_redundancy_two() {
     for (store, _dir) in backends().await {
         let id = job(&store, 2, 3).await;
