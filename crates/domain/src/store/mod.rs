@@ -486,6 +486,36 @@ fn push_list(out: &mut String, first: usize, n: usize) {
     }
 }
 
+/// A column of [`json_table`]: its name and whether it is an integer (else text).
+type JsonCol<'a> = (&'a str, bool);
+
+/// Rows bound as one parameter, `$param`: a JSON array of arrays, taken apart by the
+/// database into a table with `cols` (in their order), in the array's order. The writes'
+/// mirror of [`as_json_rows`]: binding values one by one costs more than the database's
+/// work on them (sqlx's SQLite driver looks each up by name), and a list of any length is
+/// one statement text.
+fn json_table(backend: Backend, param: usize, cols: &[JsonCol<'_>]) -> String {
+    let mut out = String::from("SELECT ");
+    for (i, (name, int)) in cols.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let cast = if *int && backend == Backend::Postgres {
+            "::bigint"
+        } else {
+            ""
+        };
+        out.push_str(&format!("(j.value ->> {i}){cast} AS {name}"));
+    }
+    match backend {
+        Backend::Sqlite => out.push_str(&format!(" FROM json_each(${param}) AS j ORDER BY j.key")),
+        Backend::Postgres => out.push_str(&format!(
+            " FROM json_array_elements(${param}::json) WITH ORDINALITY AS j(value, n) ORDER BY j.n"
+        )),
+    }
+    out
+}
+
 /// The `VALUES` rows of a multi-row insert: `($1, …, $cols), ($cols+1, …)`, `rows` of them.
 fn values(rows: usize, cols: usize) -> String {
     let mut out = String::with_capacity(rows * (cols * 6 + 4));
@@ -859,18 +889,19 @@ impl Store {
         // The dispatcher is told a small job's tasks (it reads a large one's).
         let tell = trials.len() <= MAX_CREATED;
         let returning = if tell { " RETURNING id, idx" } else { "" };
-        let rows_of = match self.backend {
-            Backend::Sqlite => {
-                "SELECT $1, j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, 'pending', $2, 0
-                 FROM json_each($3) AS j ORDER BY j.key"
-            }
-            Backend::Postgres => {
-                "SELECT $1, (j.value ->> 0)::bigint, j.value ->> 1, j.value ->> 2, j.value ->> 3, 'pending', $2, 0
-                 FROM json_array_elements($3::json) WITH ORDINALITY AS j(value, n) ORDER BY j.n"
-            }
-        };
+        let rows = json_table(
+            self.backend,
+            3,
+            &[
+                ("idx", true),
+                ("args", false),
+                ("input", false),
+                ("seed", false),
+            ],
+        );
         let insert = format!(
-            "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts) {rows_of}{returning}"
+            "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts)
+             SELECT $1, r.idx, r.args, r.input, r.seed, 'pending', $2, 0 FROM ({rows}) AS r{returning}"
         );
         let mut ids: HashMap<i64, i64> = HashMap::new();
         for rows in trials.chunks(TASKS_PER_INSERT) {

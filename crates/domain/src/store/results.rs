@@ -27,7 +27,7 @@ use super::ledger::{Chain, Post};
 use super::script::Script;
 use super::{
     Backend, RecordError, Recorded, Result, Retry, Store, Submitted, as_json_rows, corrupt, id_i64,
-    in_list, json, json_rows, pad, padded, parse, terms, to_json, values,
+    in_list, json, json_rows, json_table, pad, padded, parse, terms, to_json, values,
 };
 
 type Tx = super::db::Tx;
@@ -571,50 +571,48 @@ impl Store {
 
     /// Writes the held single-replica updates and anything else queued, before a read.
     async fn flush(&self, tx: &mut Tx, batch: &mut Batch<'_>, now: i64) -> Result<()> {
-        Self::queue_held(batch, now);
+        self.queue_held(batch, now);
         batch.script.run(tx).await?;
         Ok(())
     }
 
-    /// Queues the held single-replica updates (leases done, tasks verified) as set
-    /// statements (one row fewer than a statement's share, for the time bound last).
-    fn queue_held(batch: &mut Batch<'_>, now: i64) {
-        const DONE_ROWS: usize = super::rows_per_statement(2) - 1;
-        const VERIFIED_ROWS: usize = super::rows_per_statement(4) - 1;
-        for rows in batch.done.chunks(DONE_ROWS) {
-            let n = padded(rows.len(), DONE_ROWS);
-            let mut q = batch.script.push(&format!(
-                "WITH v (id, frame) AS (VALUES {})
-                 UPDATE leases SET state = 'done', frame = v.frame, finished_ms = ${}
-                 FROM v WHERE leases.id = v.id",
-                values(n, 2),
-                n * 2 + 1
-            ));
-            for (id, frame) in pad(rows, DONE_ROWS) {
-                q = q.bind(*id).bind(frame.as_str());
-            }
-            q.bind(now);
+    /// Queues the held single-replica updates (leases done, tasks verified) as two set
+    /// statements, their rows bound as one JSON value each ([`json_table`]).
+    fn queue_held(&self, batch: &mut Batch<'_>, now: i64) {
+        if !batch.done.is_empty() {
+            let rows = json_table(self.backend, 2, &[("id", true), ("frame", false)]);
+            batch
+                .script
+                .push(&format!(
+                    "UPDATE leases SET state = 'done', frame = v.frame, finished_ms = $1
+                     FROM ({rows}) AS v WHERE leases.id = v.id"
+                ))
+                .bind(now)
+                .bind(to_json(&batch.done));
+            batch.done.clear();
         }
-        batch.done.clear();
-        for rows in batch.verified.chunks(VERIFIED_ROWS) {
-            let n = padded(rows.len(), VERIFIED_ROWS);
-            let mut q = batch.script.push(&format!(
-                "WITH v (id, output, fuel, report) AS (VALUES {})
-                 UPDATE tasks SET state = 'verified', output = v.output, fuel = v.fuel, report = v.report, finished_ms = ${}
-                 FROM v WHERE tasks.id = v.id",
-                values(n, 4),
-                n * 4 + 1
-            ));
-            for (id, output, fuel, report) in pad(rows, VERIFIED_ROWS) {
-                q = q
-                    .bind(*id)
-                    .bind(output.as_str())
-                    .bind(*fuel)
-                    .bind(report.as_str());
-            }
-            q.bind(now);
+        if !batch.verified.is_empty() {
+            let rows = json_table(
+                self.backend,
+                2,
+                &[
+                    ("id", true),
+                    ("output", false),
+                    ("fuel", true),
+                    ("report", false),
+                ],
+            );
+            batch
+                .script
+                .push(&format!(
+                    "UPDATE tasks SET state = 'verified', output = v.output, fuel = v.fuel,
+                     report = v.report, finished_ms = $1
+                     FROM ({rows}) AS v WHERE tasks.id = v.id"
+                ))
+                .bind(now)
+                .bind(to_json(&batch.verified));
+            batch.verified.clear();
         }
-        batch.verified.clear();
     }
 
     /// Queues what the batch's results share: inline outputs, reputations (in node id
@@ -626,7 +624,7 @@ impl Store {
         mut batch: Batch<'_>,
         now: i64,
     ) -> Result<(Vec<i64>, Script)> {
-        Self::queue_held(&mut batch, now);
+        self.queue_held(&mut batch, now);
         let frames: Vec<(ContentId, &[u8])> = batch.frames.drain().collect();
         for rows in frames.chunks(FRAMES_PER_INSERT) {
             let mut q = batch.script.push(&format!(
