@@ -5,7 +5,7 @@
 //! the same rules as one at a time (in the order asked, each seeing the ones before), and the
 //! leases are written with one multi-row insert and a few grouped updates.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use sqlx::Row;
 
@@ -16,13 +16,10 @@ use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::{
     Backend, Leased, PendingTask, Result, Store, as_json_rows, id_i64, in_list, json, json_rows,
-    may_stand_alone_row, pad, padded, parse, terms_of, values,
+    json_table, may_stand_alone_row, pad, padded, parse, terms_of,
 };
 
 type Tx = super::db::Tx;
-
-/// Leases per INSERT statement (2 parameters each, and the lease's times).
-const LEASES_PER_INSERT: usize = super::rows_per_statement(2) - 1;
 
 /// Ids per `IN (...)` list.
 const IDS_PER_QUERY: usize = super::MAX_BOUND;
@@ -235,7 +232,7 @@ impl Store {
         }
         // The writes left, with the commit: one trip on SQLite.
         let mut script = Script::new(self.backend);
-        Self::write_tasks(&mut script, &open);
+        self.write_tasks(&mut script, &open);
         let jobs: BTreeSet<i64> = new
             .iter()
             .filter_map(|(task, _)| open.get(task).map(|t| t.job))
@@ -406,12 +403,13 @@ impl Store {
         Ok(Leased::Yes(0))
     }
 
-    /// Inserts leases (multi-row); returns their ids in the order given. The new rows'
-    /// ids come back as one JSON value ([`as_json_rows`]): on PostgreSQL from the insert's
-    /// `RETURNING` in a data-modifying `WITH`; on SQLite (where `RETURNING` rows cannot be
-    /// aggregated) by a second statement in the same trip reading the rows the insert just
-    /// made (ids above the last id less the rows inserted: one writer, ascending ids). Each
-    /// id is matched by its (task, node), so a lease never takes another's id.
+    /// Inserts leases (one statement, the rows bound as one JSON value: [`json_table`]);
+    /// returns their ids in the order given. The new rows' ids come back as one JSON value
+    /// ([`as_json_rows`]): on PostgreSQL from the insert's `RETURNING` in a data-modifying
+    /// `WITH`; on SQLite (where `RETURNING` rows cannot be aggregated) by a second statement
+    /// in the same trip reading the rows the insert just made (ids above the last id less
+    /// the rows inserted: one writer, ascending ids). Each id is matched by its (task,
+    /// node), so a lease never takes another's id.
     async fn insert_leases(
         &self,
         tx: &mut Tx,
@@ -419,51 +417,44 @@ impl Store {
         now: i64,
         lease_ms: i64,
     ) -> Result<Vec<LeaseId>> {
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = json_table(self.backend, 3, &[("task_id", true), ("node", false)]);
+        let insert = format!(
+            "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
+             SELECT v.task_id, v.node, 'active', $1, $2 FROM ({rows}) AS v"
+        );
+        let sql = match self.backend {
+            Backend::Sqlite => format!(
+                "{insert};
+                 {}",
+                as_json_rows(
+                    self.backend,
+                    "SELECT id, task_id, node FROM leases
+                     WHERE id > last_insert_rowid() - changes() AND id <= last_insert_rowid()",
+                    &["id", "task_id", "node"],
+                )
+            ),
+            Backend::Postgres => format!(
+                "WITH made AS ({insert} RETURNING id, task_id, node) {}",
+                as_json_rows(
+                    self.backend,
+                    "SELECT id, task_id, node FROM made",
+                    &["id", "task_id", "node"],
+                )
+            ),
+        };
+        let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(now.saturating_add(lease_ms))
+            .bind(super::to_json(&new));
         let mut ids: HashMap<(i64, String), i64> = HashMap::with_capacity(new.len());
-        for rows in new.chunks(LEASES_PER_INSERT) {
-            // Padded with rows of NULLs, left out by the `WHERE` (see `padded`).
-            let n = padded(rows.len(), LEASES_PER_INSERT);
-            let insert = format!(
-                "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
-                 SELECT task_id, node, 'active', ${}, ${} FROM v WHERE task_id IS NOT NULL",
-                2 * n + 1,
-                2 * n + 2
-            );
-            let values = values(n, 2);
-            let sql = match self.backend {
-                Backend::Sqlite => format!(
-                    "WITH v (task_id, node) AS (VALUES {values}) {insert};
-                     {}",
-                    as_json_rows(
-                        self.backend,
-                        "SELECT id, task_id, node FROM leases
-                         WHERE id > last_insert_rowid() - changes() AND id <= last_insert_rowid()",
-                        &["id", "task_id", "node"],
-                    )
-                ),
-                Backend::Postgres => format!(
-                    "WITH v (task_id, node) AS (VALUES {values}), made AS ({insert} RETURNING id, task_id, node) {}",
-                    as_json_rows(
-                        self.backend,
-                        "SELECT id, task_id, node FROM made",
-                        &["id", "task_id", "node"],
-                    )
-                ),
-            };
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (task, node) in rows {
-                q = q.bind(Some(*task)).bind(Some(node.as_str()));
-            }
-            for _ in rows.len()..n {
-                q = q.bind(None::<i64>).bind(None::<&str>);
-            }
-            q = q.bind(now).bind(now.saturating_add(lease_ms));
-            // The insert gives no row; the read gives one.
-            for row in q.fetch_all(&mut **tx).await? {
-                let made: Vec<(i64, i64, String)> = json_rows("new leases", &row)?;
-                for (id, task, node) in made {
-                    ids.insert((task, node), id);
-                }
+        // The insert gives no row; the read gives one.
+        for row in q.fetch_all(&mut **tx).await? {
+            let made: Vec<(i64, i64, String)> = json_rows("new leases", &row)?;
+            for (id, task, node) in made {
+                ids.insert((task, node), id);
             }
         }
         new.iter()
@@ -475,31 +466,27 @@ impl Store {
             .collect()
     }
 
-    /// Queues the writes of the tasks whose replication or state changed, grouped by their
-    /// new values.
-    fn write_tasks(script: &mut Script, open: &HashMap<i64, Open>) {
-        let mut groups: BTreeMap<(i64, &str), Vec<i64>> = BTreeMap::new();
-        for (id, t) in open {
-            if t.changed {
-                groups
-                    .entry((t.replicas, t.state.as_str()))
-                    .or_default()
-                    .push(*id);
-            }
+    /// Queues the writes of the tasks whose replication or state changed: one set
+    /// statement, the rows bound as one JSON value.
+    fn write_tasks(&self, script: &mut Script, open: &HashMap<i64, Open>) {
+        let changed: Vec<(i64, i64, &str)> = open
+            .iter()
+            .filter(|(_, t)| t.changed)
+            .map(|(id, t)| (*id, t.replicas, t.state.as_str()))
+            .collect();
+        if changed.is_empty() {
+            return;
         }
-        for ((replicas, state), ids) in groups {
-            for chunk in ids.chunks(IDS_PER_QUERY) {
-                let mut q = script
-                    .push(&format!(
-                        "UPDATE tasks SET replicas = $1, state = $2 WHERE id IN ({})",
-                        in_list(3, padded(chunk.len(), IDS_PER_QUERY))
-                    ))
-                    .bind(replicas)
-                    .bind(state);
-                for id in pad(chunk, IDS_PER_QUERY) {
-                    q = q.bind(*id);
-                }
-            }
-        }
+        let rows = json_table(
+            self.backend,
+            1,
+            &[("id", true), ("replicas", true), ("state", false)],
+        );
+        script
+            .push(&format!(
+                "UPDATE tasks SET replicas = v.replicas, state = v.state
+                 FROM ({rows}) AS v WHERE tasks.id = v.id"
+            ))
+            .bind(super::to_json(&changed));
     }
 }
