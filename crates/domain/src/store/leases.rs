@@ -15,8 +15,8 @@ use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::{
-    Backend, Leased, PendingTask, Result, Store, as_json_rows, id_i64, in_list, json, json_rows,
-    json_table, may_stand_alone_row, pad, padded, parse, terms_of,
+    Backend, Leased, PendingTask, Result, Store, as_json_rows, id_i64, in_list, json, json_list,
+    json_rows, json_table, may_stand_alone_row, pad, padded, parse, terms_of,
 };
 
 type Tx = super::db::Tx;
@@ -260,63 +260,54 @@ impl Store {
         } else {
             ""
         };
-        let mut open = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
-                self.backend,
-                &format!(
-                    "SELECT t.id, t.state, t.replicas, t.job_id, j.redundancy, j.adaptive
-                     FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN ({}){lock}",
-                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
-                ),
-                &[
-                    "id",
-                    "state",
-                    "replicas",
-                    "job_id",
-                    "redundancy",
-                    "adaptive",
-                ],
-            )));
-            for id in pad(chunk, IDS_PER_QUERY) {
-                q = q.bind(*id);
-            }
-            let rows: Vec<(i64, String, i64, i64, i64, i64)> =
-                json_rows("open tasks", &q.fetch_one(&mut **tx).await?)?;
-            for (id, state, replicas, job, redundancy, adaptive) in rows {
-                open.insert(
-                    id,
-                    Open {
-                        state,
-                        replicas,
-                        job,
-                        redundancy,
-                        adaptive: adaptive != 0,
-                        holders: Vec::new(),
-                        changed: false,
-                    },
-                );
-            }
+        let list = json_list(self.backend, 1, true);
+        let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+            self.backend,
+            &format!(
+                "SELECT t.id, t.state, t.replicas, t.job_id, j.redundancy, j.adaptive
+                 FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN ({list}){lock}"
+            ),
+            &[
+                "id",
+                "state",
+                "replicas",
+                "job_id",
+                "redundancy",
+                "adaptive",
+            ],
+        )))
+        .bind(super::to_json(&ids));
+        let rows: Vec<(i64, String, i64, i64, i64, i64)> =
+            json_rows("open tasks", &q.fetch_one(&mut **tx).await?)?;
+        let mut open = HashMap::with_capacity(rows.len());
+        for (id, state, replicas, job, redundancy, adaptive) in rows {
+            open.insert(
+                id,
+                Open {
+                    state,
+                    replicas,
+                    job,
+                    redundancy,
+                    adaptive: adaptive != 0,
+                    holders: Vec::new(),
+                    changed: false,
+                },
+            );
         }
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
-                self.backend,
-                &format!(
-                    "SELECT l.task_id, l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
-                     WHERE l.task_id IN ({}) AND l.state IN ('active', 'done')",
-                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
-                ),
-                &["task_id", "node", "tier", "streak"],
-            )));
-            for id in pad(chunk, IDS_PER_QUERY) {
-                q = q.bind(*id);
-            }
-            let rows: Vec<(i64, String, Option<String>, Option<i64>)> =
-                json_rows("task holders", &q.fetch_one(&mut **tx).await?)?;
-            for (task, node, tier, streak) in rows {
-                if let Some(t) = open.get_mut(&task) {
-                    t.holders.push((node, may_stand_alone_row(tier, streak)));
-                }
+        let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+            self.backend,
+            &format!(
+                "SELECT l.task_id, l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
+                 WHERE l.task_id IN ({list}) AND l.state IN ('active', 'done')"
+            ),
+            &["task_id", "node", "tier", "streak"],
+        )))
+        .bind(super::to_json(&ids));
+        let rows: Vec<(i64, String, Option<String>, Option<i64>)> =
+            json_rows("task holders", &q.fetch_one(&mut **tx).await?)?;
+        for (task, node, tier, streak) in rows {
+            if let Some(t) = open.get_mut(&task) {
+                t.holders.push((node, may_stand_alone_row(tier, streak)));
             }
         }
         Ok(open)
@@ -420,7 +411,12 @@ impl Store {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = json_table(self.backend, 3, &[("task_id", true), ("node", false)]);
+        let rows = json_table(
+            self.backend,
+            3,
+            &[("task_id", true), ("node", false)],
+            false,
+        );
         let insert = format!(
             "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
              SELECT v.task_id, v.node, 'active', $1, $2 FROM ({rows}) AS v"
@@ -481,6 +477,7 @@ impl Store {
             self.backend,
             1,
             &[("id", true), ("replicas", true), ("state", false)],
+            false,
         );
         script
             .push(&format!(

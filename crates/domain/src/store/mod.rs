@@ -490,11 +490,12 @@ fn push_list(out: &mut String, first: usize, n: usize) {
 type JsonCol<'a> = (&'a str, bool);
 
 /// Rows bound as one parameter, `$param`: a JSON array of arrays, taken apart by the
-/// database into a table with `cols` (in their order), in the array's order. The writes'
-/// mirror of [`as_json_rows`]: binding values one by one costs more than the database's
-/// work on them (sqlx's SQLite driver looks each up by name), and a list of any length is
-/// one statement text.
-fn json_table(backend: Backend, param: usize, cols: &[JsonCol<'_>]) -> String {
+/// database into a table with `cols` (in their order) — in the array's order when
+/// `ordered` (for inserts whose ids should follow it). The writes' mirror of
+/// [`as_json_rows`]: binding values one by one costs more than the database's work on them
+/// (sqlx's SQLite driver looks each up by name), and a list of any length is one statement
+/// text.
+fn json_table(backend: Backend, param: usize, cols: &[JsonCol<'_>], ordered: bool) -> String {
     let mut out = String::from("SELECT ");
     for (i, (name, int)) in cols.iter().enumerate() {
         if i > 0 {
@@ -507,13 +508,35 @@ fn json_table(backend: Backend, param: usize, cols: &[JsonCol<'_>]) -> String {
         };
         out.push_str(&format!("(j.value ->> {i}){cast} AS {name}"));
     }
-    match backend {
-        Backend::Sqlite => out.push_str(&format!(" FROM json_each(${param}) AS j ORDER BY j.key")),
-        Backend::Postgres => out.push_str(&format!(
+    match (backend, ordered) {
+        (Backend::Sqlite, false) => out.push_str(&format!(" FROM json_each(${param}) AS j")),
+        (Backend::Sqlite, true) => {
+            out.push_str(&format!(" FROM json_each(${param}) AS j ORDER BY j.key"));
+        }
+        (Backend::Postgres, false) => {
+            out.push_str(&format!(
+                " FROM json_array_elements(${param}::json) AS j(value)"
+            ));
+        }
+        (Backend::Postgres, true) => out.push_str(&format!(
             " FROM json_array_elements(${param}::json) WITH ORDINALITY AS j(value, n) ORDER BY j.n"
         )),
     }
     out
+}
+
+/// A list bound as one parameter, `$param` (a JSON array of integers, or of strings when
+/// not `int`), as a subquery for `IN (…)`: one statement text for a list of any length.
+fn json_list(backend: Backend, param: usize, int: bool) -> String {
+    match (backend, int) {
+        (Backend::Sqlite, _) => format!("SELECT value FROM json_each(${param})"),
+        (Backend::Postgres, true) => {
+            format!("SELECT value::bigint FROM json_array_elements_text(${param}::json)")
+        }
+        (Backend::Postgres, false) => {
+            format!("SELECT value FROM json_array_elements_text(${param}::json)")
+        }
+    }
 }
 
 /// The `VALUES` rows of a multi-row insert: `($1, …, $cols), ($cols+1, …)`, `rows` of them.
@@ -898,6 +921,7 @@ impl Store {
                 ("input", false),
                 ("seed", false),
             ],
+            true,
         );
         let insert = format!(
             "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts)

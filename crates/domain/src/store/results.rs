@@ -27,7 +27,7 @@ use super::ledger::{Chain, Post};
 use super::script::Script;
 use super::{
     Backend, RecordError, Recorded, Result, Retry, Store, Submitted, as_json_rows, corrupt, id_i64,
-    in_list, json, json_rows, json_table, pad, padded, parse, terms, to_json, values,
+    in_list, json, json_list, json_rows, json_table, pad, padded, parse, terms, to_json, values,
 };
 
 type Tx = super::db::Tx;
@@ -163,9 +163,6 @@ impl Prepared {
     }
 }
 
-/// Ids a statement reads at most.
-const IDS_PER_QUERY: usize = super::MAX_BOUND;
-
 #[derive(Clone, Copy)]
 struct Judged {
     record: Record,
@@ -242,22 +239,19 @@ impl Store {
         Ok(out)
     }
 
-    /// The leases `ids` (those that exist) with their tasks' columns, in one statement per
-    /// [`IDS_PER_QUERY`] ids.
+    /// The leases `ids` (those that exist) with their tasks' columns, in one statement.
     async fn read_leases(&self, tx: &mut Tx, ids: &[i64]) -> Result<HashMap<i64, LeaseRow>> {
         let mut leases = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+        {
+            let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
                 self.backend,
                 &format!(
                     "{LEASE_ROW} WHERE l.id IN ({})",
-                    in_list(1, padded(chunk.len(), IDS_PER_QUERY))
+                    json_list(self.backend, 1, true)
                 ),
                 &LEASE_COLS,
-            )));
-            for id in pad(chunk, IDS_PER_QUERY) {
-                q = q.bind(*id);
-            }
+            )))
+            .bind(to_json(&ids));
             let row = q.fetch_one(&mut **tx).await?;
             for (id, task_id, node, state, report, kind, replicas, attempts, job_id) in
                 json_rows::<LeaseCols>("lease rows", &row)?
@@ -580,7 +574,7 @@ impl Store {
     /// statements, their rows bound as one JSON value each ([`json_table`]).
     fn queue_held(&self, batch: &mut Batch<'_>, now: i64) {
         if !batch.done.is_empty() {
-            let rows = json_table(self.backend, 2, &[("id", true), ("frame", false)]);
+            let rows = json_table(self.backend, 2, &[("id", true), ("frame", false)], false);
             batch
                 .script
                 .push(&format!(
@@ -601,6 +595,7 @@ impl Store {
                     ("fuel", true),
                     ("report", false),
                 ],
+                false,
             );
             batch
                 .script
