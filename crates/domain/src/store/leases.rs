@@ -44,7 +44,7 @@ struct Open {
     adaptive: bool,
     /// Nodes holding an active or finished replica, each with whether it may stand alone.
     holders: Vec<(String, bool)>,
-    /// Whether `replicas` or `state` changed.
+    /// Whether `replicas` changed.
     changed: bool,
 }
 
@@ -68,7 +68,9 @@ impl Store {
         .fetch_all(&mut *conn)
         .await?;
         // Per task: id, its position, args, input, seed, replicas, and the nodes holding an
-        // active or finished replica (comma-separated; none for a task never leased).
+        // active or finished replica (comma-separated; none for a task never leased). A
+        // pending task whose replicas are all leased (it stays `pending` while they run) is
+        // not wanted.
         type Row = (i64, i64, String, String, String, i64, Option<String>);
         let holders = match self.backend {
             Backend::Sqlite => "group_concat(l.node, ',')",
@@ -79,7 +81,9 @@ impl Store {
             &format!(
                 "SELECT t.id, t.idx, t.args, t.input, t.seed, t.replicas,
                  (SELECT {holders} FROM leases l WHERE l.task_id = t.id AND l.state IN ('active', 'done')) AS holders
-                 FROM tasks t WHERE t.state = 'pending' AND t.job_id = $1 ORDER BY t.idx LIMIT $2"
+                 FROM tasks t WHERE t.state = 'pending' AND t.job_id = $1
+                 AND (SELECT COUNT(*) FROM leases l WHERE l.task_id = t.id AND l.state IN ('active', 'done')) < t.replicas
+                 ORDER BY t.idx LIMIT $2"
             ),
             &["id", "idx", "args", "input", "seed", "replicas", "holders"],
         );
@@ -387,10 +391,8 @@ impl Store {
             t.replicas = replicas;
             t.changed = true;
         }
-        if count + 1 >= replicas {
-            t.state = "running".into();
-            t.changed = true;
-        }
+        // The task stays `pending` while its replicas run: its row is written once more,
+        // when it ends. (Counts call a pending task with an active lease running.)
         Ok(Leased::Yes(0))
     }
 
@@ -462,27 +464,21 @@ impl Store {
             .collect()
     }
 
-    /// Queues the writes of the tasks whose replication or state changed: one set
-    /// statement, the rows bound as one JSON value.
+    /// Queues the writes of the tasks whose replication changed (a first lease decided
+    /// it): one set statement, the rows bound as one JSON value.
     fn write_tasks(&self, script: &mut Script, open: &HashMap<i64, Open>) {
-        let changed: Vec<(i64, i64, &str)> = open
+        let changed: Vec<(i64, i64)> = open
             .iter()
             .filter(|(_, t)| t.changed)
-            .map(|(id, t)| (*id, t.replicas, t.state.as_str()))
+            .map(|(id, t)| (*id, t.replicas))
             .collect();
         if changed.is_empty() {
             return;
         }
-        let rows = json_table(
-            self.backend,
-            1,
-            &[("id", true), ("replicas", true), ("state", false)],
-            false,
-        );
+        let rows = json_table(self.backend, 1, &[("id", true), ("replicas", true)], false);
         script
             .push(&format!(
-                "UPDATE tasks SET replicas = v.replicas, state = v.state
-                 FROM ({rows}) AS v WHERE tasks.id = v.id"
+                "UPDATE tasks SET replicas = v.replicas FROM ({rows}) AS v WHERE tasks.id = v.id"
             ))
             .bind(super::to_json(&changed));
     }

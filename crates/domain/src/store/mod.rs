@@ -105,7 +105,25 @@ pub struct Counts {
     pub cancelled: u64,
 }
 
+/// Pending tasks with an active lease (a task stays `pending` while its replicas run), as
+/// `n`; a condition on `t` (the task) may follow.
+/// A task's state as shown (`t` is the task): a pending one with an active lease is
+/// `running`.
+const TASK_STATE: &str = "CASE WHEN t.state = 'pending' AND EXISTS
+     (SELECT 1 FROM leases l WHERE l.task_id = t.id AND l.state = 'active') THEN 'running' ELSE t.state END";
+
+const LEASED: &str =
+    "SELECT COUNT(DISTINCT l.task_id) AS n FROM leases l JOIN tasks t ON t.id = l.task_id
+     WHERE l.state = 'active' AND t.state = 'pending'";
+
 impl Counts {
+    /// Moves `n` pending tasks with an active lease to `running`.
+    fn leased(&mut self, n: u64) {
+        let n = n.min(self.pending);
+        self.pending -= n;
+        self.running += n;
+    }
+
     /// Counts `n` tasks in `state`.
     fn add(&mut self, state: &str, n: u64) -> Result<()> {
         match state {
@@ -1044,9 +1062,11 @@ impl Store {
         };
         let Some(r) = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT id, owner, name, spec, module, state, created_ms, finished_ms,
-             (SELECT {pairs} FROM (SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state) AS c) AS counts
-             FROM jobs WHERE id = $2"
+             (SELECT {pairs} FROM (SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state) AS c) AS counts,
+             ({LEASED} AND t.job_id = $2) AS leased
+             FROM jobs WHERE id = $3"
         )))
+        .bind(id_i64(id))
         .bind(id_i64(id))
         .bind(id_i64(id))
         .fetch_optional(&mut *self.db.acquire().await?)
@@ -1066,6 +1086,7 @@ impl Store {
             let n: u64 = n.parse().map_err(|_| corrupt("task counts", pair))?;
             counts.add(state, n)?;
         }
+        counts.leased(r.try_get::<i64, _>("leased")?.max(0) as u64);
         Ok(Some(JobRow {
             id,
             owner: parse("job owner", &r.try_get::<String, _>("owner")?)?,
@@ -1119,15 +1140,36 @@ impl Store {
         Ok(out)
     }
 
-    /// Tasks of every job, by state.
+    /// Tasks of every job, by state (a pending task with an active lease counts as running).
     pub async fn task_states(&self) -> Result<Vec<(String, u64)>> {
+        let mut conn = self.db.acquire().await?;
         let rows =
             sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state ORDER BY state")
-                .fetch_all(&mut *self.db.acquire().await?)
+                .fetch_all(&mut *conn)
                 .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("state")?, r.try_get::<i64, _>("n")? as u64)))
-            .collect()
+        let mut counts = Counts::default();
+        for r in &rows {
+            counts.add(
+                &r.try_get::<String, _>("state")?,
+                r.try_get::<i64, _>("n")? as u64,
+            )?;
+        }
+        let leased = sqlx::query(LEASED)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get::<i64, _>("n")?;
+        counts.leased(leased.max(0) as u64);
+        Ok([
+            ("cancelled", counts.cancelled),
+            ("failed", counts.failed),
+            ("pending", counts.pending),
+            ("running", counts.running),
+            ("verified", counts.verified),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| (s.to_string(), n))
+        .collect())
     }
 
     /// Task counts of a job.
@@ -1139,7 +1181,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state")
                 .bind(id_i64(job))
-                .fetch_all(conn)
+                .fetch_all(&mut *conn)
                 .await?;
         let mut c = Counts::default();
         for r in rows {
@@ -1148,15 +1190,21 @@ impl Store {
                 r.try_get::<i64, _>("n")? as u64,
             )?;
         }
+        let leased = sqlx::query(sqlx::AssertSqlSafe(format!("{LEASED} AND t.job_id = $1")))
+            .bind(id_i64(job))
+            .fetch_one(conn)
+            .await?
+            .try_get::<i64, _>("n")?;
+        c.leased(leased.max(0) as u64);
         Ok(c)
     }
 
     /// Tasks of a job, in order, at most `limit` from `offset`.
     pub async fn tasks(&self, job: JobId, offset: u32, limit: u32) -> Result<Vec<TaskRow>> {
-        let rows = sqlx::query(
-            "SELECT id, idx, args, state, replicas, attempts, reason, report, finished_ms FROM tasks
-             WHERE job_id = $1 ORDER BY idx LIMIT $2 OFFSET $3",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT t.id, t.idx, t.args, {TASK_STATE} AS state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms
+             FROM tasks t WHERE t.job_id = $1 ORDER BY t.idx LIMIT $2 OFFSET $3"
+        )))
         .bind(id_i64(job))
         .bind(i64::from(limit))
         .bind(i64::from(offset))
@@ -1174,11 +1222,11 @@ impl Store {
         limit: u32,
         inline: usize,
     ) -> Result<Vec<(TaskRow, Option<Vec<u8>>)>> {
-        let rows = sqlx::query(
-            "SELECT t.id, t.idx, t.args, t.state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms, b.bytes
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT t.id, t.idx, t.args, {TASK_STATE} AS state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms, b.bytes
              FROM tasks t LEFT JOIN blobs b ON b.id = t.output AND b.size <= $1
-             WHERE t.job_id = $2 ORDER BY t.idx LIMIT $3 OFFSET $4",
-        )
+             WHERE t.job_id = $2 ORDER BY t.idx LIMIT $3 OFFSET $4"
+        )))
         .bind(i64::try_from(inline).unwrap_or(i64::MAX))
         .bind(id_i64(job))
         .bind(i64::from(limit))

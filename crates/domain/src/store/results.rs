@@ -500,24 +500,12 @@ impl Store {
                 }
             }
             Decision::NeedMore(k) => {
-                // Counts this task's leases: the held writes go first.
-                self.flush(tx, batch, now).await?;
-                let active = sqlx::query(
-                    "SELECT COUNT(*) AS n FROM leases WHERE task_id = $1 AND state = 'active'",
-                )
-                .bind(id_i64(task))
-                .fetch_one(&mut **tx)
-                .await?
-                .try_get::<i64, _>("n")?;
+                // The task stays pending (a row written before leases stopped marking tasks
+                // `running` may still say so): the dispatcher leases it while fewer nodes hold
+                // it than `wanted`.
                 let wanted = (votes.len() as i64 + i64::from(k)).max(i64::from(replicas));
-                let state = if (votes.len() as i64 + active) < wanted {
-                    "pending"
-                } else {
-                    "running"
-                };
-                sqlx::query("UPDATE tasks SET replicas = $1, state = $2 WHERE id = $3")
+                sqlx::query("UPDATE tasks SET replicas = $1, state = 'pending' WHERE id = $2")
                     .bind(wanted)
-                    .bind(state)
                     .bind(id_i64(task))
                     .execute(&mut **tx)
                     .await?;

@@ -394,6 +394,15 @@ async fn a_job_runs_to_verified_with_redundancy_two() {
                 None,
                 "one replica per node"
             );
+            // Half its replicas leased: still wanted.
+            assert!(
+                store
+                    .pending_tasks(10)
+                    .await
+                    .expect("pending")
+                    .iter()
+                    .any(|p| p.spec.task == t && p.replicas_on == [node(1)])
+            );
             let b = store
                 .lease(t, node(2), 1_000, 10_000)
                 .await
@@ -403,6 +412,33 @@ async fn a_job_runs_to_verified_with_redundancy_two() {
                 store.lease(t, node(3), 1_000, 10_000).await.expect("lease"),
                 None,
                 "enough replicas"
+            );
+            // All its replicas leased: not wanted, and counted as running.
+            assert!(
+                !store
+                    .pending_tasks(10)
+                    .await
+                    .expect("pending")
+                    .iter()
+                    .any(|p| p.spec.task == t)
+            );
+            let shown = store.tasks(id, 0, 10).await.expect("tasks");
+            assert_eq!(
+                shown.iter().find(|r| r.id == t).map(|r| r.state.as_str()),
+                Some("running")
+            );
+            let counts = store.job(id).await.expect("job").expect("exists").counts;
+            assert_eq!(
+                (counts.running, counts.pending + counts.verified),
+                (1, 2),
+                "{counts:?}"
+            );
+            assert!(
+                store
+                    .task_states()
+                    .await
+                    .expect("states")
+                    .contains(&("running".to_string(), 1))
             );
             let r = report(format!("out {t}").as_bytes(), 77);
             assert_eq!(record(&store, a, node(1), t, &r).await, Recorded::Stored);
