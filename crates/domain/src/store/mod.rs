@@ -107,6 +107,34 @@ pub struct Counts {
 
 /// Pending tasks with an active lease (a task stays `pending` while its replicas run), as
 /// `n`; a condition on `t` (the task) may follow.
+/// How a task ended, for the counts kept on its job (`jobs.n_open` and the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TaskEnd {
+    Verified,
+    Failed,
+    Cancelled,
+}
+
+impl TaskEnd {
+    /// The state stored on the task.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Verified => "verified",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The job's column that counts tasks ended so.
+    fn column(self) -> &'static str {
+        match self {
+            Self::Verified => "n_verified",
+            Self::Failed => "n_failed",
+            Self::Cancelled => "n_cancelled",
+        }
+    }
+}
+
 /// A task's state as shown (`t` is the task): a pending one with an active lease is
 /// `running`.
 const TASK_STATE: &str = "CASE WHEN t.state = 'pending' AND EXISTS
@@ -117,25 +145,27 @@ const LEASED: &str =
      WHERE l.state = 'active' AND t.state = 'pending'";
 
 impl Counts {
+    /// The counts kept on a job row (`n_open`, `n_verified`, `n_failed`, `n_cancelled`) and
+    /// its `leased` tasks.
+    fn of(r: &AnyRow) -> Result<Self> {
+        let n = |c: &str| -> Result<u64> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
+        let mut counts = Self {
+            pending: n("n_open")?,
+            verified: n("n_verified")?,
+            failed: n("n_failed")?,
+            cancelled: n("n_cancelled")?,
+            ..Self::default()
+        };
+        counts.total = counts.pending + counts.verified + counts.failed + counts.cancelled;
+        counts.leased(n("leased")?);
+        Ok(counts)
+    }
+
     /// Moves `n` pending tasks with an active lease to `running`.
     fn leased(&mut self, n: u64) {
         let n = n.min(self.pending);
         self.pending -= n;
         self.running += n;
-    }
-
-    /// Counts `n` tasks in `state`.
-    fn add(&mut self, state: &str, n: u64) -> Result<()> {
-        match state {
-            "pending" => self.pending += n,
-            "running" => self.running += n,
-            "verified" => self.verified += n,
-            "failed" => self.failed += n,
-            "cancelled" => self.cancelled += n,
-            other => return Err(corrupt("task state", other)),
-        }
-        self.total += n;
-        Ok(())
     }
 }
 
@@ -903,8 +933,8 @@ impl Store {
             .deadline_s
             .map(|s| now.saturating_add(id_i64(s).saturating_mul(1000)));
         let row = sqlx::query(
-            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms)
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms, n_open)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
         )
         .bind(owner.to_string())
         .bind(spec.name.as_str())
@@ -921,6 +951,7 @@ impl Store {
             limits: spec.limits,
             requirements: spec.requirements.clone(),
         }))
+        .bind(trials.len() as i64)
         .fetch_one(&mut *tx)
         .await?;
         let job: i64 = row.try_get("id")?;
@@ -1055,18 +1086,12 @@ impl Store {
 
     /// A job with its task counts.
     pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
-        // The job and its task counts in one statement (`state:n` pairs).
-        let pairs = match self.backend {
-            Backend::Sqlite => "group_concat(c.state || ':' || c.n, ',')",
-            Backend::Postgres => "string_agg(c.state || ':' || c.n, ',')",
-        };
+        // The job with its task counts (kept on the job) in one statement.
         let Some(r) = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT id, owner, name, spec, module, state, created_ms, finished_ms,
-             (SELECT {pairs} FROM (SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state) AS c) AS counts,
-             ({LEASED} AND t.job_id = $2) AS leased
-             FROM jobs WHERE id = $3"
+             n_open, n_verified, n_failed, n_cancelled, ({LEASED} AND t.job_id = $1) AS leased
+             FROM jobs WHERE id = $2"
         )))
-        .bind(id_i64(id))
         .bind(id_i64(id))
         .bind(id_i64(id))
         .fetch_optional(&mut *self.db.acquire().await?)
@@ -1074,19 +1099,7 @@ impl Store {
         else {
             return Ok(None);
         };
-        let mut counts = Counts::default();
-        for pair in r
-            .try_get::<Option<String>, _>("counts")?
-            .iter()
-            .flat_map(|c| c.split(','))
-        {
-            let (state, n) = pair
-                .split_once(':')
-                .ok_or_else(|| corrupt("task counts", pair))?;
-            let n: u64 = n.parse().map_err(|_| corrupt("task counts", pair))?;
-            counts.add(state, n)?;
-        }
-        counts.leased(r.try_get::<i64, _>("leased")?.max(0) as u64);
+        let counts = Counts::of(&r)?;
         Ok(Some(JobRow {
             id,
             owner: parse("job owner", &r.try_get::<String, _>("owner")?)?,
@@ -1142,23 +1155,17 @@ impl Store {
 
     /// Tasks of every job, by state (a pending task with an active lease counts as running).
     pub async fn task_states(&self) -> Result<Vec<(String, u64)>> {
-        let mut conn = self.db.acquire().await?;
-        let rows =
-            sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state ORDER BY state")
-                .fetch_all(&mut *conn)
-                .await?;
-        let mut counts = Counts::default();
-        for r in &rows {
-            counts.add(
-                &r.try_get::<String, _>("state")?,
-                r.try_get::<i64, _>("n")? as u64,
-            )?;
-        }
-        let leased = sqlx::query(LEASED)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get::<i64, _>("n")?;
-        counts.leased(leased.max(0) as u64);
+        // Summed over the jobs' kept counts: no scan of every task.
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST(COALESCE(SUM(n_open), 0) AS BIGINT) AS n_open,
+             CAST(COALESCE(SUM(n_verified), 0) AS BIGINT) AS n_verified,
+             CAST(COALESCE(SUM(n_failed), 0) AS BIGINT) AS n_failed,
+             CAST(COALESCE(SUM(n_cancelled), 0) AS BIGINT) AS n_cancelled,
+             ({LEASED}) AS leased FROM jobs"
+        )))
+        .fetch_one(&mut *self.db.acquire().await?)
+        .await?;
+        let counts = Counts::of(&r)?;
         Ok([
             ("cancelled", counts.cancelled),
             ("failed", counts.failed),
@@ -1172,31 +1179,9 @@ impl Store {
         .collect())
     }
 
-    /// Task counts of a job.
+    /// Task counts of a job (zero for a job that does not exist).
     pub async fn counts(&self, job: JobId) -> Result<Counts> {
-        Self::counts_on(&mut *self.db.acquire().await?, job).await
-    }
-
-    async fn counts_on(conn: &mut sqlx::AnyConnection, job: JobId) -> Result<Counts> {
-        let rows =
-            sqlx::query("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state")
-                .bind(id_i64(job))
-                .fetch_all(&mut *conn)
-                .await?;
-        let mut c = Counts::default();
-        for r in rows {
-            c.add(
-                &r.try_get::<String, _>("state")?,
-                r.try_get::<i64, _>("n")? as u64,
-            )?;
-        }
-        let leased = sqlx::query(sqlx::AssertSqlSafe(format!("{LEASED} AND t.job_id = $1")))
-            .bind(id_i64(job))
-            .fetch_one(conn)
-            .await?
-            .try_get::<i64, _>("n")?;
-        c.leased(leased.max(0) as u64);
-        Ok(c)
+        Ok(self.job(job).await?.map(|j| j.counts).unwrap_or_default())
     }
 
     /// Tasks of a job, in order, at most `limit` from `offset`.
@@ -1253,7 +1238,8 @@ impl Store {
         if matches!(state.as_str(), "completed" | "failed" | "cancelled") {
             return Ok(Some(Vec::new()));
         }
-        let leases = Self::close_open_work(&mut tx, id_i64(job), "cancelled", None, now).await?;
+        let leases =
+            Self::close_open_work(&mut tx, id_i64(job), TaskEnd::Cancelled, None, now).await?;
         sqlx::query("UPDATE jobs SET state = 'cancelled', finished_ms = $1 WHERE id = $2")
             .bind(now)
             .bind(id_i64(job))
@@ -1471,6 +1457,7 @@ impl Store {
                 .bind(id_i64(task))
                 .execute(&mut **tx)
                 .await?;
+            Self::count_ended(tx, TaskEnd::Failed, id_i64(task)).await?;
             sqlx::query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
                 .bind(now)
                 .bind(id_i64(task))
@@ -1478,7 +1465,7 @@ impl Store {
                 .await?;
             Ok(Recorded::Failed(reason))
         } else {
-            sqlx::query("UPDATE tasks SET state = 'pending', attempts = $1, reason = $2 WHERE id = $3 AND state IN ('pending', 'running')")
+            sqlx::query("UPDATE tasks SET state = 'pending', attempts = $1, reason = $2 WHERE id = $3 AND state = 'pending'")
                 .bind(i64::from(attempts))
                 .bind(reason)
                 .bind(id_i64(task))
@@ -1521,26 +1508,16 @@ impl Store {
         tx: &mut db::Tx,
         job: i64,
     ) -> Result<Option<(&'static str, NodeId)>> {
-        // Existence, not counts: counting a large job's open tasks on every result made
-        // recording results O(n²) over the job.
-        let row = sqlx::query(
-            "SELECT state, owner,
-             (SELECT 1 FROM tasks WHERE state IN ('pending', 'running') AND job_id = $1 LIMIT 1) AS open,
-             (SELECT 1 FROM tasks WHERE state = 'verified' AND job_id = $2 LIMIT 1) AS verified
-             FROM jobs WHERE id = $3",
-        )
-        .bind(job)
-        .bind(job)
-        .bind(job)
-        .fetch_one(&mut **tx)
-        .await?;
+        // The counts kept on the job (written in the transactions that end its tasks).
+        let row = sqlx::query("SELECT state, owner, n_open, n_verified FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_one(&mut **tx)
+            .await?;
         let state: String = row.try_get("state")?;
-        if !matches!(state.as_str(), "queued" | "running")
-            || row.try_get::<Option<i64>, _>("open")?.is_some()
-        {
+        if !matches!(state.as_str(), "queued" | "running") || row.try_get::<i64, _>("n_open")? > 0 {
             return Ok(None);
         }
-        let end = if row.try_get::<Option<i64>, _>("verified")?.is_some() {
+        let end = if row.try_get::<i64, _>("n_verified")? > 0 {
             "completed"
         } else {
             "failed"
@@ -1549,6 +1526,19 @@ impl Store {
             end,
             parse("job owner", &row.try_get::<String, _>("owner")?)?,
         )))
+    }
+
+    /// Counts one task (`task`, just moved from pending to `end`) on its job.
+    pub(crate) async fn count_ended(tx: &mut db::Tx, end: TaskEnd, task: i64) -> Result<()> {
+        let column = end.column();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE jobs SET n_open = n_open - 1, {column} = {column} + 1
+             WHERE id = (SELECT job_id FROM tasks WHERE id = $1)"
+        )))
+        .bind(task)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     /// Returns what is left of an ended job's escrow to its submitter.
@@ -1633,11 +1623,12 @@ impl Store {
     }
 
     /// Closes a job's open work inside `tx`: its active leases are cancelled (and returned,
-    /// to tell the nodes), its pending and running tasks move to `state` with `reason`.
+    /// to tell the nodes), its pending tasks move to `state` with `reason` (and are counted
+    /// so on the job).
     async fn close_open_work(
         tx: &mut db::Tx,
         job: i64,
-        state: &str,
+        state: TaskEnd,
         reason: Option<&str>,
         now: i64,
     ) -> Result<Vec<(LeaseId, NodeId)>> {
@@ -1664,13 +1655,23 @@ impl Store {
         .bind(job)
         .execute(&mut **tx)
         .await?;
-        sqlx::query(
+        let ended = sqlx::query(
             "UPDATE tasks SET state = $1, reason = COALESCE($2, reason), finished_ms = $3
-             WHERE job_id = $4 AND state IN ('pending', 'running')",
+             WHERE job_id = $4 AND state = 'pending'",
         )
-        .bind(state)
+        .bind(state.as_str())
         .bind(reason)
         .bind(now)
+        .bind(job)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        let column = state.column();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE jobs SET n_open = n_open - $1, {column} = {column} + $2 WHERE id = $3"
+        )))
+        .bind(ended as i64)
+        .bind(ended as i64)
         .bind(job)
         .execute(&mut **tx)
         .await?;
@@ -1692,8 +1693,14 @@ impl Store {
             let job: i64 = j.try_get("id")?;
             let mut tx = self.db.begin().await?;
             cancelled.extend(
-                Self::close_open_work(&mut tx, job, "failed", Some("job deadline passed"), now)
-                    .await?,
+                Self::close_open_work(
+                    &mut tx,
+                    job,
+                    TaskEnd::Failed,
+                    Some("job deadline passed"),
+                    now,
+                )
+                .await?,
             );
             let ended = self.finish_job_if_done(&mut tx, job, now).await?;
             tx.commit().await?;

@@ -26,8 +26,9 @@ use stardust_scheduler::reputation::{Outcome, Record};
 use super::ledger::{Chain, Post};
 use super::script::Script;
 use super::{
-    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, as_json_rows, corrupt, id_i64,
-    in_list, json, json_list, json_rows, json_table, pad, padded, parse, terms, to_json, values,
+    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, TaskEnd, as_json_rows,
+    corrupt, id_i64, in_list, json, json_list, json_rows, json_table, pad, padded, parse, terms,
+    to_json, values,
 };
 
 type Tx = super::db::Tx;
@@ -472,6 +473,7 @@ impl Store {
                     .bind(id_i64(task))
                     .execute(&mut **tx)
                     .await?;
+                    Self::count_ended(tx, TaskEnd::Verified, id_i64(task)).await?;
                 }
                 if replicas > 1 {
                     // Replicas still running are no longer needed. (A task of one replica
@@ -523,6 +525,7 @@ impl Store {
                     .bind(id_i64(task))
                     .execute(&mut **tx)
                     .await?;
+                Self::count_ended(tx, TaskEnd::Failed, id_i64(task)).await?;
                 Recorded::Failed(reason)
             }
         })
@@ -585,6 +588,7 @@ impl Store {
                 ],
                 false,
             );
+            let verified = to_json(&batch.verified);
             batch
                 .script
                 .push(&format!(
@@ -593,7 +597,18 @@ impl Store {
                      FROM ({rows}) AS v WHERE tasks.id = v.id"
                 ))
                 .bind(now)
-                .bind(to_json(&batch.verified));
+                .bind(verified.clone());
+            // Counted on their jobs (each moved from pending: its lease was active).
+            let ids = json_table(self.backend, 1, &[("id", true)], false);
+            batch
+                .script
+                .push(&format!(
+                    "UPDATE jobs SET n_open = n_open - v.n, n_verified = n_verified + v.n
+                     FROM (SELECT t.job_id AS job_id, COUNT(*) AS n FROM tasks t
+                           WHERE t.id IN (SELECT i.id FROM ({ids}) AS i) GROUP BY t.job_id) AS v
+                     WHERE jobs.id = v.job_id"
+                ))
+                .bind(verified);
             batch.verified.clear();
         }
     }

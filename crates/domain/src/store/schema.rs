@@ -299,4 +299,34 @@ DROP INDEX leases_by_task_state;
 CREATE INDEX leases_by_task ON leases (task_id)
 "#,
     },
+    Migration {
+        version: 7,
+        name: "task counts kept on their job (the index of tasks by job and state goes); a task no longer stored as running",
+        sqlite: r#"
+UPDATE tasks SET state = 'pending' WHERE state = 'running';
+ALTER TABLE jobs ADD COLUMN n_open INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN n_verified INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN n_failed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN n_cancelled INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET
+    n_open = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'pending'),
+    n_verified = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'verified'),
+    n_failed = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'failed'),
+    n_cancelled = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'cancelled');
+DROP INDEX tasks_by_job_state
+"#,
+        postgres: r#"
+UPDATE tasks SET state = 'pending' WHERE state = 'running';
+ALTER TABLE jobs ADD COLUMN n_open BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN n_verified BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN n_failed BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN n_cancelled BIGINT NOT NULL DEFAULT 0;
+UPDATE jobs SET
+    n_open = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'pending'),
+    n_verified = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'verified'),
+    n_failed = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'failed'),
+    n_cancelled = (SELECT COUNT(*) FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'cancelled');
+DROP INDEX tasks_by_job_state
+"#,
+    },
 ];
