@@ -1179,11 +1179,6 @@ impl Store {
         .collect())
     }
 
-    /// Task counts of a job (zero for a job that does not exist).
-    pub async fn counts(&self, job: JobId) -> Result<Counts> {
-        Ok(self.job(job).await?.map(|j| j.counts).unwrap_or_default())
-    }
-
     /// Tasks of a job, in order, at most `limit` from `offset`.
     pub async fn tasks(&self, job: JobId, offset: u32, limit: u32) -> Result<Vec<TaskRow>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
