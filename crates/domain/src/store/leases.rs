@@ -181,24 +181,21 @@ impl Store {
         let mut open = self.open_tasks(&mut tx, &tasks).await?;
         // Each node's tier and streak: (may stand alone, streak).
         let mut standing: HashMap<String, (bool, u64)> = HashMap::new();
-        for chunk in nodes.iter().collect::<Vec<_>>().chunks(IDS_PER_QUERY) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT id, tier, streak FROM nodes WHERE id IN ({})",
-                in_list(1, padded(chunk.len(), IDS_PER_QUERY))
-            )));
-            for n in pad(chunk, IDS_PER_QUERY) {
-                q = q.bind(n.as_str());
-            }
-            for r in q.fetch_all(&mut *tx).await? {
-                let streak = r.try_get::<i64, _>("streak")?;
-                standing.insert(
-                    r.try_get("id")?,
-                    (
-                        may_stand_alone_row(r.try_get("tier")?, Some(streak)),
-                        streak.max(0) as u64,
-                    ),
-                );
-            }
+        let nodes: Vec<&String> = nodes.iter().collect();
+        let q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, tier, streak FROM nodes WHERE id IN ({})",
+            json_list(self.backend, 1, false)
+        )))
+        .bind(super::to_json(&nodes));
+        for r in q.fetch_all(&mut *tx).await? {
+            let streak = r.try_get::<i64, _>("streak")?;
+            standing.insert(
+                r.try_get("id")?,
+                (
+                    may_stand_alone_row(r.try_get("tier")?, Some(streak)),
+                    streak.max(0) as u64,
+                ),
+            );
         }
         // Each node's active leases and stake, read at its first lease (stake only).
         let mut stakes: HashMap<String, (i64, i128)> = HashMap::new();
