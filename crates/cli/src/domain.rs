@@ -53,6 +53,11 @@ pub struct Args {
     /// Show jobs on the dashboard to every visitor (default: only to this machine).
     #[arg(long, env = "STARDUST_PUBLIC_DASHBOARD")]
     public_dashboard: bool,
+    /// Processor cores the domain's threads run on: auto (one core with SQLite, whose one
+    /// writer gains nothing from more and loses to waking threads across cores; every core
+    /// with PostgreSQL), all, or a core number.
+    #[arg(long, env = "STARDUST_CORES", default_value = "auto")]
+    cores: stardust_domain::Cores,
 }
 
 pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
@@ -79,13 +84,17 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         f.set("spot_rate", &mut args.spot_rate, from_str)?;
         f.set("adaptive_streak", &mut args.adaptive_streak, from_str)?;
         f.set("public_dashboard", &mut args.public_dashboard, from_str)?;
+        f.set("cores", &mut args.cores, from_str)?;
         f.set("tls_cert", &mut args.tls_cert, |s| {
             Ok(Some(PathBuf::from(s)))
         })?;
         f.set("tls_key", &mut args.tls_key, |s| Ok(Some(PathBuf::from(s))))?;
         f.finish()?;
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    // The domain runs on a runtime of its own (`Domain::start`); this one only waits.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         std::fs::create_dir_all(&args.data)
             .with_context(|| format!("cannot create {}", args.data.display()))?;
@@ -102,6 +111,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         config.spot_rate = args.spot_rate;
         config.adaptive.min_streak = args.adaptive_streak;
         config.public_dashboard = args.public_dashboard;
+        config.cores = args.cores;
         anyhow::ensure!(
             (0.0..=1.0).contains(&args.spot_rate),
             "--spot-rate must be between 0 and 1"

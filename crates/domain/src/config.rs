@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use crate::cores::Cores;
 pub use crate::ratelimit::Rate;
 pub use stardust_scheduler::pricing::Pricing;
 pub use stardust_scheduler::reputation::Adaptive;
@@ -62,6 +63,9 @@ pub struct Config {
     /// Show jobs (names, progress, sweep results) on the dashboard to every visitor, not
     /// only to requests from this machine (loopback). Default false.
     pub public_dashboard: bool,
+    /// Which processor cores the domain's threads run on (see [`Cores`]). Default
+    /// [`Cores::Auto`]: one core with SQLite, every core with PostgreSQL.
+    pub cores: Cores,
 }
 
 impl Config {
@@ -99,6 +103,7 @@ impl Config {
             spot_rate: 0.02,
             adaptive: Adaptive::default(),
             public_dashboard: false,
+            cores: Cores::Auto,
         }
     }
 }

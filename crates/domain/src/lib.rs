@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod cores;
 mod http;
 mod metrics;
 pub mod ratelimit;
@@ -20,5 +21,5 @@ mod service;
 pub mod store;
 mod tls;
 
-pub use config::{Config, Rate};
+pub use config::{Config, Cores, Rate};
 pub use service::{Domain, StartError, now_ms};

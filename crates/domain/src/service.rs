@@ -374,6 +374,12 @@ pub enum StartError {
     /// The TLS certificate or key is not usable.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The core named in [`Config::cores`] is not one this process may run on.
+    #[error("cores: {0}")]
+    Cores(String),
+    /// The domain's thread or runtime could not start.
+    #[error("cannot start the domain's runtime: {0}")]
+    Runtime(std::io::Error),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -384,129 +390,92 @@ pub enum StartError {
     },
 }
 
-/// A running domain.
+/// A running domain. It runs on a runtime of its own, on threads of its own, pinned to a
+/// core as [`Config::cores`] says (see [`crate::cores`]). Dropped, it stops.
 pub struct Domain {
     addr: SocketAddr,
     id: NodeId,
     stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Closed when the domain's runtime has ended.
+    ended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
+/// Worker threads of a domain pinned to one core: two, so that one busy for a while (a
+/// large upload hashed, a module metered) does not stall the rest; the core time-slices
+/// between them.
+const PINNED_WORKERS: usize = 2;
+
+/// What [`serve`] hands back: the bound address, the stop switch, the tasks to wait for.
+type Serving = (
+    SocketAddr,
+    watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
 impl Domain {
-    /// Opens storage, binds the listener and starts serving.
+    /// Opens storage, binds the listener and starts serving, on a thread and runtime of
+    /// the domain's own.
     pub async fn start(config: Config, identity: Identity) -> Result<Self, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Key(e.to_string()))?;
-        let store = match &config.database_url {
-            Some(url) => Store::open(url).await?,
-            None => Store::open_sqlite(&config.data_dir).await?,
-        }
-        .with_ledger(
-            identity.clone(),
-            Economy {
-                stake: config.stake,
-                welcome: config.welcome_grant,
-                adaptive: config.adaptive,
-            },
-        );
-        let mut seed = [0u8; 8];
-        getrandom::fill(&mut seed).map_err(|e| StartError::Key(format!("no randomness: {e}")))?;
-        // Nodes could not heartbeat while the domain was down.
-        let extended = store.extend_all_leases(now_ms(), config.lease_ms).await?;
-        if extended > 0 {
-            tracing::info!(
-                leases = extended,
-                "gave active leases a fresh deadline after the restart"
-            );
-        }
-        let tls = match &config.tls {
-            Some((cert, key)) => {
-                Some(crate::tls::server_config(cert, key).map_err(StartError::Tls)?)
-            }
-            None => None,
-        };
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-        let (stop, shutdown) = watch::channel(false);
+        let sqlite = config.database_url.is_none();
+        let core = config
+            .cores
+            .pick(sqlite, &crate::cores::allowed())
+            .map_err(StartError::Cores)?;
         let id = identity.id();
-        let (beats, beats_rx) = mpsc::channel(4 * MAX_BEATS_PER_TRANSACTION);
-        let (filed, filed_rx) = mpsc::channel(crate::recorder::MAX_FRAMES_WAITING);
-        let shared = Arc::new(Shared {
-            store,
-            identity,
-            sessions: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
-            replay: Mutex::new(ReplayGuard::default()),
-            rejections: Rejections::default(),
-            next_session: AtomicU64::new(1),
-            shutdown: shutdown.clone(),
-            per_key: Limiter::new(config.rate_per_key, 100_000),
-            per_addr: Limiter::new(config.rate_per_addr, 100_000),
-            rng: std::sync::Mutex::new(stardust_proto::rand::SplitMix64::new(u64::from_le_bytes(
-                seed,
-            ))),
-            metrics: crate::metrics::Metrics::default(),
-            samples: std::sync::Mutex::new(VecDeque::with_capacity(SAMPLES)),
-            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
-            beats,
-            filed,
-            config,
-            waiters: crate::http::Waiters::default(),
-        });
-        let router = crate::http::router(shared.clone());
-        let mut server_stop = shutdown.clone();
-        let stopped = async move {
-            let _ = server_stop.wait_for(|s| *s).await;
-        };
-        let server = match tls {
-            None => tokio::spawn(async move {
-                use axum::serve::ListenerExt;
-                // Small frames (assignments, acks) must not wait for Nagle's algorithm.
-                let listener = listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                let service = router.into_make_service_with_connect_info::<SocketAddr>();
-                if let Err(e) = axum::serve(listener, service)
-                    .with_graceful_shutdown(stopped)
-                    .await
-                {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            }),
-            Some(tls) => {
-                use axum::serve::ListenerExt;
-                let listener = crate::tls::TlsListener::new(listener, tls)
-                    .map_err(|source| StartError::Listen { addr, source })?
-                    .tap_io(|_| {});
-                tokio::spawn(async move {
-                    let service = router.into_make_service_with_connect_info::<SocketAddr>();
-                    if let Err(e) = axum::serve(listener, service)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                    {
-                        tracing::error!(error = %e, "HTTPS server failed");
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("stardust-domain".into())
+            .spawn(move || {
+                let pinned = core.filter(|&c| match crate::cores::pin(c) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(core = c, error = %e, "cannot pin the domain to a core; it runs where the system puts it");
+                        false
                     }
-                })
-            }
-        };
-        let dispatcher = tokio::spawn(dispatch_loop(shared.clone()));
-        let expiry = tokio::spawn(expiry_loop(shared.clone()));
-        let sampler = tokio::spawn(sample_loop(shared.clone()));
-        let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), beats_rx));
-        let recorder = tokio::spawn(crate::recorder::run(shared.clone(), filed_rx));
-        tracing::info!(%addr, domain = %id, "domain listening");
+                });
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                if pinned.is_some() {
+                    builder.worker_threads(PINNED_WORKERS);
+                }
+                let runtime = match builder.thread_name("stardust-domain").enable_all().build() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(StartError::Runtime(e)));
+                        return;
+                    }
+                };
+                if let Some(core) = pinned {
+                    tracing::info!(core, "the domain runs on one core");
+                }
+                runtime.block_on(async move {
+                    match serve(config, identity).await {
+                        Ok((addr, stop, tasks)) => {
+                            let _ = started_tx.send(Ok((addr, stop)));
+                            for t in tasks {
+                                let _ = t.await;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e));
+                        }
+                    }
+                });
+                // Here, off any runtime: dropping one inside another is refused.
+                drop(runtime);
+                drop(ended_tx);
+            })
+            .map_err(StartError::Runtime)?;
+        let (addr, stop) = started.await.map_err(|_| {
+            StartError::Runtime(std::io::Error::other(
+                "the domain's thread ended before it started serving",
+            ))
+        })??;
         Ok(Self {
             addr,
             id,
             stop,
-            tasks: vec![server, dispatcher, expiry, sampler, heartbeats, recorder],
+            ended: Some(ended),
         })
     }
 
@@ -520,13 +489,133 @@ impl Domain {
         self.id
     }
 
-    /// Asks every task to stop and waits for them.
-    pub async fn shutdown(self) {
+    /// Asks every task to stop and waits for them and the domain's runtime to end.
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.await;
         }
     }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Opens storage, binds the listener and starts the domain's tasks on the current runtime.
+async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Key(e.to_string()))?;
+    let store = match &config.database_url {
+        Some(url) => Store::open(url).await?,
+        None => Store::open_sqlite(&config.data_dir).await?,
+    }
+    .with_ledger(
+        identity.clone(),
+        Economy {
+            stake: config.stake,
+            welcome: config.welcome_grant,
+            adaptive: config.adaptive,
+        },
+    );
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| StartError::Key(format!("no randomness: {e}")))?;
+    // Nodes could not heartbeat while the domain was down.
+    let extended = store.extend_all_leases(now_ms(), config.lease_ms).await?;
+    if extended > 0 {
+        tracing::info!(
+            leases = extended,
+            "gave active leases a fresh deadline after the restart"
+        );
+    }
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(crate::tls::server_config(cert, key).map_err(StartError::Tls)?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let (stop, shutdown) = watch::channel(false);
+    let id = identity.id();
+    let (beats, beats_rx) = mpsc::channel(4 * MAX_BEATS_PER_TRANSACTION);
+    let (filed, filed_rx) = mpsc::channel(crate::recorder::MAX_FRAMES_WAITING);
+    let shared = Arc::new(Shared {
+        store,
+        identity,
+        sessions: Mutex::new(HashMap::new()),
+        wake: Notify::new(),
+        replay: Mutex::new(ReplayGuard::default()),
+        rejections: Rejections::default(),
+        next_session: AtomicU64::new(1),
+        shutdown: shutdown.clone(),
+        per_key: Limiter::new(config.rate_per_key, 100_000),
+        per_addr: Limiter::new(config.rate_per_addr, 100_000),
+        rng: std::sync::Mutex::new(stardust_proto::rand::SplitMix64::new(u64::from_le_bytes(
+            seed,
+        ))),
+        metrics: crate::metrics::Metrics::default(),
+        samples: std::sync::Mutex::new(VecDeque::with_capacity(SAMPLES)),
+        streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        beats,
+        filed,
+        config,
+        waiters: crate::http::Waiters::default(),
+    });
+    let router = crate::http::router(shared.clone());
+    let mut server_stop = shutdown.clone();
+    let stopped = async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    };
+    let server = match tls {
+        None => tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            // Small frames (assignments, acks) must not wait for Nagle's algorithm.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, service)
+                .with_graceful_shutdown(stopped)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }),
+        Some(tls) => {
+            use axum::serve::ListenerExt;
+            let listener = crate::tls::TlsListener::new(listener, tls)
+                .map_err(|source| StartError::Listen { addr, source })?
+                .tap_io(|_| {});
+            tokio::spawn(async move {
+                let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                if let Err(e) = axum::serve(listener, service)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    tracing::error!(error = %e, "HTTPS server failed");
+                }
+            })
+        }
+    };
+    let dispatcher = tokio::spawn(dispatch_loop(shared.clone()));
+    let expiry = tokio::spawn(expiry_loop(shared.clone()));
+    let sampler = tokio::spawn(sample_loop(shared.clone()));
+    let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), beats_rx));
+    let recorder = tokio::spawn(crate::recorder::run(shared.clone(), filed_rx));
+    tracing::info!(%addr, domain = %id, "domain listening");
+    Ok((
+        addr,
+        stop,
+        vec![server, dispatcher, expiry, sampler, heartbeats, recorder],
+    ))
 }
 
 /// Leases pending tasks to connected nodes with free slots, in batches.

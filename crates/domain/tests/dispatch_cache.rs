@@ -9,18 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{Running, join, join_with, key, next_domain, start};
-
-fn spec(module: &str, input: &str, n: u32) -> stardust_proto::job::JobSpec {
-    serde_json::from_value(serde_json::json!({
-        "module": module,
-        "input": input,
-        "args": ["{i}"],
-        "limits": {"fuel": 1_000_000_000u64, "memory_bytes": 64u64 << 20, "wall_ms": 10_000, "output_bytes": 4096},
-        "sweep": {"grid": {"i": (0..n).collect::<Vec<_>>()}},
-    }))
-    .expect("spec")
-}
+use common::{Running, join, join_with, key, next_domain, start, sweep};
 
 /// `stardust_dispatch_pending_reads_total` from `/metrics`.
 async fn pending_reads(addr: SocketAddr) -> u64 {
@@ -52,7 +41,7 @@ async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_fo
     // again, must still be found by the dispatcher.
     let mut silent = join(addr, &key(2), 1).await;
     let lapsed = client
-        .submit(&spec(&module, &input, 1))
+        .submit(&sweep(&module, &input, 1))
         .await
         .expect("submit");
     let assigned = tokio::time::timeout(Duration::from_secs(10), async {
@@ -87,7 +76,7 @@ async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_fo
     let jobs = 30;
     for _ in 0..jobs {
         let job = client
-            .submit(&spec(&module, &input, 1))
+            .submit(&sweep(&module, &input, 1))
             .await
             .expect("submit");
         let s = tokio::time::timeout(Duration::from_secs(30), client.wait(job, |_| {}))
@@ -106,7 +95,7 @@ async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_fo
 
     // A larger job: more than one round's worth, all of it served.
     let big = client
-        .submit(&spec(&module, &input, 300))
+        .submit(&sweep(&module, &input, 300))
         .await
         .expect("submit");
     let s = tokio::time::timeout(Duration::from_secs(60), client.wait(big, |_| {}))
@@ -150,7 +139,7 @@ async fn a_node_is_leased_at_most_three_quarters_of_the_queue_its_hello_says() {
     let mut silent = join_with(addr, &key(3), 1, tier, None).await;
     let mut nothing = join_with(addr, &key(4), 2, tier, Some(0)).await;
     client
-        .submit(&spec(&module, &input, 200))
+        .submit(&sweep(&module, &input, 200))
         .await
         .expect("submit");
     let (a, b, c) = tokio::join!(

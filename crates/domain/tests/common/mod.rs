@@ -133,3 +133,15 @@ pub async fn start(adjust: impl FnOnce(&mut stardust_domain::Config)) -> Running
         input,
     }
 }
+
+/// A job of `n` trials of `module` on `input`, its one argument the trial's index.
+pub fn sweep(module: &str, input: &str, n: u32) -> stardust_proto::job::JobSpec {
+    serde_json::from_value(serde_json::json!({
+        "module": module,
+        "input": input,
+        "args": ["{i}"],
+        "limits": {"fuel": 1_000_000_000u64, "memory_bytes": 64u64 << 20, "wall_ms": 10_000, "output_bytes": 4096},
+        "sweep": {"grid": {"i": (0..n).collect::<Vec<_>>()}},
+    }))
+    .expect("spec")
+}
