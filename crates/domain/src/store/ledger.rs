@@ -9,14 +9,17 @@
 //! of the transaction, always after any task or job row (the lock order everywhere is
 //! task → job → ledger head), so concurrent writers queue instead of forking the chain.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::Row;
 use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
 use stardust_proto::identity::NodeId;
 
 use super::script::Script;
-use super::{Backend, Result, Store, StoreError, corrupt, id_i64, padded, values};
+use super::{
+    Backend, Result, Store, StoreError, as_json_rows, corrupt, id_i64, json, json_list, padded,
+    to_json, values,
+};
 
 /// One movement to write.
 #[derive(Debug, Clone)]
@@ -43,8 +46,12 @@ pub(crate) struct Chain {
     /// Events posted through this chain, in order, their `prev` not yet filled in: written
     /// by [`Store::close_chain`], which links them and signs the last.
     events: Vec<Event>,
-    /// Their ids.
+    /// Their ids, and those of the ledger's records [`Store::chain_with`] was asked about
+    /// and found.
     ids: HashSet<String>,
+    /// Ids [`Store::chain_with`] was asked about and did not find (nothing else writes the
+    /// ledger while the chain holds its head).
+    absent: HashSet<String>,
     /// µSCU of verified compute to date (the contribution curve's `x`).
     pub compute_micro_scu: u64,
 }
@@ -71,23 +78,76 @@ pub struct StoredRecord {
 impl Store {
     /// Locks the chain head for the rest of `tx`.
     pub(crate) async fn chain(&self, tx: &mut Tx) -> Result<Chain> {
+        self.chain_with(tx, &[], &[]).await
+    }
+
+    /// Locks the chain head for the rest of `tx` and reads, in the same statement, the
+    /// stored balances of `accounts` and which of `ids` the ledger holds already: what the
+    /// first posts through the chain would otherwise read one statement (one trip to the
+    /// database) each.
+    pub(crate) async fn chain_with(
+        &self,
+        tx: &mut Tx,
+        accounts: &[Account],
+        ids: &[&str],
+    ) -> Result<Chain> {
         let lock = if self.backend == Backend::Postgres {
             " FOR UPDATE"
         } else {
             ""
         };
+        let balances = as_json_rows(
+            self.backend,
+            &format!(
+                "SELECT account, amount FROM balances WHERE account IN ({})",
+                json_list(self.backend, 1, false)
+            ),
+            &["account", "amount"],
+        );
+        let posted = as_json_rows(
+            self.backend,
+            &format!(
+                "SELECT id FROM ledger WHERE id IN ({})",
+                json_list(self.backend, 2, false)
+            ),
+            &["id"],
+        );
+        let keys: Vec<String> = accounts.iter().map(|a| a.key()).collect();
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT seq, head, compute_micro_scu FROM ledger_head WHERE one = 1{lock}"
+            "SELECT seq, head, compute_micro_scu, ({balances}) AS balances, ({posted}) AS posted
+             FROM ledger_head WHERE one = 1{lock}"
         )))
+        .bind(to_json(&keys))
+        .bind(to_json(&ids))
         .fetch_one(&mut **tx)
         .await?;
+        let found: HashMap<String, i64> =
+            json::<Vec<(String, i64)>>("ledger balances", &row.try_get::<String, _>("balances")?)?
+                .into_iter()
+                .collect();
+        // An account without a row holds nothing.
+        let stored = accounts
+            .iter()
+            .zip(&keys)
+            .map(|(a, k)| (*a, found.get(k).copied().map_or(0, i128::from)))
+            .collect();
+        let posted: HashSet<String> =
+            json::<Vec<(String,)>>("ledger ids", &row.try_get::<String, _>("posted")?)?
+                .into_iter()
+                .map(|(id,)| id)
+                .collect();
         Ok(Chain {
             seq: row.try_get::<i64, _>("seq")? as u64,
             head: row.try_get("head")?,
             deltas: BTreeMap::new(),
-            stored: BTreeMap::new(),
+            stored,
             events: Vec::new(),
-            ids: HashSet::new(),
+            absent: ids
+                .iter()
+                .filter(|id| !posted.contains(**id))
+                .map(|id| (*id).to_owned())
+                .collect(),
+            ids: posted,
             compute_micro_scu: row.try_get::<i64, _>("compute_micro_scu")? as u64,
         })
     }
@@ -125,6 +185,9 @@ impl Store {
     pub(crate) async fn posted(tx: &mut Tx, chain: &Chain, id: &str) -> Result<bool> {
         if chain.ids.contains(id) {
             return Ok(true);
+        }
+        if chain.absent.contains(id) {
+            return Ok(false);
         }
         Ok(sqlx::query("SELECT 1 AS one FROM ledger WHERE id = $1")
             .bind(id)

@@ -1009,14 +1009,19 @@ impl Store {
         // The ledger's writes, with the commit: one trip on SQLite.
         let mut script = script::Script::new(self.backend);
         if maximum > 0 || welcome > 0 {
-            let mut chain = self.chain(&mut tx).await?;
             let submitter = Account::Submitter(owner);
+            let welcome_id = format!("welcome:{owner}");
+            // What the posts below check, read with the head.
+            let asked: &[&str] = if welcome > 0 { &[&welcome_id] } else { &[] };
+            let mut chain = self
+                .chain_with(&mut tx, &[submitter, Account::Mint], asked)
+                .await?;
             if welcome > 0 {
                 self.post_valid(
                     &mut tx,
                     &mut chain,
                     Post {
-                        id: format!("welcome:{owner}"),
+                        id: welcome_id,
                         from: Account::Mint,
                         to: submitter,
                         amount: welcome,

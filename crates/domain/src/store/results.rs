@@ -709,7 +709,7 @@ impl Store {
             .bind(now)
             .bind(job);
         let escrow = Account::Escrow(job as JobId);
-        let chain = self.batch_chain(tx, batch).await?;
+        let chain = self.batch_chain(tx, batch, escrow).await?;
         let left = Self::balance_now(tx, chain, escrow).await?;
         if left > 0 {
             let post = Post {
@@ -765,14 +765,16 @@ impl Store {
         Ok(judged.record)
     }
 
-    /// The batch's chain, opened (head locked) on first use.
+    /// The batch's chain, opened (head locked) on first use, with the stored balance of
+    /// `paying` (the account its first use posts from) and the mint's read at once.
     async fn batch_chain<'b>(
         &self,
         tx: &mut Tx,
         batch: &'b mut Batch<'_>,
+        paying: Account,
     ) -> Result<&'b mut Chain> {
         if batch.chain.is_none() {
-            batch.chain = Some(self.chain(tx).await?);
+            batch.chain = Some(self.chain_with(tx, &[paying, Account::Mint], &[]).await?);
         }
         batch
             .chain
@@ -829,7 +831,7 @@ impl Store {
         let paid = agree.len().min(payer.redundancy.max(1)) as u64;
         let charge = pricing::replica_charge(fuel, payer.price).saturating_mul(paid);
         let escrow = Account::Escrow(job as JobId);
-        let chain = self.batch_chain(tx, batch).await?;
+        let chain = self.batch_chain(tx, batch, escrow).await?;
         let held = Self::balance_now(tx, chain, escrow).await?.max(0);
         let charge = charge.min(u64::try_from(held).unwrap_or(u64::MAX));
         let split = stardust_ledger::split(charge, agree.len());
@@ -934,7 +936,7 @@ impl Store {
         };
         let record = Self::judge(tx, batch, node, outcome).await?;
         if outcome == Outcome::SpotFailed {
-            let chain = self.batch_chain(tx, batch).await?;
+            let chain = self.batch_chain(tx, batch, Account::Stake(node)).await?;
             self.slash(tx, chain, node, task, format!("slash:spot:{lease}"), now)
                 .await?;
         }
