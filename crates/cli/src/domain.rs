@@ -54,7 +54,7 @@ pub struct Args {
     #[arg(long, env = "STARDUST_PUBLIC_DASHBOARD")]
     public_dashboard: bool,
     /// Processor cores the domain's threads run on: auto (one core with SQLite, whose one
-    /// writer gains nothing from more and loses to waking threads across cores; every core
+    /// writer gains nothing from more and loses time to waking threads across cores; every core
     /// with PostgreSQL), all, or a core number.
     #[arg(long, env = "STARDUST_CORES", default_value = "auto")]
     cores: stardust_domain::Cores,

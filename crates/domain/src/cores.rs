@@ -5,12 +5,12 @@
 //! and each trip wakes a thread twice. A thread woken on another core costs an
 //! inter-processor interrupt, and on a virtual machine, whose idle vCPUs halt, an exit to the
 //! hypervisor as well. On the 2-core VM of docs/benchmarks.md, a pipe ping-pong between two
-//! threads takes 60 µs on two cores and 5 µs on one. One task's round trip makes about 30
-//! such trips. So by default an embedded domain keeps its runtime's threads and SQLite's
-//! on one core and leaves the others to nodes and everything else. The one connection
-//! serialises its work anyway, so a second core would not make the store faster. A
-//! PostgreSQL domain spreads its work over the server's connections, so it runs on every
-//! core.
+//! threads takes 55–80 µs on two cores and 5 µs on one (`benchmarks/machine/pingpong.c`),
+//! and one task's round trip makes about 25 such trips. So by default an embedded domain
+//! keeps its runtime's threads and SQLite's on one core and leaves the others to nodes and
+//! everything else. The one connection serialises its work anyway, so a second core would
+//! not make the store faster. A PostgreSQL domain spreads its work over the server's
+//! connections, so it runs on every core.
 //!
 //! Threads inherit their creator's affinity. The domain's runtime starts on a thread pinned
 //! to the core, and that runtime starts sqlx's threads, so they are pinned too.
