@@ -312,6 +312,9 @@ pub mod throughput {
         /// Tasks of a first, unmeasured job that lets reputations settle.
         #[arg(long, default_value_t = 0)]
         warmup: u32,
+        /// Processor cores the domain runs on, as `stardust domain --cores` takes them.
+        #[arg(long, default_value = "auto")]
+        cores: stardust_domain::Cores,
         /// Print one JSON object as the last stdout line.
         #[arg(long)]
         json: bool,
@@ -340,6 +343,7 @@ pub mod throughput {
             let mut config = stardust_domain::Config::new(dir.path().join("domain"));
             config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
             config.heartbeat_ms = 500;
+            config.cores = args.cores;
             // The benchmark's client pays for its tasks like any other.
             config.welcome_grant = 1_000_000_000_000_000;
             let unlimited = stardust_domain::Rate { per_s: 1e9, burst: 1e9 };
@@ -449,6 +453,7 @@ pub mod throughput {
                 "p99_ms": p99,
                 "elapsed_s": elapsed,
                 "adaptive": !args.fixed_replication,
+                "cores": args.cores.to_string(),
                 "replicas_per_task": replicas_run as f64 / f64::from(args.tasks),
                 "verification_overhead": replicas_run as f64 / f64::from(args.tasks) - 1.0,
             });

@@ -315,7 +315,10 @@ fn bench_scale_smoke() {
 
 #[test]
 fn bench_throughput_smoke() {
-    for extra in [&["--tasks", "20"][..], &["--tasks", "5", "--latency"][..]] {
+    for (extra, cores) in [
+        (&["--tasks", "20"][..], "auto"),
+        (&["--tasks", "5", "--latency", "--cores", "all"][..], "all"),
+    ] {
         let mut args = vec![
             "bench",
             "throughput",
@@ -331,6 +334,7 @@ fn bench_throughput_smoke() {
             assert!(json.get(field).is_some(), "{field} in {json}");
         }
         assert!(json["tasks_per_s"].as_f64().is_some_and(|t| t > 0.0));
+        assert_eq!(json["cores"], cores, "{json}");
     }
 }
 
