@@ -313,16 +313,15 @@ async fn submit(
     let mut inputs: Vec<ContentId> = trials.iter().map(|t| t.input).collect();
     inputs.sort_unstable();
     inputs.dedup();
-    for input in inputs {
-        if !shared.store.has_blob(input).await? {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "missing_blob",
-                format!("input {input} is not uploaded (PUT /v1/blobs/{input})"),
-            ));
-        }
+    let (missing, module) = shared.store.submission_refs(&inputs, spec.module).await?;
+    if let Some(input) = missing.first() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_blob",
+            format!("input {input} is not uploaded (PUT /v1/blobs/{input})"),
+        ));
     }
-    let (metered, author) = match shared.store.module(spec.module).await? {
+    let (metered, author) = match module {
         Some(found) => found,
         None => {
             let wasm = shared.store.blob(spec.module).await?.ok_or_else(|| {

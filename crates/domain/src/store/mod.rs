@@ -893,17 +893,55 @@ impl Store {
 
     /// The metered id and author of an uploaded module.
     pub async fn module(&self, original: ContentId) -> Result<Option<(ContentId, NodeId)>> {
-        let row = sqlx::query("SELECT metered, author FROM modules WHERE id = $1")
-            .bind(original.to_string())
-            .fetch_optional(&mut *self.db.acquire().await?)
-            .await?;
-        row.map(|r| {
-            Ok((
-                parse("module", &r.try_get::<String, _>("metered")?)?,
-                parse("module author", &r.try_get::<String, _>("author")?)?,
-            ))
-        })
-        .transpose()
+        Ok(self.submission_refs(&[], original).await?.1)
+    }
+
+    /// What a submission names, in one statement: which of `inputs` are not stored (in the
+    /// order given), and `module`'s metered id and author if it was uploaded and metered
+    /// before.
+    pub async fn submission_refs(
+        &self,
+        inputs: &[ContentId],
+        module: ContentId,
+    ) -> Result<(Vec<ContentId>, Option<(ContentId, NodeId)>)> {
+        let present = as_json_rows(
+            self.backend,
+            &format!(
+                "SELECT id FROM blobs WHERE id IN ({})",
+                json_list(self.backend, 1, false)
+            ),
+            &["id"],
+        );
+        let ids: Vec<String> = inputs.iter().map(ContentId::to_string).collect();
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT ({present}) AS present, m.metered, m.author
+             FROM (SELECT 1 AS one) AS o LEFT JOIN modules m ON m.id = $2"
+        )))
+        .bind(to_json(&ids))
+        .bind(module.to_string())
+        .fetch_one(&mut *self.db.acquire().await?)
+        .await?;
+        let present: std::collections::HashSet<String> =
+            json::<Vec<(String,)>>("stored inputs", &row.try_get::<String, _>("present")?)?
+                .into_iter()
+                .map(|(id,)| id)
+                .collect();
+        let missing = inputs
+            .iter()
+            .zip(&ids)
+            .filter(|(_, id)| !present.contains(*id))
+            .map(|(input, _)| *input)
+            .collect();
+        let metered = match (
+            row.try_get::<Option<String>, _>("metered")?,
+            row.try_get::<Option<String>, _>("author")?,
+        ) {
+            (Some(metered), Some(author)) => {
+                Some((parse("module", &metered)?, parse("module author", &author)?))
+            }
+            _ => None,
+        };
+        Ok((missing, metered))
     }
 
     // ---- jobs and tasks ----------------------------------------------------------------

@@ -329,6 +329,27 @@ async fn blobs_and_modules() {
             Some((ContentId::of(b"metered"), node(1))),
             "first upload wins"
         );
+        // What a submission names, in one read: missing inputs in the order asked.
+        let (a, b, c) = (
+            ContentId::of(b"a"),
+            ContentId::of(b"b"),
+            ContentId::of(b"c"),
+        );
+        store.put_blob(b, b"b", 5).await.expect("put b");
+        assert_eq!(
+            store
+                .submission_refs(&[c, id, a, b], id)
+                .await
+                .expect("refs"),
+            (vec![c, a], Some((ContentId::of(b"metered"), node(1))))
+        );
+        assert_eq!(
+            store
+                .submission_refs(&[], ContentId::of(b"never uploaded"))
+                .await
+                .expect("refs"),
+            (Vec::new(), None)
+        );
     }
 }
 
