@@ -380,8 +380,8 @@ pub enum StartError {
     /// The domain's thread or runtime could not start.
     #[error("cannot start the domain's runtime: {0}")]
     Runtime(std::io::Error),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    /// The listen address could not be bound (why: the error's source).
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
