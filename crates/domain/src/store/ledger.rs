@@ -18,7 +18,7 @@ use stardust_proto::identity::NodeId;
 use super::script::Script;
 use super::{
     Backend, Result, Store, StoreError, as_json_rows, corrupt, id_i64, json, json_list, padded,
-    to_json, values,
+    present_ids, present_sql, to_json, values,
 };
 
 /// One movement to write.
@@ -104,14 +104,7 @@ impl Store {
             ),
             &["account", "amount"],
         );
-        let posted = as_json_rows(
-            self.backend,
-            &format!(
-                "SELECT id FROM ledger WHERE id IN ({})",
-                json_list(self.backend, 2, false)
-            ),
-            &["id"],
-        );
+        let posted = present_sql(self.backend, "ledger", 2);
         let keys: Vec<String> = accounts.iter().map(|a| a.key()).collect();
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT seq, head, compute_micro_scu, ({balances}) AS balances, ({posted}) AS posted
@@ -131,11 +124,7 @@ impl Store {
             .zip(&keys)
             .map(|(a, k)| (*a, found.get(k).copied().map_or(0, i128::from)))
             .collect();
-        let posted: HashSet<String> =
-            json::<Vec<(String,)>>("ledger ids", &row.try_get::<String, _>("posted")?)?
-                .into_iter()
-                .map(|(id,)| id)
-                .collect();
+        let posted = present_ids("ledger ids", &row, "posted")?;
         Ok(Chain {
             seq: row.try_get::<i64, _>("seq")? as u64,
             head: row.try_get("head")?,

@@ -645,6 +645,33 @@ fn json_rows<T: serde::de::DeserializeOwned>(what: &'static str, row: &AnyRow) -
     json(what, &row.try_get::<String, _>("j")?)
 }
 
+/// A scalar subquery: which of the ids bound as `$param` (a JSON list of strings) `table`
+/// holds in its `id` column, read back by [`present_ids`].
+fn present_sql(backend: Backend, table: &str, param: usize) -> String {
+    as_json_rows(
+        backend,
+        &format!(
+            "SELECT id FROM {table} WHERE id IN ({})",
+            json_list(backend, param, false)
+        ),
+        &["id"],
+    )
+}
+
+/// The ids a [`present_sql`] column `col` of `row` holds.
+fn present_ids(
+    what: &'static str,
+    row: &AnyRow,
+    col: &str,
+) -> Result<std::collections::HashSet<String>> {
+    Ok(
+        json::<Vec<(String,)>>(what, &row.try_get::<String, _>(col)?)?
+            .into_iter()
+            .map(|(id,)| id)
+            .collect(),
+    )
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     // Plain data: serialization cannot fail.
     serde_json::to_string(v).unwrap_or_default()
@@ -904,14 +931,7 @@ impl Store {
         inputs: &[ContentId],
         module: ContentId,
     ) -> Result<(Vec<ContentId>, Option<(ContentId, NodeId)>)> {
-        let present = as_json_rows(
-            self.backend,
-            &format!(
-                "SELECT id FROM blobs WHERE id IN ({})",
-                json_list(self.backend, 1, false)
-            ),
-            &["id"],
-        );
+        let present = present_sql(self.backend, "blobs", 1);
         let ids: Vec<String> = inputs.iter().map(ContentId::to_string).collect();
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT ({present}) AS present, m.metered, m.author
@@ -921,11 +941,7 @@ impl Store {
         .bind(module.to_string())
         .fetch_one(&mut *self.db.acquire().await?)
         .await?;
-        let present: std::collections::HashSet<String> =
-            json::<Vec<(String,)>>("stored inputs", &row.try_get::<String, _>("present")?)?
-                .into_iter()
-                .map(|(id,)| id)
-                .collect();
+        let present = present_ids("stored inputs", &row, "present")?;
         let missing = inputs
             .iter()
             .zip(&ids)
