@@ -223,7 +223,15 @@ impl Db {
             conn: self.acquire().await?,
             open: true,
         };
-        sqlx::query("BEGIN").execute(&mut *tx.conn).await?;
+        // SQLite: the write lock from the start. Another process writing the same file
+        // (`stardust ledger grant` beside a running domain) then makes this wait (the busy
+        // timeout), where a deferred transaction that read first would fail at its first
+        // write if the other committed meanwhile (SQLITE_BUSY_SNAPSHOT, not retried).
+        let begin = match self {
+            Self::One(_) => "BEGIN IMMEDIATE",
+            Self::Pool(_) => "BEGIN",
+        };
+        sqlx::query(begin).execute(&mut *tx.conn).await?;
         Ok(tx)
     }
 }

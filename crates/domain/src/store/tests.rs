@@ -1829,3 +1829,52 @@ async fn hot_statements_search_indexes_on_sqlite() {
     // The backlog's count is the statement above.
     assert_eq!(store.backlog().await.expect("backlog"), 0);
 }
+
+/// Another process writing the same SQLite file (`stardust ledger grant` beside a running
+/// domain) makes a transaction wait for its write lock, not fail: a transaction that read
+/// first and found the file changed at its first write would be refused
+/// (SQLITE_BUSY_SNAPSHOT), and nothing retries that.
+#[tokio::test]
+async fn a_second_writer_on_the_sqlite_file_is_waited_for() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_sqlite(dir.path())
+        .await
+        .expect("sqlite")
+        .with_ledger(domain_key(), Economy::default());
+    let url = format!("sqlite://{}", dir.path().join("stardust.db").display());
+    let mut other = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    for round in 0..3 {
+        // The other writer holds the lock, then commits a change while the store waits.
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .expect("begin");
+        sqlx::query("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, 1, 0)")
+            .bind(format!("other-{round}"))
+            .bind(&b"x"[..])
+            .execute(&mut other)
+            .await
+            .expect("insert");
+        let grant = {
+            let store = store.clone();
+            tokio::spawn(async move { store.grant(Account::Submitter(node(7)), 5, 0).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut other)
+            .await
+            .expect("commit");
+        grant
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("round {round}: the grant failed: {e}"));
+    }
+    assert_eq!(
+        store
+            .balance(Account::Submitter(node(7)))
+            .await
+            .expect("balance"),
+        15
+    );
+}
