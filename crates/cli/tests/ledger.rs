@@ -140,32 +140,28 @@ fn jobs_are_paid_from_escrow_and_a_tampered_event_is_named() {
 
     // Change one byte of one stored event: verify fails and names it.
     let target = events / 2;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let id: String = rt.block_on(async {
-        use sqlx::Row;
-        sqlx::any::install_default_drivers();
-        let url = format!("sqlite://{}?mode=rw", data.join("stardust.db").display());
-        let pool = sqlx::AnyPool::connect(&url).await.expect("open");
-        let row = sqlx::query("SELECT id, record FROM ledger WHERE seq = $1")
-            .bind(target as i64)
-            .fetch_one(&pool)
-            .await
+    let id: String = {
+        let db = rusqlite::Connection::open_with_flags(
+            data.join("stardust.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+        )
+        .expect("open");
+        let (id, mut record): (String, Vec<u8>) = db
+            .query_row(
+                "SELECT id, record FROM ledger WHERE seq = ?1",
+                [target as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .expect("row");
-        let mut record: Vec<u8> = row.try_get("record").expect("record");
         let pos = record.len() - 70;
         record[pos] ^= 0x20;
-        sqlx::query("UPDATE ledger SET record = $1 WHERE seq = $2")
-            .bind(record)
-            .bind(target as i64)
-            .execute(&pool)
-            .await
-            .expect("tamper");
-        pool.close().await;
-        row.try_get("id").expect("id")
-    });
+        db.execute(
+            "UPDATE ledger SET record = ?1 WHERE seq = ?2",
+            (record, target as i64),
+        )
+        .expect("tamper");
+        id
+    };
     let (ok, out, err) = stardust(&["ledger", "verify", "--data", data_s]);
     assert!(!ok, "a tampered ledger must not verify: {out}");
     assert!(

@@ -1,19 +1,19 @@
 //! Which processor cores the domain's threads run on: [`Cores`].
 //!
-//! An embedded domain (SQLite) has one writer. sqlx runs that connection on a thread of its
-//! own, so every statement is a trip from the task that issued it to that thread and back,
-//! and each trip wakes a thread twice. A thread woken on another core costs an
-//! inter-processor interrupt, and on a virtual machine, whose idle vCPUs halt, an exit to the
-//! hypervisor as well. On the 2-core VM of docs/benchmarks.md, a pipe ping-pong between two
-//! threads takes 55–80 µs on two cores and 5 µs on one (`benchmarks/machine/pingpong.c`),
-//! and one task's round trip makes about 25 such trips. So by default an embedded domain
-//! keeps its runtime's threads and SQLite's on one core and leaves the others to nodes and
-//! everything else. The one connection serialises its work anyway, so a second core would
-//! not make the store faster. A PostgreSQL domain spreads its work over the server's
-//! connections, so it runs on every core.
+//! An embedded domain (SQLite) has one writer, and runs its statements on its own runtime's
+//! threads. Those threads hand work to each other all the time (a session's task wakes the
+//! lease round, a recorded result wakes the request waiting for it), and each hand-off wakes
+//! a thread. A thread woken on another core costs an inter-processor interrupt, and on a
+//! virtual machine, whose idle vCPUs halt, an exit to the hypervisor as well. On the 2-core
+//! VM of docs/benchmarks.md, a pipe ping-pong between two threads takes 55–80 µs on two cores
+//! and 5 µs on one (`benchmarks/machine/pingpong.c`). So by default an embedded domain keeps
+//! its threads on one core and leaves the others to nodes and everything else. The one
+//! connection serialises its work anyway, so a second core would not make the store faster.
+//! A PostgreSQL domain spreads its work over the server's connections, so it runs on every
+//! core.
 //!
 //! Threads inherit their creator's affinity. The domain's runtime starts on a thread pinned
-//! to the core, and that runtime starts sqlx's threads, so they are pinned too.
+//! to the core, and opens the store there, so SQLite's checkpointer thread is pinned too.
 
 use std::fmt;
 use std::str::FromStr;

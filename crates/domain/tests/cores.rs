@@ -1,5 +1,5 @@
-//! A domain pinned to a core runs there with every thread it starts, SQLite's connection
-//! thread included, and leaves its caller's threads alone.
+//! A domain pinned to a core runs there with every thread it starts, SQLite's checkpointer
+//! included, and leaves its caller's threads alone.
 #![cfg(target_os = "linux")]
 
 mod common;
@@ -52,7 +52,7 @@ fn threads() -> BTreeMap<String, Vec<Vec<usize>>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pinned_domain_and_its_sqlite_thread_run_on_its_core_only() {
+async fn a_pinned_domain_and_its_checkpointer_run_on_its_core_only() {
     let mine = allowed(
         &std::fs::read_to_string("/proc/thread-self/status").expect("/proc/thread-self/status"),
     );
@@ -64,7 +64,7 @@ async fn a_pinned_domain_and_its_sqlite_thread_run_on_its_core_only() {
     }
     let core = mine[0];
     let running = common::start(|c| c.cores = Cores::One(core)).await;
-    // A job through the store: SQLite's thread is busy, not merely started.
+    // A job through the store: SQLite is busy, not merely opened.
     let job = running
         .client
         .submit(&common::sweep(&running.module, &running.input, 3))
@@ -76,17 +76,10 @@ async fn a_pinned_domain_and_its_sqlite_thread_run_on_its_core_only() {
     let domain = threads
         .get("stardust-domain")
         .expect("the domain's runtime threads");
-    // comm holds 15 bytes of the name: "sqlx-sqlite-worker-N".
-    let sqlite = threads
-        .iter()
-        .filter(|(name, _)| name.starts_with("sqlx-sqlite"))
-        .flat_map(|(_, masks)| masks)
-        .collect::<Vec<_>>();
-    assert!(
-        !sqlite.is_empty(),
-        "no SQLite connection thread among {threads:?}"
-    );
-    for mask in domain.iter().chain(sqlite) {
+    let checkpointer = threads
+        .get("stardust-wal")
+        .expect("SQLite's checkpointer thread");
+    for mask in domain.iter().chain(checkpointer) {
         assert_eq!(
             mask,
             &vec![core],

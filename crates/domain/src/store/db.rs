@@ -1,25 +1,23 @@
 //! Where the store's statements run: PostgreSQL's connection pool, or SQLite's one
-//! connection held directly.
+//! connection, held directly.
 //!
-//! SQLite has one writer, so the store keeps one connection. Behind sqlx's pool, every use of
-//! it cost a checkout, and its return a spawned task that pings the connection before the
-//! next user may take it: three hops to the connection's thread where one statement needs
-//! one. Holding the connection behind a mutex costs a lock.
+//! SQLite has one writer, so the store keeps one connection, behind a mutex. Its statements
+//! run on the thread that holds it ([`super::sql`]).
 //!
-//! [`Tx`] is a transaction over either: like sqlx's `Transaction`, it dereferences to the
-//! connection and rolls back when dropped without [`Tx::commit`] (an error returned early,
-//! or a future cancelled mid-way).
+//! [`Tx`] is a transaction over either: it rolls back when dropped without [`Tx::commit`]
+//! (an error returned early, or a future cancelled mid-way).
 
-use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyConnection, AnyPool};
-use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+use sqlx::{Any, AnyPool};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::StoreError;
 use super::script::Script;
+use super::sql::{Exec, On, query};
 
 /// The store's connections.
 #[derive(Clone)]
@@ -32,12 +30,12 @@ pub(crate) enum Db {
 
 /// SQLite's connection.
 pub(crate) struct One {
-    conn: Arc<Mutex<AnyConnection>>,
+    conn: Arc<Mutex<rusqlite::Connection>>,
     /// A transaction was dropped open (an error or a cancelled future): roll it back before
     /// the connection's next use.
     abandoned: AtomicBool,
-    /// Told after each commit (and when this is dropped): wakes the checkpointer.
-    wrote: Arc<Notify>,
+    /// Told after each commit: wakes the checkpointer, which ends when this is dropped.
+    wrote: mpsc::SyncSender<()>,
 }
 
 /// How long the checkpointer lets writes gather before it copies them into the database
@@ -50,47 +48,41 @@ pub(crate) const WAL_BACKSTOP_PAGES: u32 = 20_000;
 
 impl One {
     /// The store's connection, and a second one to the same file that checkpoints the WAL
-    /// off the writer's path: a checkpoint copies the WAL's pages into the database file and
-    /// syncs it, tens of milliseconds that the writer's commits (and everything waiting on
-    /// the connection) used to wait for every 1,000 pages.
-    pub fn new(conn: AnyConnection, checkpointer: AnyConnection) -> Arc<Self> {
-        let one = Arc::new(Self {
+    /// off the writer's path, on a thread of its own: a checkpoint copies the WAL's pages
+    /// into the database file and syncs it, tens of milliseconds that the writer's commits
+    /// (and everything waiting on the connection) used to wait for every 1,000 pages.
+    pub fn new(
+        conn: rusqlite::Connection,
+        checkpointer: rusqlite::Connection,
+    ) -> Result<Arc<Self>, StoreError> {
+        let (wrote, told) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("stardust-wal".into())
+            .spawn(move || checkpoints(&told, &checkpointer))
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
+        Ok(Arc::new(Self {
             conn: Arc::new(Mutex::new(conn)),
             abandoned: AtomicBool::new(false),
-            wrote: Arc::new(Notify::new()),
-        });
-        tokio::spawn(checkpoints(
-            Arc::downgrade(&one),
-            one.wrote.clone(),
-            checkpointer,
-        ));
-        one
+            wrote,
+        }))
     }
-}
 
-impl Drop for One {
-    fn drop(&mut self) {
-        self.wrote.notify_one();
+    fn wrote(&self) {
+        // Full: a checkpoint is due already.
+        let _ = self.wrote.try_send(());
     }
 }
 
 /// Checkpoints (PASSIVE: never blocks the writer) once writes have gathered for
 /// [`CHECKPOINT_AFTER`]; ends when the store's connection is dropped.
-async fn checkpoints(one: Weak<One>, wrote: Arc<Notify>, mut conn: AnyConnection) {
-    loop {
-        wrote.notified().await;
-        tokio::time::sleep(CHECKPOINT_AFTER).await;
-        if one.strong_count() == 0 {
-            break;
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
+fn checkpoints(told: &mpsc::Receiver<()>, conn: &rusqlite::Connection) {
+    while told.recv().is_ok() {
+        std::thread::sleep(CHECKPOINT_AFTER);
+        while told.try_recv().is_ok() {}
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "checkpointing the WAL failed; the writer checkpoints it later");
         }
     }
-    let _ = sqlx::Connection::close(conn).await;
 }
 
 impl std::fmt::Debug for Db {
@@ -105,29 +97,19 @@ impl std::fmt::Debug for Db {
 /// A connection taken for one operation; back when dropped.
 pub(crate) enum Conn {
     Pooled(PoolConnection<Any>),
-    One(OwnedMutexGuard<AnyConnection>, Arc<One>),
+    One(OwnedMutexGuard<rusqlite::Connection>, Arc<One>),
 }
 
-impl Deref for Conn {
-    type Target = AnyConnection;
-    fn deref(&self) -> &AnyConnection {
+impl Exec for Conn {
+    fn on(&mut self) -> On<'_> {
         match self {
-            Self::Pooled(c) => c,
-            Self::One(c, _) => c,
+            Self::Pooled(c) => On::Postgres(c),
+            Self::One(c, _) => On::Sqlite(c),
         }
     }
 }
 
-impl DerefMut for Conn {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        match self {
-            Self::Pooled(c) => c,
-            Self::One(c, _) => c,
-        }
-    }
-}
-
-/// A transaction: statements run on `&mut *tx`. Dropped without [`Tx::commit`] or
+/// A transaction: statements run on `&mut tx`. Dropped without [`Tx::commit`] or
 /// [`Tx::rollback`], it rolls back: SQLite's before the connection's next use, a pooled
 /// connection by closing it (the server rolls back).
 pub(crate) struct Tx {
@@ -135,50 +117,34 @@ pub(crate) struct Tx {
     open: bool,
 }
 
+impl Exec for Tx {
+    fn on(&mut self) -> On<'_> {
+        self.conn.on()
+    }
+}
+
 impl Tx {
     /// Commits.
-    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        sqlx::query("COMMIT").execute(&mut *self.conn).await?;
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        query("COMMIT").execute(&mut self.conn).await?;
         self.open = false;
         if let Conn::One(_, one) = &self.conn {
-            one.wrote.notify_one();
+            one.wrote();
         }
         Ok(())
     }
 
-    /// Runs `script`'s writes and commits: on SQLite in one trip when its last statements
-    /// were joined.
-    pub async fn commit_with(mut self, mut script: Script) -> Result<(), sqlx::Error> {
-        if !script.append_commit() {
-            script.run(&mut self).await?;
-            return self.commit().await;
-        }
+    /// Runs `script`'s writes and commits.
+    pub async fn commit_with(mut self, mut script: Script) -> Result<(), StoreError> {
         script.run(&mut self).await?;
-        self.open = false;
-        if let Conn::One(_, one) = &self.conn {
-            one.wrote.notify_one();
-        }
-        Ok(())
+        self.commit().await
     }
 
     /// Rolls back.
-    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
-        sqlx::query("ROLLBACK").execute(&mut *self.conn).await?;
+    pub async fn rollback(mut self) -> Result<(), StoreError> {
+        query("ROLLBACK").execute(&mut self.conn).await?;
         self.open = false;
         Ok(())
-    }
-}
-
-impl Deref for Tx {
-    type Target = AnyConnection;
-    fn deref(&self) -> &AnyConnection {
-        &self.conn
-    }
-}
-
-impl DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.conn
     }
 }
 
@@ -195,20 +161,19 @@ impl Drop for Tx {
 
 impl Db {
     /// A connection for one operation (waits for SQLite's while another holds it).
-    pub async fn acquire(&self) -> Result<Conn, sqlx::Error> {
+    pub async fn acquire(&self) -> Result<Conn, StoreError> {
         match self {
             Self::Pool(p) => Ok(Conn::Pooled(p.acquire().await?)),
             Self::One(one) => {
-                let mut conn = one.conn.clone().lock_owned().await;
-                if one.abandoned.swap(false, Ordering::AcqRel) {
-                    // Its `BEGIN` or `COMMIT` may not have run (a cancelled future): then
-                    // there is nothing to roll back, and SQLite says so.
-                    if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await
-                        && !e.to_string().contains("no transaction is active")
-                    {
-                        one.abandoned.store(true, Ordering::Release);
-                        return Err(e);
-                    }
+                let conn = one.conn.clone().lock_owned().await;
+                // Its `BEGIN` or `COMMIT` may not have run (a cancelled future): then there
+                // is nothing to roll back.
+                if one.abandoned.swap(false, Ordering::AcqRel)
+                    && !conn.is_autocommit()
+                    && let Err(e) = conn.execute_batch("ROLLBACK")
+                {
+                    one.abandoned.store(true, Ordering::Release);
+                    return Err(e.into());
                 }
                 Ok(Conn::One(conn, one.clone()))
             }
@@ -216,7 +181,7 @@ impl Db {
     }
 
     /// Begins a transaction.
-    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+    pub async fn begin(&self) -> Result<Tx, StoreError> {
         // Open before `BEGIN` is sent: cancelled while it runs, the transaction still rolls
         // back.
         let mut tx = Tx {
@@ -231,7 +196,7 @@ impl Db {
             Self::One(_) => "BEGIN IMMEDIATE",
             Self::Pool(_) => "BEGIN",
         };
-        sqlx::query(begin).execute(&mut *tx.conn).await?;
+        query(begin).execute(&mut tx.conn).await?;
         Ok(tx)
     }
 }

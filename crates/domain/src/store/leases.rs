@@ -7,9 +7,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use sqlx::Row;
-
 use super::script::Script;
+use super::sql::query;
 use stardust_ledger::Account;
 use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
@@ -60,12 +59,12 @@ impl Store {
         // statement.
         let mut conn = self.db.acquire().await?;
         // What every task of a job shares is read once, with the job.
-        let jobs = sqlx::query(
+        let jobs = query(
             "SELECT id, module, terms, CASE WHEN terms IS NULL THEN spec END AS spec, created_ms,
              redundancy, adaptive, priority
              FROM jobs WHERE state IN ('queued', 'running') ORDER BY priority DESC, id",
         )
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut conn)
         .await?;
         // Per task: id, its position, args, input, seed, replicas, and the nodes holding an
         // active or finished replica (comma-separated; none for a task never leased). A
@@ -94,23 +93,21 @@ impl Store {
                 break;
             }
             let job: i64 = j.try_get("id")?;
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
-                .bind(job)
-                .bind(wanted);
-            let mut rows: Vec<Row> = json_rows("pending tasks", &q.fetch_one(&mut *conn).await?)?;
+            let q = query(sql.as_str()).bind(job).bind(wanted);
+            let mut rows: Vec<Row> = json_rows("pending tasks", &q.fetch_one(&mut conn).await?)?;
             if rows.is_empty() {
                 continue;
             }
             // In the job's order (the rows' order in the array is not promised).
             rows.sort_unstable_by_key(|r| r.1);
             let terms = terms_of(
-                j.try_get::<Option<String>, _>("terms")?.as_deref(),
-                j.try_get::<Option<String>, _>("spec")?.as_deref(),
+                j.try_get::<Option<String>>("terms")?.as_deref(),
+                j.try_get::<Option<String>>("spec")?.as_deref(),
             )?;
-            let module = parse("job module", &j.try_get::<String, _>("module")?)?;
+            let module = parse("job module", &j.try_get::<String>("module")?)?;
             let submitted_ms: i64 = j.try_get("created_ms")?;
-            let redundancy = j.try_get::<i64, _>("redundancy")?.clamp(0, 255) as u8;
-            let adaptive = j.try_get::<i64, _>("adaptive")? != 0;
+            let redundancy = j.try_get::<i64>("redundancy")?.clamp(0, 255) as u8;
+            let adaptive = j.try_get::<i64>("adaptive")? != 0;
             let priority: i64 = j.try_get("priority")?;
             for (task, _idx, args, input, seed, replicas, holders) in rows {
                 out.push(PendingTask {
@@ -182,13 +179,13 @@ impl Store {
         // Each node's tier and streak: (may stand alone, streak).
         let mut standing: HashMap<String, (bool, u64)> = HashMap::new();
         let nodes: Vec<&String> = nodes.iter().collect();
-        let q = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let q = query(format!(
             "SELECT id, tier, streak FROM nodes WHERE id IN ({})",
             json_list(self.backend, 1, false)
-        )))
+        ))
         .bind(super::to_json(&nodes));
-        for r in q.fetch_all(&mut *tx).await? {
-            let streak = r.try_get::<i64, _>("streak")?;
+        for r in q.fetch_all(&mut tx).await? {
+            let streak = r.try_get::<i64>("streak")?;
             standing.insert(
                 r.try_get("id")?,
                 (
@@ -232,7 +229,7 @@ impl Store {
             }
         }
         // The writes left, with the commit: one trip on SQLite.
-        let mut script = Script::new(self.backend);
+        let mut script = Script::default();
         self.write_tasks(&mut script, &open);
         let jobs: BTreeSet<i64> = new
             .iter()
@@ -262,7 +259,7 @@ impl Store {
             ""
         };
         let list = json_list(self.backend, 1, true);
-        let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+        let q = query(as_json_rows(
             self.backend,
             &format!(
                 "SELECT t.id, t.state, t.replicas, t.job_id, j.redundancy, j.adaptive
@@ -276,10 +273,10 @@ impl Store {
                 "redundancy",
                 "adaptive",
             ],
-        )))
+        ))
         .bind(super::to_json(&ids));
         let rows: Vec<(i64, String, i64, i64, i64, i64)> =
-            json_rows("open tasks", &q.fetch_one(&mut **tx).await?)?;
+            json_rows("open tasks", &q.fetch_one(tx).await?)?;
         let mut open = HashMap::with_capacity(rows.len());
         for (id, state, replicas, job, redundancy, adaptive) in rows {
             open.insert(
@@ -295,17 +292,17 @@ impl Store {
                 },
             );
         }
-        let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+        let q = query(as_json_rows(
             self.backend,
             &format!(
                 "SELECT l.task_id, l.node, n.tier, n.streak FROM leases l LEFT JOIN nodes n ON n.id = l.node
                  WHERE l.task_id IN ({list}) AND l.state IN ('active', 'done')"
             ),
             &["task_id", "node", "tier", "streak"],
-        )))
+        ))
         .bind(super::to_json(&ids));
         let rows: Vec<(i64, String, Option<String>, Option<i64>)> =
-            json_rows("task holders", &q.fetch_one(&mut **tx).await?)?;
+            json_rows("task holders", &q.fetch_one(tx).await?)?;
         for (task, node, tier, streak) in rows {
             if let Some(t) = open.get_mut(&task) {
                 t.holders.push((node, may_stand_alone_row(tier, streak)));
@@ -337,13 +334,13 @@ impl Store {
             let (active, held) = match stakes.get(node) {
                 Some(s) => *s,
                 None => {
-                    let active = sqlx::query(
+                    let active = query(
                         "SELECT COUNT(*) AS n FROM leases WHERE node = $1 AND state = 'active'",
                     )
                     .bind(node)
-                    .fetch_one(&mut **tx)
+                    .fetch_one(tx)
                     .await?
-                    .try_get::<i64, _>("n")?;
+                    .try_get::<i64>("n")?;
                     let id: NodeId = parse("lease node", node)?;
                     let held = Self::balance_in(tx, Account::Stake(id)).await?;
                     stakes.insert(node.to_string(), (active, held));
@@ -420,36 +417,37 @@ impl Store {
             "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
              SELECT v.task_id, v.node, 'active', $1, $2 FROM ({rows}) AS v"
         );
-        let sql = match self.backend {
-            Backend::Sqlite => format!(
-                "{insert};
-                 {}",
-                as_json_rows(
-                    self.backend,
-                    "SELECT id, task_id, node FROM leases
-                     WHERE id > last_insert_rowid() - changes() AND id <= last_insert_rowid()",
-                    &["id", "task_id", "node"],
-                )
-            ),
-            Backend::Postgres => format!(
-                "WITH made AS ({insert} RETURNING id, task_id, node) {}",
-                as_json_rows(
-                    self.backend,
-                    "SELECT id, task_id, node FROM made",
-                    &["id", "task_id", "node"],
-                )
-            ),
-        };
-        let q = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(now)
-            .bind(now.saturating_add(lease_ms))
-            .bind(super::to_json(&new));
         let mut ids: HashMap<(i64, String), i64> = HashMap::with_capacity(new.len());
-        // The insert gives no row; the read gives one.
-        for row in q.fetch_all(&mut **tx).await? {
-            let made: Vec<(i64, i64, String)> = json_rows("new leases", &row)?;
-            for (id, task, node) in made {
-                ids.insert((task, node), id);
+        let args = |sql: String| {
+            query(sql)
+                .bind(now)
+                .bind(now.saturating_add(lease_ms))
+                .bind(super::to_json(&new))
+        };
+        match self.backend {
+            Backend::Sqlite => {
+                let q = args(format!("{insert} RETURNING id, task_id, node"));
+                for r in q.fetch_all(tx).await? {
+                    ids.insert(
+                        (r.try_get("task_id")?, r.try_get("node")?),
+                        r.try_get("id")?,
+                    );
+                }
+            }
+            Backend::Postgres => {
+                let q = args(format!(
+                    "WITH made AS ({insert} RETURNING id, task_id, node) {}",
+                    as_json_rows(
+                        self.backend,
+                        "SELECT id, task_id, node FROM made",
+                        &["id", "task_id", "node"],
+                    )
+                ));
+                let made: Vec<(i64, i64, String)> =
+                    json_rows("new leases", &q.fetch_one(tx).await?)?;
+                for (id, task, node) in made {
+                    ids.insert((task, node), id);
+                }
             }
         }
         new.iter()

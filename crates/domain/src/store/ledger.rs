@@ -11,11 +11,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sqlx::Row;
 use stardust_ledger::{Account, Amount, ApplyError, Event, Reason};
 use stardust_proto::identity::NodeId;
 
 use super::script::Script;
+use super::sql::query;
 use super::{
     Backend, Result, Store, StoreError, as_json_rows, corrupt, id_i64, json, json_list, padded,
     present_ids, present_sql, to_json, values,
@@ -106,16 +106,16 @@ impl Store {
         );
         let posted = present_sql(self.backend, "ledger", 2);
         let keys: Vec<String> = accounts.iter().map(|a| a.key()).collect();
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let row = query(format!(
             "SELECT seq, head, compute_micro_scu, ({balances}) AS balances, ({posted}) AS posted
              FROM ledger_head WHERE one = 1{lock}"
-        )))
+        ))
         .bind(to_json(&keys))
         .bind(to_json(&ids))
-        .fetch_one(&mut **tx)
+        .fetch_one(tx)
         .await?;
         let found: HashMap<String, i64> =
-            json::<Vec<(String, i64)>>("ledger balances", &row.try_get::<String, _>("balances")?)?
+            json::<Vec<(String, i64)>>("ledger balances", &row.try_get::<String>("balances")?)?
                 .into_iter()
                 .collect();
         // An account without a row holds nothing.
@@ -126,7 +126,7 @@ impl Store {
             .collect();
         let posted = present_ids("ledger ids", &row, "posted")?;
         Ok(Chain {
-            seq: row.try_get::<i64, _>("seq")? as u64,
+            seq: row.try_get::<i64>("seq")? as u64,
             head: row.try_get("head")?,
             deltas: BTreeMap::new(),
             stored,
@@ -137,18 +137,18 @@ impl Store {
                 .map(|id| (*id).to_owned())
                 .collect(),
             ids: posted,
-            compute_micro_scu: row.try_get::<i64, _>("compute_micro_scu")? as u64,
+            compute_micro_scu: row.try_get::<i64>("compute_micro_scu")? as u64,
         })
     }
 
     /// A balance as of `tx`.
     pub(crate) async fn balance_in(tx: &mut Tx, account: Account) -> Result<i128> {
-        let row = sqlx::query("SELECT amount FROM balances WHERE account = $1")
+        let row = query("SELECT amount FROM balances WHERE account = $1")
             .bind(account.key())
-            .fetch_optional(&mut **tx)
+            .fetch_optional(tx)
             .await?;
         Ok(row
-            .map(|r| r.try_get::<i64, _>("amount"))
+            .map(|r| r.try_get::<i64>("amount"))
             .transpose()?
             .map_or(0, i128::from))
     }
@@ -178,9 +178,9 @@ impl Store {
         if chain.absent.contains(id) {
             return Ok(false);
         }
-        Ok(sqlx::query("SELECT 1 AS one FROM ledger WHERE id = $1")
+        Ok(query("SELECT 1 AS one FROM ledger WHERE id = $1")
             .bind(id)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(tx)
             .await?
             .is_some())
     }
@@ -258,7 +258,7 @@ impl Store {
     /// (multi-row inserts), the balance changes (one upsert per account touched) and the head
     /// back; call once before committing `tx`.
     pub(crate) async fn close_chain(&self, tx: &mut Tx, chain: Chain) -> Result<()> {
-        let mut script = Script::new(self.backend);
+        let mut script = Script::default();
         self.write_chain(&mut script, chain)?;
         script.run(tx).await?;
         Ok(())
@@ -367,15 +367,15 @@ impl Store {
     /// Every ledger record, in chain order, from `from_seq`, at most `limit`.
     pub async fn ledger_records(&self, from_seq: u64, limit: u32) -> Result<Vec<StoredRecord>> {
         let rows =
-            sqlx::query("SELECT seq, id, record FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT $2")
+            query("SELECT seq, id, record FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT $2")
                 .bind(id_i64(from_seq))
                 .bind(i64::from(limit))
-                .fetch_all(&mut *self.db.acquire().await?)
+                .fetch_all(&mut self.db.acquire().await?)
                 .await?;
         rows.iter()
             .map(|r| {
                 Ok(StoredRecord {
-                    seq: r.try_get::<i64, _>("seq")? as u64,
+                    seq: r.try_get::<i64>("seq")? as u64,
                     id: r.try_get("id")?,
                     record: r.try_get("record")?,
                 })
@@ -393,14 +393,14 @@ impl Store {
 
     /// Every stored balance, by account name.
     pub async fn balances(&self) -> Result<Vec<(Account, i128)>> {
-        let rows = sqlx::query("SELECT account, amount FROM balances ORDER BY account")
-            .fetch_all(&mut *self.db.acquire().await?)
+        let rows = query("SELECT account, amount FROM balances ORDER BY account")
+            .fetch_all(&mut self.db.acquire().await?)
             .await?;
         rows.iter()
             .map(|r| {
                 let name: String = r.try_get("account")?;
                 let account = name.parse().map_err(|e| corrupt("balance account", e))?;
-                Ok((account, i128::from(r.try_get::<i64, _>("amount")?)))
+                Ok((account, i128::from(r.try_get::<i64>("amount")?)))
             })
             .collect()
     }

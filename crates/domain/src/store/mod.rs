@@ -1,5 +1,6 @@
 //! Durable state of a domain: SQLite (embedded default, WAL) or PostgreSQL, one code path
-//! through sqlx's `Any` driver, one migration chain with per-backend SQL ([`schema`]).
+//! through [`sql`] (SQLite in process through rusqlite, PostgreSQL through sqlx's `Any`
+//! driver), one migration chain with per-backend SQL ([`schema`]).
 //!
 //! Every state transition is one transaction, so a `kill -9` at any moment leaves either the
 //! state before or the state after it: no task lost, no result recorded twice.
@@ -15,16 +16,17 @@ mod ledger;
 mod results;
 pub mod schema;
 mod script;
+mod sql;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Connection as _, Row};
+use sqlx::any::AnyPoolOptions;
 
 use self::db::Db;
+use self::sql::{Row, query};
 use stardust_ledger::{Account, Amount, Reason};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::{Identity, NodeId};
@@ -52,9 +54,29 @@ pub enum Backend {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The database refused or failed.
+    /// PostgreSQL refused or failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// SQLite refused or failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A query that must return a row returned none.
+    #[error("no row for {0:?}")]
+    NoRow(String),
+    /// A column missing from a row, or holding what its reader does not take.
+    #[error("column {column}: {reason}")]
+    Column {
+        /// The column.
+        column: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Values that do not fit a statement's placeholders (a bug).
+    #[error("binding a statement: {0}")]
+    Bind(String),
+    /// A thread the store needs could not start.
+    #[error("starting a thread: {0}")]
+    Thread(String),
     /// A URL that names neither SQLite nor PostgreSQL.
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
@@ -147,8 +169,8 @@ const LEASED: &str =
 impl Counts {
     /// The counts kept on a job row (`n_open`, `n_verified`, `n_failed`, `n_cancelled`) and
     /// its `leased` tasks.
-    fn of(r: &AnyRow) -> Result<Self> {
-        let n = |c: &str| -> Result<u64> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
+    fn of(r: &Row) -> Result<Self> {
+        let n = |c: &str| -> Result<u64> { Ok(r.try_get::<i64>(c)?.max(0) as u64) };
         let mut counts = Self {
             pending: n("n_open")?,
             verified: n("n_verified")?,
@@ -302,12 +324,6 @@ pub enum RecordError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for RecordError {
-    fn from(e: sqlx::Error) -> Self {
-        RecordError::Store(StoreError::Db(e))
-    }
-}
-
 /// A result as a node submitted it.
 #[derive(Debug, Clone, Copy)]
 pub struct Submitted<'a> {
@@ -410,12 +426,6 @@ pub enum CreateJobError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for CreateJobError {
-    fn from(e: sqlx::Error) -> Self {
-        CreateJobError::Store(StoreError::Db(e))
-    }
-}
-
 /// What leasing a replica did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leased {
@@ -481,10 +491,9 @@ const ENDED_JOBS_BACKLOG: usize = 4096;
 const BACKLOG_SQLITE: &str =
     "SELECT COUNT(*) AS n FROM tasks INDEXED BY tasks_pending WHERE state = 'pending'";
 
-/// Values bound to one statement at most. sqlx's SQLite driver finds each parameter of a
-/// statement by its name, and SQLite looks a name up by walking the statement's list of
-/// names: binding n values costs n². At a few hundred values a statement, binding cost more
-/// than the statements it saved (the SQLite thread spent 17 % of its time there at 1,024).
+/// Values bound to one statement at most: a bound on a statement's text and its parameters.
+/// (Behind sqlx's SQLite driver, which found each parameter by its name, binding n values
+/// cost n², and at 1,024 values 17 % of the SQLite thread's time.)
 const MAX_BOUND: usize = 96;
 
 /// Rows of `cols` bound values one statement carries: as many as [`MAX_BOUND`] allows.
@@ -494,8 +503,9 @@ const fn rows_per_statement(cols: usize) -> usize {
 }
 
 /// The length a list of `n` values (or rows), at most `max`, is bound as: the next power of
-/// two, at most `max`. sqlx keeps 100 prepared statements per connection; a text per list
-/// length (hundreds of them) had SQLite prepare most statements anew. Repeating the last
+/// two, at most `max`. A connection keeps a bounded number of prepared statements (sqlx's
+/// PostgreSQL connections 100, SQLite's [`sql::STATEMENT_CACHE`]); a text per list length
+/// (hundreds of them) would have most statements prepared anew. Repeating the last
 /// value ([`pad`]) changes nothing in an `IN` list, a set statement's `VALUES` or an insert
 /// that ignores conflicts.
 const fn padded(n: usize, max: usize) -> usize {
@@ -540,9 +550,8 @@ type JsonCol<'a> = (&'a str, bool);
 /// Rows bound as one parameter, `$param`: a JSON array of arrays, taken apart by the
 /// database into a table with `cols` (in their order) — in the array's order when
 /// `ordered` (for inserts whose ids should follow it). The writes' mirror of
-/// [`as_json_rows`]: binding values one by one costs more than the database's work on them
-/// (sqlx's SQLite driver looks each up by name), and a list of any length is one statement
-/// text.
+/// [`as_json_rows`]: a list of any length is one statement text with one value, where
+/// binding values one by one cost more than the database's work on them behind sqlx.
 fn json_table(backend: Backend, param: usize, cols: &[JsonCol<'_>], ordered: bool) -> String {
     let mut out = String::from("SELECT ");
     for (i, (name, int)) in cols.iter().enumerate() {
@@ -601,6 +610,33 @@ fn values(rows: usize, cols: usize) -> String {
     out
 }
 
+/// A SQLite connection from a `sqlite://PATH[?PARAMS]` (or `sqlite:PATH`) URL: the path may
+/// be percent-escaped; `mode` is `ro`, `rw` (the default: the file must exist) or `rwc`
+/// (created if missing); other parameters are SQLite's own URI parameters (`immutable=1`).
+fn sqlite_connect(url: &str) -> Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut params: Vec<&str> = params.split('&').filter(|p| !p.is_empty()).collect();
+    if !params.iter().any(|p| p.starts_with("mode=")) {
+        params.push("mode=rw");
+    }
+    let uri = format!("file:{path}?{}", params.join("&"));
+    let conn = rusqlite::Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(sql::STATEMENT_CACHE);
+    Ok(conn)
+}
+
 fn id_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -619,10 +655,10 @@ fn json<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T
 /// `select` read as one value: its rows as a JSON array of arrays of the columns `cols`
 /// (names `select` gives them), built by the database; [`json_rows`] parses it.
 ///
-/// sqlx's SQLite driver hands each row of a result from its worker thread on its own and
-/// copies it into a generic row: ~4.7 µs a row, against ~1.5 µs for the same 48-row reads
-/// aggregated by SQLite and parsed here (measured). Reads of many rows on the hot path use
-/// this. Columns must be numbers, text or NULL (SQLite's JSON holds no BLOB). Row order is
+/// sqlx hands each row of a result over on its own and copies it into a generic row: behind
+/// its SQLite driver ~4.7 µs a row, against ~1.5 µs for the same 48-row reads aggregated by
+/// SQLite and parsed here (measured when SQLite ran behind sqlx; rusqlite reads a row in
+/// far less, not measured against this since). Reads of many rows on the hot path use this. Columns must be numbers, text or NULL (SQLite's JSON holds no BLOB). Row order is
 /// not promised: callers that need one sort what they get.
 fn as_json_rows(backend: Backend, select: &str, cols: &[&str]) -> String {
     let cols = cols
@@ -641,8 +677,8 @@ fn as_json_rows(backend: Backend, select: &str, cols: &[&str]) -> String {
 }
 
 /// The rows of an [`as_json_rows`] query, each parsed as `T` (a tuple of its columns).
-fn json_rows<T: serde::de::DeserializeOwned>(what: &'static str, row: &AnyRow) -> Result<Vec<T>> {
-    json(what, &row.try_get::<String, _>("j")?)
+fn json_rows<T: serde::de::DeserializeOwned>(what: &'static str, row: &Row) -> Result<Vec<T>> {
+    json(what, &row.try_get::<String>("j")?)
 }
 
 /// A scalar subquery: which of the ids bound as `$param` (a JSON list of strings) `table`
@@ -661,15 +697,13 @@ fn present_sql(backend: Backend, table: &str, param: usize) -> String {
 /// The ids a [`present_sql`] column `col` of `row` holds.
 fn present_ids(
     what: &'static str,
-    row: &AnyRow,
+    row: &Row,
     col: &str,
 ) -> Result<std::collections::HashSet<String>> {
-    Ok(
-        json::<Vec<(String,)>>(what, &row.try_get::<String, _>(col)?)?
-            .into_iter()
-            .map(|(id,)| id)
-            .collect(),
-    )
+    Ok(json::<Vec<(String,)>>(what, &row.try_get::<String>(col)?)?
+        .into_iter()
+        .map(|(id,)| id)
+        .collect())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -695,7 +729,6 @@ impl Store {
     /// Opens a database by URL (`sqlite://PATH?mode=rwc` or `postgres://...`) and brings its
     /// schema up to date.
     pub async fn open(url: &str) -> Result<Self> {
-        sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -707,7 +740,7 @@ impl Store {
             // One connection, held directly (`db.rs`): SQLite has one writer anyway, and
             // this avoids SQLITE_BUSY.
             Backend::Sqlite => {
-                let mut conn = sqlx::AnyConnection::connect(url).await?;
+                let conn = sqlite_connect(url)?;
                 let backstop = format!("PRAGMA wal_autocheckpoint = {}", db::WAL_BACKSTOP_PAGES);
                 for pragma in [
                     "PRAGMA journal_mode = WAL",
@@ -728,22 +761,24 @@ impl Store {
                     // The checkpointer's connection checkpoints (`db.rs`).
                     backstop.as_str(),
                 ] {
-                    sqlx::query(sqlx::AssertSqlSafe(pragma))
-                        .execute(&mut conn)
-                        .await?;
+                    // Some pragmas answer with a row; it is not wanted.
+                    conn.query_row(pragma, [], |_| Ok(()))
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok(()),
+                            e => Err(e),
+                        })?;
                 }
-                let mut checkpointer = sqlx::AnyConnection::connect(url).await?;
-                sqlx::query("PRAGMA synchronous = NORMAL")
-                    .execute(&mut checkpointer)
-                    .await?;
-                Db::One(db::One::new(conn, checkpointer))
+                let checkpointer = sqlite_connect(url)?;
+                checkpointer.execute_batch("PRAGMA synchronous = NORMAL")?;
+                Db::One(db::One::new(conn, checkpointer)?)
             }
-            Backend::Postgres => Db::Pool(
+            Backend::Postgres => Db::Pool({
+                sqlx::any::install_default_drivers();
                 AnyPoolOptions::new()
                     .max_connections(8)
                     .connect(url)
-                    .await?,
-            ),
+                    .await?
+            }),
         };
         let store = Self {
             db,
@@ -827,15 +862,15 @@ impl Store {
 
     /// The schema version after migrations.
     pub async fn schema_version(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT MAX(version) AS v FROM schema_version")
-            .fetch_one(&mut *self.db.acquire().await?)
+        let row = query("SELECT MAX(version) AS v FROM schema_version")
+            .fetch_one(&mut self.db.acquire().await?)
             .await?;
-        Ok(row.try_get::<Option<i64>, _>("v")?.unwrap_or(0))
+        Ok(row.try_get::<Option<i64>>("v")?.unwrap_or(0))
     }
 
     async fn migrate(&self) -> Result<()> {
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT PRIMARY KEY, name TEXT NOT NULL)")
-            .execute(&mut *self.db.acquire().await?)
+        query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT PRIMARY KEY, name TEXT NOT NULL)")
+            .execute(&mut self.db.acquire().await?)
             .await?;
         let current = self.schema_version().await?;
         let known = schema::MIGRATIONS.last().map_or(0, |m| m.version);
@@ -852,12 +887,12 @@ impl Store {
                 Backend::Postgres => m.postgres,
             };
             for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                sqlx::query(stmt).execute(&mut *tx).await?;
+                query(stmt).execute(&mut tx).await?;
             }
-            sqlx::query("INSERT INTO schema_version (version, name) VALUES ($1, $2)")
+            query("INSERT INTO schema_version (version, name) VALUES ($1, $2)")
                 .bind(m.version)
                 .bind(m.name)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             tx.commit().await?;
             tracing::info!(version = m.version, name = m.name, "database migrated");
@@ -870,32 +905,32 @@ impl Store {
     /// Stores `bytes` under their content id (the caller has checked `id`). Returns whether
     /// the blob is new.
     pub async fn put_blob(&self, id: ContentId, bytes: &[u8], now: i64) -> Result<bool> {
-        let done = sqlx::query(
+        let done = query(
             "INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
         )
         .bind(id.to_string())
         .bind(bytes)
         .bind(bytes.len() as i64)
         .bind(now)
-        .execute(&mut *self.db.acquire().await?)
+        .execute(&mut self.db.acquire().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// The bytes of a blob.
     pub async fn blob(&self, id: ContentId) -> Result<Option<Vec<u8>>> {
-        let row = sqlx::query("SELECT bytes FROM blobs WHERE id = $1")
+        let row = query("SELECT bytes FROM blobs WHERE id = $1")
             .bind(id.to_string())
-            .fetch_optional(&mut *self.db.acquire().await?)
+            .fetch_optional(&mut self.db.acquire().await?)
             .await?;
-        Ok(row.map(|r| r.try_get::<Vec<u8>, _>("bytes")).transpose()?)
+        row.map(|r| r.try_get::<Vec<u8>>("bytes")).transpose()
     }
 
     /// Whether a blob is stored.
     pub async fn has_blob(&self, id: ContentId) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 AS one FROM blobs WHERE id = $1")
+        let row = query("SELECT 1 AS one FROM blobs WHERE id = $1")
             .bind(id.to_string())
-            .fetch_optional(&mut *self.db.acquire().await?)
+            .fetch_optional(&mut self.db.acquire().await?)
             .await?;
         Ok(row.is_some())
     }
@@ -908,12 +943,12 @@ impl Store {
         author: NodeId,
         now: i64,
     ) -> Result<()> {
-        sqlx::query("INSERT INTO modules (id, metered, author, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
+        query("INSERT INTO modules (id, metered, author, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
             .bind(original.to_string())
             .bind(metered.to_string())
             .bind(author.to_string())
             .bind(now)
-            .execute(&mut *self.db.acquire().await?)
+            .execute(&mut self.db.acquire().await?)
             .await?;
         Ok(())
     }
@@ -933,13 +968,13 @@ impl Store {
     ) -> Result<(Vec<ContentId>, Option<(ContentId, NodeId)>)> {
         let present = present_sql(self.backend, "blobs", 1);
         let ids: Vec<String> = inputs.iter().map(ContentId::to_string).collect();
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let row = query(format!(
             "SELECT ({present}) AS present, m.metered, m.author
              FROM (SELECT 1 AS one) AS o LEFT JOIN modules m ON m.id = $2"
-        )))
+        ))
         .bind(to_json(&ids))
         .bind(module.to_string())
-        .fetch_one(&mut *self.db.acquire().await?)
+        .fetch_one(&mut self.db.acquire().await?)
         .await?;
         let present = present_ids("stored inputs", &row, "present")?;
         let missing = inputs
@@ -949,8 +984,8 @@ impl Store {
             .map(|(input, _)| *input)
             .collect();
         let metered = match (
-            row.try_get::<Option<String>, _>("metered")?,
-            row.try_get::<Option<String>, _>("author")?,
+            row.try_get::<Option<String>>("metered")?,
+            row.try_get::<Option<String>>("author")?,
         ) {
             (Some(metered), Some(author)) => {
                 Some((parse("module", &metered)?, parse("module author", &author)?))
@@ -986,7 +1021,7 @@ impl Store {
         let deadline = spec
             .deadline_s
             .map(|s| now.saturating_add(id_i64(s).saturating_mul(1000)));
-        let row = sqlx::query(
+        let row = query(
             "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms, n_open)
              VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
         )
@@ -1006,7 +1041,7 @@ impl Store {
             requirements: spec.requirements.clone(),
         }))
         .bind(trials.len() as i64)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await?;
         let job: i64 = row.try_get("id")?;
         // Many rows a statement (a statement is a round trip to the database: a sweep of
@@ -1045,11 +1080,11 @@ impl Store {
                     )
                 })
                 .collect();
-            let q = sqlx::query(sqlx::AssertSqlSafe(insert.as_str()))
+            let q = query(insert.as_str())
                 .bind(job)
                 .bind(i64::from(spec.redundancy))
                 .bind(to_json(&rows));
-            for r in q.fetch_all(&mut *tx).await? {
+            for r in q.fetch_all(&mut tx).await? {
                 ids.insert(r.try_get("idx")?, r.try_get("id")?);
             }
         }
@@ -1061,7 +1096,7 @@ impl Store {
         );
         let welcome = self.economy.welcome;
         // The ledger's writes, with the commit: one trip on SQLite.
-        let mut script = script::Script::new(self.backend);
+        let mut script = script::Script::default();
         if maximum > 0 || welcome > 0 {
             let submitter = Account::Submitter(owner);
             let welcome_id = format!("welcome:{owner}");
@@ -1146,14 +1181,14 @@ impl Store {
     /// A job with its task counts.
     pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
         // The job with its task counts (kept on the job) in one statement.
-        let Some(r) = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let Some(r) = query(format!(
             "SELECT id, owner, name, spec, module, state, created_ms, finished_ms,
              n_open, n_verified, n_failed, n_cancelled, ({LEASED} AND t.job_id = $1) AS leased
              FROM jobs WHERE id = $2"
-        )))
+        ))
         .bind(id_i64(id))
         .bind(id_i64(id))
-        .fetch_optional(&mut *self.db.acquire().await?)
+        .fetch_optional(&mut self.db.acquire().await?)
         .await?
         else {
             return Ok(None);
@@ -1161,10 +1196,10 @@ impl Store {
         let counts = Counts::of(&r)?;
         Ok(Some(JobRow {
             id,
-            owner: parse("job owner", &r.try_get::<String, _>("owner")?)?,
+            owner: parse("job owner", &r.try_get::<String>("owner")?)?,
             name: r.try_get("name")?,
-            spec: json("job spec", &r.try_get::<String, _>("spec")?)?,
-            module: parse("job module", &r.try_get::<String, _>("module")?)?,
+            spec: json("job spec", &r.try_get::<String>("spec")?)?,
+            module: parse("job module", &r.try_get::<String>("module")?)?,
             state: r.try_get("state")?,
             created_ms: r.try_get("created_ms")?,
             finished_ms: r.try_get("finished_ms")?,
@@ -1175,12 +1210,12 @@ impl Store {
     /// The signed frame that carried `lease`'s result, as received (leases recorded before
     /// frames were kept apart carry their own copy); `None` before a result is recorded.
     pub async fn evidence(&self, lease: LeaseId) -> Result<Option<Vec<u8>>> {
-        let row = sqlx::query(
+        let row = query(
             "SELECT COALESCE(f.bytes, l.envelope) AS bytes
              FROM leases l LEFT JOIN frames f ON f.id = l.frame WHERE l.id = $1",
         )
         .bind(id_i64(lease))
-        .fetch_optional(&mut *self.db.acquire().await?)
+        .fetch_optional(&mut self.db.acquire().await?)
         .await?;
         Ok(row.map(|r| r.try_get("bytes")).transpose()?.flatten())
     }
@@ -1191,21 +1226,21 @@ impl Store {
             Backend::Sqlite => BACKLOG_SQLITE,
             Backend::Postgres => "SELECT COUNT(*) AS n FROM tasks WHERE state = 'pending'",
         };
-        Ok(sqlx::query(sql)
-            .fetch_one(&mut *self.db.acquire().await?)
+        Ok(query(sql)
+            .fetch_one(&mut self.db.acquire().await?)
             .await?
-            .try_get::<i64, _>("n")? as u64)
+            .try_get::<i64>("n")? as u64)
     }
 
     /// The most recent jobs, newest first, with their counts.
     pub async fn recent_jobs(&self, limit: u32) -> Result<Vec<JobRow>> {
-        let ids = sqlx::query("SELECT id FROM jobs ORDER BY id DESC LIMIT $1")
+        let ids = query("SELECT id FROM jobs ORDER BY id DESC LIMIT $1")
             .bind(i64::from(limit))
-            .fetch_all(&mut *self.db.acquire().await?)
+            .fetch_all(&mut self.db.acquire().await?)
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for r in ids {
-            if let Some(j) = self.job(r.try_get::<i64, _>("id")? as JobId).await? {
+            if let Some(j) = self.job(r.try_get::<i64>("id")? as JobId).await? {
                 out.push(j);
             }
         }
@@ -1215,14 +1250,14 @@ impl Store {
     /// Tasks of every job, by state (a pending task with an active lease counts as running).
     pub async fn task_states(&self) -> Result<Vec<(String, u64)>> {
         // Summed over the jobs' kept counts: no scan of every task.
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let r = query(format!(
             "SELECT CAST(COALESCE(SUM(n_open), 0) AS BIGINT) AS n_open,
              CAST(COALESCE(SUM(n_verified), 0) AS BIGINT) AS n_verified,
              CAST(COALESCE(SUM(n_failed), 0) AS BIGINT) AS n_failed,
              CAST(COALESCE(SUM(n_cancelled), 0) AS BIGINT) AS n_cancelled,
              ({LEASED}) AS leased FROM jobs"
-        )))
-        .fetch_one(&mut *self.db.acquire().await?)
+        ))
+        .fetch_one(&mut self.db.acquire().await?)
         .await?;
         let counts = Counts::of(&r)?;
         Ok([
@@ -1240,14 +1275,14 @@ impl Store {
 
     /// Tasks of a job, in order, at most `limit` from `offset`.
     pub async fn tasks(&self, job: JobId, offset: u32, limit: u32) -> Result<Vec<TaskRow>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows = query(format!(
             "SELECT t.id, t.idx, t.args, {TASK_STATE} AS state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms
              FROM tasks t WHERE t.job_id = $1 ORDER BY t.idx LIMIT $2 OFFSET $3"
-        )))
+        ))
         .bind(id_i64(job))
         .bind(i64::from(limit))
         .bind(i64::from(offset))
-        .fetch_all(&mut *self.db.acquire().await?)
+        .fetch_all(&mut self.db.acquire().await?)
         .await?;
         rows.iter().map(task_row).collect()
     }
@@ -1261,19 +1296,19 @@ impl Store {
         limit: u32,
         inline: usize,
     ) -> Result<Vec<(TaskRow, Option<Vec<u8>>)>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let rows = query(format!(
             "SELECT t.id, t.idx, t.args, {TASK_STATE} AS state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms, b.bytes
              FROM tasks t LEFT JOIN blobs b ON b.id = t.output AND b.size <= $1
              WHERE t.job_id = $2 ORDER BY t.idx LIMIT $3 OFFSET $4"
-        )))
+        ))
         .bind(i64::try_from(inline).unwrap_or(i64::MAX))
         .bind(id_i64(job))
         .bind(i64::from(limit))
         .bind(i64::from(offset))
-        .fetch_all(&mut *self.db.acquire().await?)
+        .fetch_all(&mut self.db.acquire().await?)
         .await?;
         rows.iter()
-            .map(|r| Ok((task_row(r)?, r.try_get::<Option<Vec<u8>>, _>("bytes")?)))
+            .map(|r| Ok((task_row(r)?, r.try_get::<Option<Vec<u8>>>("bytes")?)))
             .collect()
     }
 
@@ -1281,9 +1316,9 @@ impl Store {
     /// leases (to tell their nodes), or `None` when the job does not exist.
     pub async fn cancel_job(&self, job: JobId, now: i64) -> Result<Option<Vec<(LeaseId, NodeId)>>> {
         let mut tx = self.db.begin().await?;
-        let exists = sqlx::query("SELECT state FROM jobs WHERE id = $1")
+        let exists = query("SELECT state FROM jobs WHERE id = $1")
             .bind(id_i64(job))
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut tx)
             .await?;
         let Some(exists) = exists else {
             return Ok(None);
@@ -1294,10 +1329,10 @@ impl Store {
         }
         let leases =
             Self::close_open_work(&mut tx, id_i64(job), TaskEnd::Cancelled, None, now).await?;
-        sqlx::query("UPDATE jobs SET state = 'cancelled', finished_ms = $1 WHERE id = $2")
+        query("UPDATE jobs SET state = 'cancelled', finished_ms = $1 WHERE id = $2")
             .bind(now)
             .bind(id_i64(job))
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         self.refund(&mut tx, id_i64(job), now).await?;
         tx.commit().await?;
@@ -1312,9 +1347,9 @@ impl Store {
     /// SQLite's single writer connection already serializes every transaction.
     async fn lock_task(&self, tx: &mut db::Tx, task: TaskId) -> Result<()> {
         if self.backend == Backend::Postgres {
-            sqlx::query("SELECT id FROM tasks WHERE id = $1 FOR UPDATE")
+            query("SELECT id FROM tasks WHERE id = $1 FOR UPDATE")
                 .bind(id_i64(task))
-                .execute(&mut **tx)
+                .execute(tx)
                 .await?;
         }
         Ok(())
@@ -1331,32 +1366,32 @@ impl Store {
         lease_ms: i64,
         draw: f64,
     ) -> Result<Option<(LeaseId, TaskSpec)>> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT t.id FROM tasks t WHERE t.state = 'verified'
              AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id AND l.node = $1)
              ORDER BY t.id DESC LIMIT 64",
         )
         .bind(node.to_string())
-        .fetch_all(&mut *self.db.acquire().await?)
+        .fetch_all(&mut self.db.acquire().await?)
         .await?;
         if rows.is_empty() {
             return Ok(None);
         }
         let pick = ((draw.clamp(0.0, 1.0) * rows.len() as f64) as usize).min(rows.len() - 1);
-        let task = rows[pick].try_get::<i64, _>("id")? as TaskId;
+        let task = rows[pick].try_get::<i64>("id")? as TaskId;
         let Some(spec) = self.task_spec(task).await? else {
             return Ok(None);
         };
-        let row = sqlx::query(
+        let row = query(
             "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms, kind) VALUES ($1, $2, 'active', $3, $4, 'spot') RETURNING id",
         )
         .bind(id_i64(task))
         .bind(node.to_string())
         .bind(now)
         .bind(now.saturating_add(lease_ms))
-        .fetch_one(&mut *self.db.acquire().await?)
+        .fetch_one(&mut self.db.acquire().await?)
         .await?;
-        Ok(Some((row.try_get::<i64, _>("id")? as LeaseId, spec)))
+        Ok(Some((row.try_get::<i64>("id")? as LeaseId, spec)))
     }
 
     /// Extends the deadlines of `node`'s active leases among `leases` to `deadline_ms`.
@@ -1424,14 +1459,12 @@ impl Store {
                 in_list(3, padded(chunk.len(), CHUNK))
             );
             // Safe: the dynamic part is only generated placeholders.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(deadline_ms)
-                .bind(&node);
+            let mut q = query(sql).bind(deadline_ms).bind(&node);
             for lease in pad(chunk, CHUNK) {
                 q = q.bind(id_i64(*lease));
             }
-            for row in q.fetch_all(&mut **tx).await? {
-                renewed.push(row.try_get::<i64, _>("id")? as LeaseId);
+            for row in q.fetch_all(tx).await? {
+                renewed.push(row.try_get::<i64>("id")? as LeaseId);
             }
         }
         renewed.sort_unstable();
@@ -1441,27 +1474,27 @@ impl Store {
     /// Gives every active lease `grace_ms` from `now`: called when the domain starts, since
     /// nodes could not heartbeat while it was down.
     pub async fn extend_all_leases(&self, now: i64, grace_ms: i64) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE leases SET deadline_ms = $1 WHERE state = 'active' AND deadline_ms < $1",
+        Ok(
+            query("UPDATE leases SET deadline_ms = $1 WHERE state = 'active' AND deadline_ms < $1")
+                .bind(now.saturating_add(grace_ms))
+                .execute(&mut self.db.acquire().await?)
+                .await?
+                .rows_affected(),
         )
-        .bind(now.saturating_add(grace_ms))
-        .execute(&mut *self.db.acquire().await?)
-        .await?
-        .rows_affected())
     }
 
     /// The active leases of `node` (to resend after a reconnect).
     pub async fn active_leases(&self, node: NodeId) -> Result<Vec<ActiveLease>> {
-        let rows = sqlx::query("SELECT id, task_id, deadline_ms FROM leases WHERE node = $1 AND state = 'active' ORDER BY id")
+        let rows = query("SELECT id, task_id, deadline_ms FROM leases WHERE node = $1 AND state = 'active' ORDER BY id")
             .bind(node.to_string())
-            .fetch_all(&mut *self.db.acquire().await?)
+            .fetch_all(&mut self.db.acquire().await?)
             .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let task: i64 = r.try_get("task_id")?;
             if let Some(spec) = self.task_spec(task as TaskId).await? {
                 out.push(ActiveLease {
-                    lease: r.try_get::<i64, _>("id")? as LeaseId,
+                    lease: r.try_get::<i64>("id")? as LeaseId,
                     spec,
                     deadline_ms: r.try_get("deadline_ms")?,
                 });
@@ -1472,23 +1505,23 @@ impl Store {
 
     /// The spec a node runs for `task`.
     pub async fn task_spec(&self, task: TaskId) -> Result<Option<TaskSpec>> {
-        let row = sqlx::query(
+        let row = query(
             "SELECT t.id, t.job_id, t.args, t.input, t.seed, j.module, j.terms, CASE WHEN j.terms IS NULL THEN j.spec END AS spec
              FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
         )
         .bind(id_i64(task))
-        .fetch_optional(&mut *self.db.acquire().await?)
+        .fetch_optional(&mut self.db.acquire().await?)
         .await?;
         row.map(|r| {
             let terms = terms(&r)?;
             Ok(TaskSpec {
                 task,
-                job: r.try_get::<i64, _>("job_id")? as JobId,
-                module: parse("job module", &r.try_get::<String, _>("module")?)?,
-                input: parse("task input", &r.try_get::<String, _>("input")?)?,
-                args: json("task args", &r.try_get::<String, _>("args")?)?,
+                job: r.try_get::<i64>("job_id")? as JobId,
+                module: parse("job module", &r.try_get::<String>("module")?)?,
+                input: parse("task input", &r.try_get::<String>("input")?)?,
+                args: json("task args", &r.try_get::<String>("args")?)?,
                 limits: terms.limits,
-                seed: parse("task seed", &r.try_get::<String, _>("seed")?)?,
+                seed: parse("task seed", &r.try_get::<String>("seed")?)?,
             })
         })
         .transpose()
@@ -1504,26 +1537,26 @@ impl Store {
     ) -> Result<Recorded> {
         if attempts >= max_attempts {
             let reason = format!("{reason}; gave up after {attempts} failed attempts");
-            sqlx::query("UPDATE tasks SET state = 'failed', attempts = $1, reason = $2, finished_ms = $3 WHERE id = $4")
+            query("UPDATE tasks SET state = 'failed', attempts = $1, reason = $2, finished_ms = $3 WHERE id = $4")
                 .bind(i64::from(attempts))
                 .bind(&reason)
                 .bind(now)
                 .bind(id_i64(task))
-                .execute(&mut **tx)
+                .execute(tx)
                 .await?;
             Self::count_ended(tx, TaskEnd::Failed, id_i64(task)).await?;
-            sqlx::query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
+            query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
                 .bind(now)
                 .bind(id_i64(task))
-                .execute(&mut **tx)
+                .execute(tx)
                 .await?;
             Ok(Recorded::Failed(reason))
         } else {
-            sqlx::query("UPDATE tasks SET state = 'pending', attempts = $1, reason = $2 WHERE id = $3 AND state = 'pending'")
+            query("UPDATE tasks SET state = 'pending', attempts = $1, reason = $2 WHERE id = $3 AND state = 'pending'")
                 .bind(i64::from(attempts))
                 .bind(reason)
                 .bind(id_i64(task))
-                .execute(&mut **tx)
+                .execute(tx)
                 .await?;
             Ok(Recorded::Stored)
         }
@@ -1535,19 +1568,19 @@ impl Store {
     /// last two tasks then run one after the other, and the second sees the first's commit.
     async fn finish_job_if_done(&self, tx: &mut db::Tx, job: i64, now: i64) -> Result<bool> {
         if self.backend == Backend::Postgres {
-            sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+            query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
                 .bind(job)
-                .execute(&mut **tx)
+                .execute(tx)
                 .await?;
         }
         let Some((state, _)) = Self::job_ending(tx, job).await? else {
             return Ok(false);
         };
-        let ended = sqlx::query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
+        let ended = query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
             .bind(state)
             .bind(now)
             .bind(job)
-            .execute(&mut **tx)
+            .execute(tx)
             .await?
             .rows_affected();
         if ended == 1 {
@@ -1563,34 +1596,34 @@ impl Store {
         job: i64,
     ) -> Result<Option<(&'static str, NodeId)>> {
         // The counts kept on the job (written in the transactions that end its tasks).
-        let row = sqlx::query("SELECT state, owner, n_open, n_verified FROM jobs WHERE id = $1")
+        let row = query("SELECT state, owner, n_open, n_verified FROM jobs WHERE id = $1")
             .bind(job)
-            .fetch_one(&mut **tx)
+            .fetch_one(tx)
             .await?;
         let state: String = row.try_get("state")?;
-        if !matches!(state.as_str(), "queued" | "running") || row.try_get::<i64, _>("n_open")? > 0 {
+        if !matches!(state.as_str(), "queued" | "running") || row.try_get::<i64>("n_open")? > 0 {
             return Ok(None);
         }
-        let end = if row.try_get::<i64, _>("n_verified")? > 0 {
+        let end = if row.try_get::<i64>("n_verified")? > 0 {
             "completed"
         } else {
             "failed"
         };
         Ok(Some((
             end,
-            parse("job owner", &row.try_get::<String, _>("owner")?)?,
+            parse("job owner", &row.try_get::<String>("owner")?)?,
         )))
     }
 
     /// Counts one task (`task`, just moved from pending to `end`) on its job.
     pub(crate) async fn count_ended(tx: &mut db::Tx, end: TaskEnd, task: i64) -> Result<()> {
         let column = end.column();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        query(format!(
             "UPDATE jobs SET n_open = n_open - 1, {column} = {column} + 1
              WHERE id = (SELECT job_id FROM tasks WHERE id = $1)"
-        )))
+        ))
         .bind(task)
-        .execute(&mut **tx)
+        .execute(tx)
         .await?;
         Ok(())
     }
@@ -1601,9 +1634,9 @@ impl Store {
         let mut chain = self.chain(tx).await?;
         let left = Self::balance_in(tx, escrow).await?;
         if left > 0 {
-            let owner: String = sqlx::query("SELECT owner FROM jobs WHERE id = $1")
+            let owner: String = query("SELECT owner FROM jobs WHERE id = $1")
                 .bind(job)
-                .fetch_one(&mut **tx)
+                .fetch_one(tx)
                 .await?
                 .try_get("owner")?;
             let post = Post {
@@ -1626,33 +1659,33 @@ impl Store {
         now: i64,
         max_attempts: u32,
     ) -> Result<Vec<(LeaseId, NodeId)>> {
-        let rows = sqlx::query("SELECT id, task_id, node, kind FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY deadline_ms, id LIMIT 1000")
+        let rows = query("SELECT id, task_id, node, kind FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY deadline_ms, id LIMIT 1000")
             .bind(now)
-            .fetch_all(&mut *self.db.acquire().await?)
+            .fetch_all(&mut self.db.acquire().await?)
             .await?;
         let mut expired = Vec::with_capacity(rows.len());
         for r in rows {
             let lease: i64 = r.try_get("id")?;
             let task: i64 = r.try_get("task_id")?;
-            let node: NodeId = parse("lease node", &r.try_get::<String, _>("node")?)?;
-            let spot = r.try_get::<String, _>("kind")? == "spot";
+            let node: NodeId = parse("lease node", &r.try_get::<String>("node")?)?;
+            let spot = r.try_get::<String>("kind")? == "spot";
             let mut tx = self.db.begin().await?;
             self.lock_task(&mut tx, task as TaskId).await?;
-            let changed = sqlx::query("UPDATE leases SET state = 'expired', finished_ms = $1 WHERE id = $2 AND state = 'active'")
+            let changed = query("UPDATE leases SET state = 'expired', finished_ms = $1 WHERE id = $2 AND state = 'active'")
                 .bind(now)
                 .bind(lease)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?
                 .rows_affected();
             if changed == 1 && spot {
                 // A spot check's task is already decided: nothing to retry.
                 expired.push((lease as LeaseId, node));
             } else if changed == 1 {
-                let t = sqlx::query("SELECT attempts, job_id FROM tasks WHERE id = $1")
+                let t = query("SELECT attempts, job_id FROM tasks WHERE id = $1")
                     .bind(task)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&mut tx)
                     .await?;
-                let attempts = t.try_get::<i64, _>("attempts")? as u32 + 1;
+                let attempts = t.try_get::<i64>("attempts")? as u32 + 1;
                 let job: i64 = t.try_get("job_id")?;
                 Self::failed_attempt(
                     &mut tx,
@@ -1686,30 +1719,30 @@ impl Store {
         reason: Option<&str>,
         now: i64,
     ) -> Result<Vec<(LeaseId, NodeId)>> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT l.id, l.node FROM leases l JOIN tasks t ON t.id = l.task_id WHERE t.job_id = $1 AND l.state = 'active'",
         )
         .bind(job)
-        .fetch_all(&mut **tx)
+        .fetch_all(tx)
         .await?;
         let leases = rows
             .iter()
             .map(|r| {
                 Ok((
-                    r.try_get::<i64, _>("id")? as LeaseId,
-                    parse("lease node", &r.try_get::<String, _>("node")?)?,
+                    r.try_get::<i64>("id")? as LeaseId,
+                    parse("lease node", &r.try_get::<String>("node")?)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        sqlx::query(
+        query(
             "UPDATE leases SET state = 'cancelled', finished_ms = $1
              WHERE state = 'active' AND task_id IN (SELECT id FROM tasks WHERE job_id = $2)",
         )
         .bind(now)
         .bind(job)
-        .execute(&mut **tx)
+        .execute(tx)
         .await?;
-        let ended = sqlx::query(
+        let ended = query(
             "UPDATE tasks SET state = $1, reason = COALESCE($2, reason), finished_ms = $3
              WHERE job_id = $4 AND state = 'pending'",
         )
@@ -1717,17 +1750,17 @@ impl Store {
         .bind(reason)
         .bind(now)
         .bind(job)
-        .execute(&mut **tx)
+        .execute(tx)
         .await?
         .rows_affected();
         let column = state.column();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        query(format!(
             "UPDATE jobs SET n_open = n_open - $1, {column} = {column} + $2 WHERE id = $3"
-        )))
+        ))
         .bind(ended as i64)
         .bind(ended as i64)
         .bind(job)
-        .execute(&mut **tx)
+        .execute(tx)
         .await?;
         Ok(leases)
     }
@@ -1736,11 +1769,11 @@ impl Store {
     /// reason "job deadline passed" and their active leases cancelled (returned, to tell the
     /// nodes).
     pub async fn expire_jobs(&self, now: i64) -> Result<Vec<(LeaseId, NodeId)>> {
-        let jobs = sqlx::query(
+        let jobs = query(
             "SELECT id FROM jobs WHERE deadline_ms IS NOT NULL AND deadline_ms < $1 AND state IN ('queued', 'running') LIMIT 100",
         )
         .bind(now)
-        .fetch_all(&mut *self.db.acquire().await?)
+        .fetch_all(&mut self.db.acquire().await?)
         .await?;
         let mut cancelled = Vec::new();
         for j in jobs {
@@ -1774,7 +1807,7 @@ impl Store {
         slots: u32,
         now: i64,
     ) -> Result<()> {
-        sqlx::query(
+        query(
             "INSERT INTO nodes (id, hardware, tier, slots, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $5)
              ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware, tier = excluded.tier, slots = excluded.slots,
              last_seen_ms = excluded.last_seen_ms",
@@ -1784,7 +1817,7 @@ impl Store {
         .bind(to_json(&tier))
         .bind(i64::from(slots))
         .bind(now)
-        .execute(&mut *self.db.acquire().await?)
+        .execute(&mut self.db.acquire().await?)
         .await?;
         Ok(())
     }
@@ -1803,26 +1836,26 @@ impl Store {
         use stardust_ledger::curve::{UPTIME_PER_PERIOD, UPTIME_PERIOD_MS};
         // One statement: SET expressions see the row as it was, so the gap is measured
         // from the previous sign of life.
-        let Some(r) = sqlx::query(
+        let Some(r) = query(
             "UPDATE nodes SET uptime_ms = uptime_ms + CASE WHEN $1 - last_seen_ms BETWEEN 0 AND $2 THEN $1 - last_seen_ms ELSE 0 END,
              last_seen_ms = $1 WHERE id = $3 RETURNING uptime_ms, uptime_paid",
         )
         .bind(now)
         .bind(UPTIME_MAX_GAP_MS)
         .bind(id.to_string())
-        .fetch_optional(&mut **tx)
+        .fetch_optional(tx)
         .await?
         else {
             return Ok(());
         };
-        let paid = r.try_get::<i64, _>("uptime_paid")?;
-        let uptime = r.try_get::<i64, _>("uptime_ms")?;
+        let paid = r.try_get::<i64>("uptime_paid")?;
+        let uptime = r.try_get::<i64>("uptime_ms")?;
         let periods = uptime / UPTIME_PERIOD_MS as i64;
         if periods > paid {
-            sqlx::query("UPDATE nodes SET uptime_paid = $1 WHERE id = $2")
+            query("UPDATE nodes SET uptime_paid = $1 WHERE id = $2")
                 .bind(periods)
                 .bind(id.to_string())
-                .execute(&mut **tx)
+                .execute(tx)
                 .await?;
         }
         if periods > paid && self.signer.is_some() {
@@ -1842,22 +1875,18 @@ impl Store {
 
     /// One node.
     pub async fn node(&self, id: NodeId) -> Result<Option<NodeRow>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"
-        )))
-        .bind(id.to_string())
-        .fetch_optional(&mut *self.db.acquire().await?)
-        .await?;
+        let row = query(format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&mut self.db.acquire().await?)
+            .await?;
         row.as_ref().map(node_row).transpose()
     }
 
     /// Every known node.
     pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"
-        )))
-        .fetch_all(&mut *self.db.acquire().await?)
-        .await?;
+        let rows = query(format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))
+            .fetch_all(&mut self.db.acquire().await?)
+            .await?;
         rows.iter().map(node_row).collect()
     }
 }
@@ -1878,10 +1907,10 @@ struct Terms {
 /// A job row's terms: its `terms` column, or its spec for jobs stored before it existed.
 /// (Queries select the spec only where `terms` is NULL: a large sweep's spec is hundreds of
 /// kilobytes, and copying it for every task was the dispatcher's largest cost.)
-fn terms(r: &AnyRow) -> Result<Terms> {
-    match r.try_get::<Option<String>, _>("terms")? {
+fn terms(r: &Row) -> Result<Terms> {
+    match r.try_get::<Option<String>>("terms")? {
         Some(t) => terms_of(Some(&t), None),
-        None => terms_of(None, Some(&r.try_get::<String, _>("spec")?)),
+        None => terms_of(None, Some(&r.try_get::<String>("spec")?)),
     }
 }
 
@@ -1899,35 +1928,35 @@ fn terms_of(terms: Option<&str>, spec: Option<&str>) -> Result<Terms> {
     }
 }
 
-fn node_row(r: &AnyRow) -> Result<NodeRow> {
+fn node_row(r: &Row) -> Result<NodeRow> {
     Ok(NodeRow {
-        id: parse("node id", &r.try_get::<String, _>("id")?)?,
-        hardware: json("node hardware", &r.try_get::<String, _>("hardware")?)?,
-        tier: json("node tier", &r.try_get::<String, _>("tier")?)?,
-        slots: r.try_get::<i64, _>("slots")? as u32,
+        id: parse("node id", &r.try_get::<String>("id")?)?,
+        hardware: json("node hardware", &r.try_get::<String>("hardware")?)?,
+        tier: json("node tier", &r.try_get::<String>("tier")?)?,
+        slots: r.try_get::<i64>("slots")? as u32,
         last_seen_ms: r.try_get("last_seen_ms")?,
-        agreed: r.try_get::<i64, _>("agreed")? as u64,
-        disagreed: r.try_get::<i64, _>("disagreed")? as u64,
+        agreed: r.try_get::<i64>("agreed")? as u64,
+        disagreed: r.try_get::<i64>("disagreed")? as u64,
         record: Record {
             good: r.try_get("rep_good")?,
             bad: r.try_get("rep_bad")?,
-            streak: r.try_get::<i64, _>("streak")? as u64,
+            streak: r.try_get::<i64>("streak")? as u64,
         },
-        spot_passed: r.try_get::<i64, _>("spot_passed")? as u64,
-        spot_failed: r.try_get::<i64, _>("spot_failed")? as u64,
+        spot_passed: r.try_get::<i64>("spot_passed")? as u64,
+        spot_failed: r.try_get::<i64>("spot_failed")? as u64,
         uptime_ms: r.try_get("uptime_ms")?,
     })
 }
 
-fn task_row(r: &AnyRow) -> Result<TaskRow> {
+fn task_row(r: &Row) -> Result<TaskRow> {
     let report: Option<String> = r.try_get("report")?;
     Ok(TaskRow {
-        id: r.try_get::<i64, _>("id")? as TaskId,
-        index: r.try_get::<i64, _>("idx")? as u32,
-        args: json("task args", &r.try_get::<String, _>("args")?)?,
+        id: r.try_get::<i64>("id")? as TaskId,
+        index: r.try_get::<i64>("idx")? as u32,
+        args: json("task args", &r.try_get::<String>("args")?)?,
         state: r.try_get("state")?,
-        replicas: r.try_get::<i64, _>("replicas")? as u32,
-        attempts: r.try_get::<i64, _>("attempts")? as u32,
+        replicas: r.try_get::<i64>("replicas")? as u32,
+        attempts: r.try_get::<i64>("attempts")? as u32,
         reason: r.try_get("reason")?,
         report: report.map(|s| json("task report", &s)).transpose()?,
         finished_ms: r.try_get("finished_ms")?,

@@ -6,15 +6,14 @@
 //! results share is written once, when the batch closes: the ledger (one chain for the batch:
 //! records in multi-row inserts, each balance once), the judged nodes' reputations (one
 //! update per node), the outputs that came inline, and the ends of the jobs touched. A result
-//! thus costs a handful of statements instead of some forty, and every statement is a round
-//! trip to the database (for SQLite, to sqlx's worker thread).
+//! thus costs a handful of statements instead of some forty (each a round trip to the
+//! database on PostgreSQL).
 //!
 //! Lock order, as everywhere in the store: task rows (all of the batch's, in id order, up
 //! front), then job rows (in id order, up front), then the ledger head.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use sqlx::Row;
 use stardust_ledger::{Account, Amount, Reason};
 use stardust_proto::content::ContentId;
 use stardust_proto::identity::NodeId;
@@ -25,6 +24,7 @@ use stardust_scheduler::reputation::{Outcome, Record};
 
 use super::ledger::{Chain, Post};
 use super::script::Script;
+use super::sql::query;
 use super::{
     Backend, RecordError, Recorded, Result, Retry, Store, Submitted, TaskEnd, as_json_rows,
     corrupt, id_i64, in_list, json, json_list, json_rows, json_table, pad, padded, parse, terms,
@@ -71,9 +71,9 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    fn new(backend: Backend) -> Self {
+    fn new() -> Self {
         Self {
-            script: Script::new(backend),
+            script: Script::default(),
             chain: None,
             judged: BTreeMap::new(),
             jobs: BTreeSet::new(),
@@ -211,7 +211,7 @@ impl Store {
         let prepared = Prepared::all(results);
         let mut tx = self.db.begin().await?;
         self.lock_batch(&mut tx, results).await?;
-        let mut batch = Batch::new(self.backend);
+        let mut batch = Batch::new();
         let ids: BTreeSet<i64> = results.iter().map(|r| id_i64(r.lease)).collect();
         let ids: Vec<i64> = ids.into_iter().collect();
         batch.leases = self.read_leases(&mut tx, &ids).await?;
@@ -244,16 +244,16 @@ impl Store {
     async fn read_leases(&self, tx: &mut Tx, ids: &[i64]) -> Result<HashMap<i64, LeaseRow>> {
         let mut leases = HashMap::with_capacity(ids.len());
         {
-            let q = sqlx::query(sqlx::AssertSqlSafe(as_json_rows(
+            let q = query(as_json_rows(
                 self.backend,
                 &format!(
                     "{LEASE_ROW} WHERE l.id IN ({})",
                     json_list(self.backend, 1, true)
                 ),
                 &LEASE_COLS,
-            )))
+            ))
             .bind(to_json(&ids));
-            let row = q.fetch_one(&mut **tx).await?;
+            let row = q.fetch_one(tx).await?;
             for (id, task_id, node, state, report, kind, replicas, attempts, job_id) in
                 json_rows::<LeaseCols>("lease rows", &row)?
             {
@@ -282,28 +282,28 @@ impl Store {
         }
         let tasks: BTreeSet<i64> = results.iter().map(|r| id_i64(r.task)).collect();
         let list = in_list(1, tasks.len());
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let mut q = query(format!(
             "SELECT id, job_id FROM tasks WHERE id IN ({list}) ORDER BY id FOR UPDATE"
-        )));
+        ));
         for t in &tasks {
             q = q.bind(*t);
         }
-        let rows = q.fetch_all(&mut **tx).await?;
+        let rows = q.fetch_all(tx).await?;
         let jobs = rows
             .iter()
-            .map(|r| r.try_get::<i64, _>("job_id"))
+            .map(|r| r.try_get::<i64>("job_id"))
             .collect::<std::result::Result<BTreeSet<i64>, _>>()?;
         if jobs.is_empty() {
             return Ok(());
         }
         let list = in_list(1, jobs.len());
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let mut q = query(format!(
             "SELECT id FROM jobs WHERE id IN ({list}) ORDER BY id FOR UPDATE"
-        )));
+        ));
         for j in &jobs {
             q = q.bind(*j);
         }
-        q.execute(&mut **tx).await?;
+        q.execute(tx).await?;
         Ok(())
     }
 
@@ -424,18 +424,17 @@ impl Store {
             votes.push((node, report.fingerprint()));
             reports.push(report.clone());
         } else {
-            let done = sqlx::query(
+            let done = query(
                 "SELECT node, report FROM leases WHERE task_id = $1 AND state = 'done' ORDER BY id",
             )
             .bind(id_i64(task))
-            .fetch_all(&mut **tx)
+            .fetch_all(tx)
             .await?;
             for d in &done {
-                let n: NodeId = parse("lease node", &d.try_get::<String, _>("node")?)?;
+                let n: NodeId = parse("lease node", &d.try_get::<String>("node")?)?;
                 let r: RunReport = json(
                     "lease report",
-                    &d.try_get::<Option<String>, _>("report")?
-                        .unwrap_or_default(),
+                    &d.try_get::<Option<String>>("report")?.unwrap_or_default(),
                 )?;
                 votes.push((n, r.fingerprint()));
                 reports.push(r);
@@ -463,7 +462,7 @@ impl Store {
                         single_report.take().unwrap_or_else(|| to_json(&accepted)),
                     ));
                 } else {
-                    sqlx::query(
+                    query(
                         "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3, finished_ms = $4 WHERE id = $5",
                     )
                     .bind(accepted.output.to_string())
@@ -471,17 +470,17 @@ impl Store {
                     .bind(to_json(&accepted))
                     .bind(now)
                     .bind(id_i64(task))
-                    .execute(&mut **tx)
+                    .execute(tx)
                     .await?;
                     Self::count_ended(tx, TaskEnd::Verified, id_i64(task)).await?;
                 }
                 if replicas > 1 {
                     // Replicas still running are no longer needed. (A task of one replica
                     // has none: the lease just recorded was its only active one.)
-                    sqlx::query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
+                    query("UPDATE leases SET state = 'cancelled', finished_ms = $1 WHERE task_id = $2 AND state = 'active'")
                         .bind(now)
                         .bind(id_i64(task))
-                        .execute(&mut **tx)
+                        .execute(tx)
                         .await?;
                 }
                 let mut records = Vec::with_capacity(agree.len() + disagree.len());
@@ -506,10 +505,10 @@ impl Store {
                 // `running` may still say so): the dispatcher leases it while fewer nodes hold
                 // it than `wanted`.
                 let wanted = (votes.len() as i64 + i64::from(k)).max(i64::from(replicas));
-                sqlx::query("UPDATE tasks SET replicas = $1, state = 'pending' WHERE id = $2")
+                query("UPDATE tasks SET replicas = $1, state = 'pending' WHERE id = $2")
                     .bind(wanted)
                     .bind(id_i64(task))
-                    .execute(&mut **tx)
+                    .execute(tx)
                     .await?;
                 if wanted > i64::from(replicas) {
                     Recorded::MoreReplicas(k)
@@ -519,11 +518,11 @@ impl Store {
             }
             Decision::Failed => {
                 let reason = "replicas disagree".to_string();
-                sqlx::query("UPDATE tasks SET state = 'failed', reason = $1, finished_ms = $2 WHERE id = $3")
+                query("UPDATE tasks SET state = 'failed', reason = $1, finished_ms = $2 WHERE id = $3")
                     .bind(&reason)
                     .bind(now)
                     .bind(id_i64(task))
-                    .execute(&mut **tx)
+                    .execute(tx)
                     .await?;
                 Self::count_ended(tx, TaskEnd::Failed, id_i64(task)).await?;
                 Recorded::Failed(reason)
@@ -541,7 +540,7 @@ impl Store {
         frame: &str,
         now: i64,
     ) -> Result<()> {
-        sqlx::query(
+        query(
             "UPDATE leases SET state = $1, report = $2, frame = $3, finished_ms = $4 WHERE id = $5",
         )
         .bind(state)
@@ -549,7 +548,7 @@ impl Store {
         .bind(frame)
         .bind(now)
         .bind(id_i64(lease))
-        .execute(&mut **tx)
+        .execute(tx)
         .await?;
         Ok(())
     }
@@ -737,15 +736,15 @@ impl Store {
         let judged = match batch.judged.get_mut(&node) {
             Some(j) => j,
             None => {
-                let row = sqlx::query("SELECT rep_good, rep_bad, streak FROM nodes WHERE id = $1")
+                let row = query("SELECT rep_good, rep_bad, streak FROM nodes WHERE id = $1")
                     .bind(node.to_string())
-                    .fetch_optional(&mut **tx)
+                    .fetch_optional(tx)
                     .await?;
                 let record = match row {
                     Some(r) => Record {
                         good: r.try_get("rep_good")?,
                         bad: r.try_get("rep_bad")?,
-                        streak: r.try_get::<i64, _>("streak")? as u64,
+                        streak: r.try_get::<i64>("streak")? as u64,
                     },
                     None => Record::default(),
                 };
@@ -805,18 +804,18 @@ impl Store {
         let payer = match batch.terms.get(&job) {
             Some(p) => *p,
             None => {
-                let j = sqlx::query(
+                let j = query(
                     "SELECT terms, CASE WHEN terms IS NULL THEN spec END AS spec, price, redundancy, author, created_ms
                      FROM jobs WHERE id = $1",
                 )
                 .bind(job)
-                .fetch_one(&mut **tx)
+                .fetch_one(tx)
                 .await?;
                 let author: Option<String> = j.try_get("author")?;
                 let payer = Payer {
                     fuel_limit: terms(&j)?.limits.fuel,
-                    price: j.try_get::<i64, _>("price")? as u64,
-                    redundancy: j.try_get::<i64, _>("redundancy")? as usize,
+                    price: j.try_get::<i64>("price")? as u64,
+                    redundancy: j.try_get::<i64>("redundancy")? as usize,
                     author: match author {
                         Some(a) => Account::Author(parse("job author", &a)?),
                         None => Account::Treasury,
@@ -917,9 +916,9 @@ impl Store {
         frame: &str,
         now: i64,
     ) -> std::result::Result<Recorded, RecordError> {
-        let known: Option<String> = sqlx::query("SELECT report FROM tasks WHERE id = $1")
+        let known: Option<String> = query("SELECT report FROM tasks WHERE id = $1")
             .bind(id_i64(task))
-            .fetch_one(&mut **tx)
+            .fetch_one(tx)
             .await?
             .try_get("report")?;
         let known: RunReport = json("task report", &known.unwrap_or_default())?;

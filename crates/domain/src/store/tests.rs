@@ -205,10 +205,10 @@ async fn migrations_are_idempotent() {
 #[tokio::test]
 async fn a_transaction_dropped_open_is_rolled_back_and_the_connection_stays_usable() {
     async fn insert(tx: &mut super::db::Tx, id: ContentId) {
-        sqlx::query("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, 1, 0)")
+        query("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, 1, 0)")
             .bind(id.to_string())
             .bind(&b"x"[..])
-            .execute(&mut **tx)
+            .execute(tx)
             .await
             .expect("insert");
     }
@@ -269,22 +269,24 @@ async fn the_checkpointer_copies_committed_writes_into_the_database_file() {
     let id = ContentId::of(b"checkpointed");
     assert!(store.put_blob(id, b"checkpointed", 12).await.expect("put"));
     // `immutable=1`: reads the database file alone, ignoring the WAL.
-    let url = format!(
-        "sqlite://{}?mode=ro&immutable=1",
+    let uri = format!(
+        "file:{}?mode=ro&immutable=1",
         dir.path().join("stardust.db").display()
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let mut file = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
-            .await
-            .expect("open the file");
-        let found = sqlx::query("SELECT 1 AS one FROM blobs WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&mut file)
-            .await
-            .ok()
-            .flatten()
-            .is_some();
+        let file = rusqlite::Connection::open_with_flags(
+            &uri,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .expect("open the file");
+        let found = file
+            .query_row(
+                "SELECT 1 FROM blobs WHERE id = ?1",
+                [id.to_string()],
+                |_| Ok(()),
+            )
+            .is_ok();
         if found {
             break;
         }
@@ -835,7 +837,7 @@ async fn sqlite_data_directories_may_have_awkward_names() {
 /// the stored balances.
 /// Asserts that the task counts kept on every job are its tasks' states, counted.
 async fn counts_kept(store: &Store) {
-    let rows = sqlx::query(
+    let rows = query(
         "SELECT j.id, j.n_open, j.n_verified, j.n_failed, j.n_cancelled,
          (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id AND t.state = 'pending') AS pending,
          (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id AND t.state = 'verified') AS verified,
@@ -843,11 +845,11 @@ async fn counts_kept(store: &Store) {
          (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id AND t.state = 'cancelled') AS cancelled
          FROM jobs j",
     )
-    .fetch_all(&mut *store.db.acquire().await.expect("conn"))
+    .fetch_all(&mut store.db.acquire().await.expect("conn"))
     .await
     .expect("counts");
     for r in rows {
-        let get = |c: &str| r.try_get::<i64, _>(c).expect("count");
+        let get = |c: &str| r.try_get::<i64>(c).expect("count");
         assert_eq!(
             (
                 get("n_open"),
@@ -1584,8 +1586,8 @@ async fn a_batch_of_leases_and_results_is_what_one_at_a_time_would_be() {
                 Some(b"frame".as_slice())
             );
             assert_eq!(store.evidence(999_999).await.expect("evidence"), None);
-            let frames: i64 = sqlx::query("SELECT COUNT(*) AS n FROM frames")
-                .fetch_one(&mut *store.db.acquire().await.expect("conn"))
+            let frames: i64 = query("SELECT COUNT(*) AS n FROM frames")
+                .fetch_one(&mut store.db.acquire().await.expect("conn"))
                 .await
                 .expect("count")
                 .try_get("n")
@@ -1638,8 +1640,8 @@ fn placeholder_lists_are_numbered_in_order() {
 
 /// The blob ids stored, in order.
 async fn blob_ids(store: &Store) -> Vec<String> {
-    let rows = sqlx::query("SELECT id FROM blobs ORDER BY id")
-        .fetch_all(&mut *store.db.acquire().await.expect("conn"))
+    let rows = query("SELECT id FROM blobs ORDER BY id")
+        .fetch_all(&mut store.db.acquire().await.expect("conn"))
         .await
         .expect("blobs");
     rows.iter().map(|r| r.try_get("id").expect("id")).collect()
@@ -1648,9 +1650,8 @@ async fn blob_ids(store: &Store) -> Vec<String> {
 #[tokio::test]
 async fn a_script_runs_its_writes_in_order_and_commits_or_leaves_nothing() {
     for (store, _dir) in backends().await {
-        // Joined statements, one that cannot join (a value used twice) between them, then
-        // the commit in the same trip.
-        let mut script = script::Script::new(store.backend);
+        // Statements in order, one using a value twice, then the commit.
+        let mut script = script::Script::default();
         script
             .push("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)")
             .bind("a").bind(&b"1"[..]).bind(1_i64).bind(5_i64)
@@ -1669,16 +1670,16 @@ async fn a_script_runs_its_writes_in_order_and_commits_or_leaves_nothing() {
         let tx = store.db.begin().await.expect("begin");
         tx.commit_with(script).await.expect("commit");
         assert_eq!(blob_ids(&store).await, ["b", "c"], "{:?}", store.backend);
-        let b = sqlx::query("SELECT size, created_ms FROM blobs WHERE id = 'b'")
-            .fetch_one(&mut *store.db.acquire().await.expect("conn"))
+        let b = query("SELECT size, created_ms FROM blobs WHERE id = 'b'")
+            .fetch_one(&mut store.db.acquire().await.expect("conn"))
             .await
             .expect("b");
-        assert_eq!(b.try_get::<i64, _>("size").expect("size"), 12);
-        assert_eq!(b.try_get::<i64, _>("created_ms").expect("ms"), 10);
+        assert_eq!(b.try_get::<i64>("size").expect("size"), 12);
+        assert_eq!(b.try_get::<i64>("created_ms").expect("ms"), 10);
 
         // A statement that fails halfway (a duplicate id): nothing of the transaction stays,
         // and the connection is usable after.
-        let mut script = script::Script::new(store.backend);
+        let mut script = script::Script::default();
         script.push("DELETE FROM blobs WHERE id = $1").bind("c");
         script
             .push("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, $3, $4)")
@@ -1697,14 +1698,14 @@ async fn a_script_runs_its_writes_in_order_and_commits_or_leaves_nothing() {
         assert_eq!(blob_ids(&store).await, ["b", "c"], "{:?}", store.backend);
 
         // Too few values bound: refused before anything runs.
-        let mut script = script::Script::new(store.backend);
+        let mut script = script::Script::default();
         script
             .push("DELETE FROM blobs WHERE id = $1 OR id = $2")
             .bind("c");
         let mut tx = store.db.begin().await.expect("begin");
         let err = script.run(&mut tx).await.expect_err("refused");
         assert!(
-            err.to_string().contains("1 values to 2 placeholders"),
+            err.to_string().contains("no value for $2 (1 bound)"),
             "{err}"
         );
         drop(tx);
@@ -1806,8 +1807,8 @@ async fn hot_statements_search_indexes_on_sqlite() {
          WHERE tasks.id = v.id",
         "SELECT id FROM leases WHERE state = 'active' AND deadline_ms < 5 ORDER BY deadline_ms, id LIMIT 1000",
     ] {
-        let plan = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
-            .fetch_all(&mut *conn)
+        let plan = query(format!("EXPLAIN QUERY PLAN {sql}"))
+            .fetch_all(&mut conn)
             .await
             .expect("plan");
         for step in &plan {
@@ -1836,39 +1837,37 @@ async fn hot_statements_search_indexes_on_sqlite() {
 /// (SQLITE_BUSY_SNAPSHOT), and nothing retries that.
 #[tokio::test]
 async fn a_second_writer_on_the_sqlite_file_is_waited_for() {
-    use sqlx::Connection as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open_sqlite(dir.path())
         .await
         .expect("sqlite")
         .with_ledger(domain_key(), Economy::default());
-    let url = format!("sqlite://{}", dir.path().join("stardust.db").display());
-    let mut other = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    let path = dir.path().join("stardust.db");
     for round in 0..3 {
-        // The other writer holds the lock, then commits a change while the store waits.
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut other)
-            .await
-            .expect("begin");
-        sqlx::query("INSERT INTO blobs (id, bytes, size, created_ms) VALUES ($1, $2, 1, 0)")
-            .bind(format!("other-{round}"))
-            .bind(&b"x"[..])
-            .execute(&mut other)
-            .await
-            .expect("insert");
-        let grant = {
-            let store = store.clone();
-            tokio::spawn(async move { store.grant(Account::Submitter(node(7)), 5, 0).await })
+        // The other writer (a thread with a connection of its own, as another process
+        // would have) holds the lock, then commits a change while the store waits.
+        let (locked, is_locked) = std::sync::mpsc::sync_channel(1);
+        let other = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let c = rusqlite::Connection::open(&path).expect("connect");
+                c.execute_batch("BEGIN IMMEDIATE").expect("begin");
+                c.execute(
+                    "INSERT INTO blobs (id, bytes, size, created_ms) VALUES (?1, ?2, 1, 0)",
+                    (format!("other-{round}"), &b"x"[..]),
+                )
+                .expect("insert");
+                locked.send(()).expect("tell");
+                std::thread::sleep(Duration::from_millis(200));
+                c.execute_batch("COMMIT").expect("commit");
+            })
         };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        sqlx::query("COMMIT")
-            .execute(&mut other)
+        is_locked.recv().expect("the other writer locked");
+        store
+            .grant(Account::Submitter(node(7)), 5, 0)
             .await
-            .expect("commit");
-        grant
-            .await
-            .expect("join")
             .unwrap_or_else(|e| panic!("round {round}: the grant failed: {e}"));
+        other.join().expect("the other writer");
     }
     assert_eq!(
         store
