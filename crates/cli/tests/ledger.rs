@@ -176,3 +176,16 @@ fn jobs_are_paid_from_escrow_and_a_tampered_event_is_named() {
     assert_eq!(v["error"]["seq"], target);
     assert_eq!(v["error"]["id"], id.as_str());
 }
+
+/// A missing key file is named once with its reason once: the key file error leaves the OS
+/// error to its source, which the CLI prints after it.
+#[test]
+fn a_missing_domain_key_is_reported_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("absent");
+    let (ok, _, err) = stardust(&["ledger", "verify", "--data", &data.to_string_lossy()]);
+    assert!(!ok, "verify without a key must fail");
+    let key = data.join("domain.key").display().to_string();
+    assert!(err.contains(&format!("{key}: No such file")), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}

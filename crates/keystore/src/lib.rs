@@ -18,8 +18,9 @@ const HEADER: &str = "stardust-secret-key-v1";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyFileError {
-    /// Reading or writing failed.
-    #[error("{path}: {source}")]
+    /// Reading or writing failed. The message names the file and leaves the reason to its
+    /// source (printed after it, as `path: reason`, by an error chain).
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
