@@ -284,6 +284,10 @@ impl<'q> Query<'q> {
         self,
         on: &mut E,
     ) -> Result<Option<Row>, StoreError> {
+        self.first(on).await
+    }
+
+    async fn first<E: Exec + ?Sized>(&self, on: &mut E) -> Result<Option<Row>, StoreError> {
         match on.on() {
             On::Sqlite(c) => {
                 let mut first = None;
@@ -301,10 +305,10 @@ impl<'q> Query<'q> {
 
     /// The first row; an error if there is none.
     pub async fn fetch_one<E: Exec + ?Sized>(self, on: &mut E) -> Result<Row, StoreError> {
-        let sql = self.sql.to_string();
-        self.fetch_optional(on)
+        // The statement's text is copied into the error only when there is one.
+        self.first(on)
             .await?
-            .ok_or(StoreError::NoRow(sql.chars().take(80).collect()))
+            .ok_or_else(|| StoreError::NoRow(self.sql.chars().take(80).collect()))
     }
 
     /// The statement for sqlx, once its placeholders are known to have values (the server
