@@ -13,6 +13,7 @@
 
 pub mod config;
 mod cores;
+mod dispatch;
 mod http;
 mod metrics;
 pub mod ratelimit;

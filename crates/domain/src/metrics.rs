@@ -141,6 +141,9 @@ pub(crate) struct Metrics {
     /// Times the dispatcher read pending tasks from the database (it keeps them between
     /// rounds, and adds new jobs' tasks without reading).
     pub pending_reads: AtomicU64,
+    /// Jobs leased in their own transaction, at submission (nothing else waited for a
+    /// node, and one had room).
+    pub leased_at_submission: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -153,6 +156,7 @@ impl Default for Metrics {
             heartbeat_latency: Histogram::new(LATENCY_BUCKETS),
             verified: AtomicU64::new(0),
             pending_reads: AtomicU64::new(0),
+            leased_at_submission: AtomicU64::new(0),
         }
     }
 }
@@ -193,6 +197,11 @@ impl Metrics {
             out,
             "# HELP stardust_dispatch_pending_reads_total Times the dispatcher read pending tasks from the database.\n# TYPE stardust_dispatch_pending_reads_total counter\nstardust_dispatch_pending_reads_total {}",
             self.pending_reads.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP stardust_dispatch_at_submission_total Jobs whose first leases were made in the job's own transaction, at submission (nothing else waited, a node had room).\n# TYPE stardust_dispatch_at_submission_total counter\nstardust_dispatch_at_submission_total {}",
+            self.leased_at_submission.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

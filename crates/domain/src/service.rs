@@ -1,31 +1,32 @@
-//! The running domain: shared state, the dispatcher and the lease-expiry worker.
+//! The running domain: shared state, its long-lived workers, and startup.
 //!
 //! ```text
 //!  REST handlers ──submit──▶ Store ◀──record──┐
-//!        │                     ▲              │
-//!        └──wake──▶ dispatcher ┘──assign──▶ node sessions (bounded outbox each)
+//!        │   (idle: the job's    ▲              │
+//!        │    first round)       │              │
+//!        └──wake──▶ dispatcher ──┘──assign──▶ node sessions (bounded outbox each)
 //!                   expiry ────expire──▶ Store, cancel ──▶ node sessions
 //! ```
 //!
-//! Each long-lived task owns its loop and stops when the shutdown signal fires
-//! (`select! { biased; shutdown first }`).
+//! The dispatcher is [`crate::dispatch`]. Each long-lived task owns its loop and stops when
+//! the shutdown signal fires (`select! { biased; shutdown first }`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stardust_proto::identity::{Identity, NodeId};
-use stardust_proto::message::{Assignment, DomainMessage, encode};
-use stardust_proto::task::{Hardware, LeaseId, TaskId, Tier};
-use stardust_scheduler::matching::{self, Need, NodeState, NodeView};
+use stardust_proto::message::{DomainMessage, encode};
+use stardust_proto::task::{Hardware, LeaseId, Tier};
+use stardust_scheduler::matching::{NodeState, NodeView};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::Config;
 use crate::ratelimit::Limiter;
-use crate::store::{Economy, Leased, PendingTask, Retry, Store, StoreError, Want};
+use crate::store::{Economy, Retry, Store, StoreError};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -243,6 +244,8 @@ pub(crate) struct Shared {
     pub filed: mpsc::Sender<crate::recorder::Filed>,
     /// Status requests held open (`wait_ms`), per client key.
     pub waiters: crate::http::Waiters,
+    /// Pending tasks between dispatch rounds; held by the round running.
+    pub pending: Mutex<crate::dispatch::PendingCache>,
 }
 
 /// One node's heartbeat on its way to the store, with where to answer.
@@ -568,6 +571,7 @@ async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError
         filed,
         config,
         waiters: crate::http::Waiters::default(),
+        pending: Mutex::default(),
     });
     let router = crate::http::router(shared.clone());
     let mut server_stop = shutdown.clone();
@@ -605,7 +609,7 @@ async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError
             })
         }
     };
-    let dispatcher = tokio::spawn(dispatch_loop(shared.clone()));
+    let dispatcher = tokio::spawn(crate::dispatch::run(shared.clone()));
     let expiry = tokio::spawn(expiry_loop(shared.clone()));
     let sampler = tokio::spawn(sample_loop(shared.clone()));
     let heartbeats = tokio::spawn(heartbeat_loop(shared.clone(), beats_rx));
@@ -616,356 +620,6 @@ async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError
         stop,
         vec![server, dispatcher, expiry, sampler, heartbeats, recorder],
     ))
-}
-
-/// Leases pending tasks to connected nodes with free slots, in batches.
-async fn dispatch_loop(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.clone();
-    let mut cache = PendingCache::default();
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => return,
-            () = shared.wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-        if let Err(e) = dispatch_round(&shared, &mut cache).await {
-            cache.forget();
-            tracing::error!(error = %e, "dispatch round failed");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-}
-
-/// Pending tasks read at most at once into [`PendingCache`].
-const CACHE_READ: u32 = 1024;
-
-/// How long [`PendingCache`] trusts what it holds: past this it reads again, whatever it
-/// was told (a safety net; the store tells it every change it knows of).
-const CACHE_TRUST: Duration = Duration::from_secs(1);
-
-/// Pending tasks kept between dispatch rounds, in the order [`Store::pending_tasks`] reads
-/// them (highest priority, oldest job, lowest index first), so that a round reads the
-/// database only when it must: when empty and not known to be complete, when the store's
-/// pending epoch moved (tasks made pending again, see [`Store::pending_epoch`]), when a new
-/// job outranks what it holds, after a round left a task it served still wanting replicas,
-/// or after [`CACHE_TRUST`]. New jobs' tasks are added as the store created them
-/// ([`Store::take_created`]) while the cache holds every pending task (its last read found
-/// fewer than it asked for). A task the cache holds that is no longer pending is refused by
-/// the lease's own checks, which makes the next round read again.
-#[derive(Default)]
-struct PendingCache {
-    tasks: VecDeque<PendingTask>,
-    /// The last read found every pending task.
-    complete: bool,
-    /// The store's pending epoch before the last read.
-    epoch: u64,
-    read_at: Option<Instant>,
-}
-
-impl PendingCache {
-    /// Up to `limit` tasks from the front, reading the database first if it must.
-    async fn take(
-        &mut self,
-        shared: &Shared,
-        limit: usize,
-    ) -> Result<Vec<PendingTask>, StoreError> {
-        let store = &shared.store;
-        let epoch = store.pending_epoch();
-        let created = store.take_created();
-        let mut read = epoch != self.epoch
-            || self.read_at.is_none_or(|t| t.elapsed() > CACHE_TRUST)
-            || (self.tasks.is_empty() && !self.complete);
-        if !read && !created.is_empty() {
-            let lowest = self.tasks.iter().map(|t| t.priority).min();
-            if self.complete {
-                self.add(created);
-            } else if created
-                .iter()
-                .any(|t| lowest.is_none_or(|l| t.priority > l))
-            {
-                // A new job outranks tasks the database holds beyond what was read.
-                read = true;
-            }
-            // Otherwise they come after everything the database holds: read in turn.
-        }
-        if read {
-            // Jobs created from here on are told again; those before are in the read.
-            let _ = store.take_created();
-            let tasks = store.pending_tasks(CACHE_READ).await?;
-            shared.metrics.pending_reads.fetch_add(1, Ordering::Relaxed);
-            self.complete = tasks.len() < CACHE_READ as usize;
-            self.tasks = tasks.into();
-            self.epoch = epoch;
-            self.read_at = Some(Instant::now());
-        }
-        let n = limit.min(self.tasks.len());
-        Ok(self.tasks.drain(..n).collect())
-    }
-
-    /// Adds new jobs' tasks in their place (after every task of their priority or higher),
-    /// leaving out any already held (a job created while the cache read).
-    fn add(&mut self, created: Vec<PendingTask>) {
-        let held: HashSet<TaskId> = self.tasks.iter().map(|t| t.spec.task).collect();
-        let reorder = created
-            .iter()
-            .any(|c| self.tasks.iter().any(|t| t.priority < c.priority));
-        self.tasks
-            .extend(created.into_iter().filter(|t| !held.contains(&t.spec.task)));
-        if reorder {
-            // Stable: jobs keep their order within a priority.
-            self.tasks
-                .make_contiguous()
-                .sort_by_key(|t| std::cmp::Reverse(t.priority));
-        }
-    }
-
-    /// Puts back, in front and in order, tasks a round took and did not serve.
-    fn put_back(&mut self, tasks: Vec<PendingTask>) {
-        for t in tasks.into_iter().rev() {
-            self.tasks.push_front(t);
-        }
-    }
-
-    /// Drops what it holds: the next round reads.
-    fn forget(&mut self) {
-        self.tasks.clear();
-        self.complete = false;
-        self.read_at = None;
-    }
-}
-
-async fn dispatch_round(shared: &Shared, cache: &mut PendingCache) -> Result<(), StoreError> {
-    if shared.config.stake > 0 {
-        refresh_stake(shared).await?;
-    }
-    let free: u32 = {
-        let sessions = shared.sessions.lock().await;
-        sessions.values().map(Session::free).sum()
-    };
-    if free == 0 {
-        return Ok(());
-    }
-    let limit = shared
-        .config
-        .dispatch_batch
-        .min(free.saturating_mul(2).max(16));
-    let pending = cache.take(shared, limit as usize).await?;
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let now = now_ms();
-    let mut batches: HashMap<NodeId, Vec<Assignment>> = HashMap::new();
-    // Candidate nodes with their load, kept in step with what this round proposes. The
-    // sessions are not locked while the store works (results being answered need them);
-    // capacity freed meanwhile waits for the next round.
-    let mut views: Vec<NodeView> = {
-        let sessions = shared.sessions.lock().await;
-        sessions.values().map(Session::view).collect()
-    };
-    let index: HashMap<NodeId, usize> = views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
-    let mut open: Vec<Wanting> = pending.into_iter().map(Wanting::new).collect();
-    // Nodes owed a spot check: room was left after the replicas proposed for them.
-    let mut spots: Vec<NodeId> = Vec::new();
-    for _ in 0..MAX_PASSES {
-        // Match every replica still wanted; then lease them all in one transaction.
-        let mut wants = Vec::new();
-        let mut of = Vec::new();
-        for (i, w) in open.iter_mut().enumerate() {
-            while !w.done && w.held + w.proposed < w.wanted {
-                let need = Need {
-                    requirements: &w.task.requirements,
-                    limits: &w.task.spec.limits,
-                    replicas_on: &w.excluded,
-                    sole: w.task.redundancy <= 1,
-                };
-                let Ok(node) = matching::pick(&need, &views) else {
-                    w.done = true;
-                    break;
-                };
-                let node = node.id;
-                views[index[&node]].running += 1;
-                w.excluded.push(node);
-                w.proposed += 1;
-                w.touched = true;
-                wants.push(Want {
-                    task: w.task.spec.task,
-                    node,
-                    draw: shared.draw(),
-                });
-                of.push(i);
-            }
-        }
-        if wants.is_empty() {
-            break;
-        }
-        let outcomes = shared
-            .store
-            .create_leases(&wants, now, shared.config.lease_ms)
-            .await?;
-        let mut again = false;
-        let mut sessions = shared.sessions.lock().await;
-        for ((want, i), (leased, replicas)) in wants.iter().zip(of).zip(outcomes) {
-            let w = &mut open[i];
-            w.proposed -= 1;
-            let node = want.node;
-            let view = index[&node];
-            let Some(s) = sessions.get_mut(&node) else {
-                // Gone since the round began: its leases lapse and the tasks come back.
-                continue;
-            };
-            match leased {
-                Leased::Yes(lease) => {
-                    s.running.insert(lease, now);
-                    w.held += 1;
-                    // The first lease decided the task's replication.
-                    let replicas = usize::from(replicas);
-                    again |= w.wanted != replicas && replicas > w.held;
-                    w.wanted = replicas;
-                    shared
-                        .metrics
-                        .dispatch_latency
-                        .observe((now - w.task.submitted_ms) as f64 / 1000.0);
-                    batches.entry(node).or_default().push(Assignment {
-                        lease,
-                        spec: w.task.spec.clone(),
-                        lease_ms: shared.config.lease_ms as u64,
-                    });
-                    if shared.draw() < shared.config.spot_rate {
-                        spots.push(node);
-                    }
-                }
-                Leased::NoStake => {
-                    // The stake changed since the round began: no more for this node now.
-                    views[view].running -= 1;
-                    s.stake_slots = Some(s.running.len() as u32);
-                    views[view].slots = s.running.len() as u32;
-                    again = true;
-                }
-                Leased::Untrusted => {
-                    // A browser without the reputation for this replica: try other nodes.
-                    views[view].running -= 1;
-                    again = true;
-                }
-                Leased::No => {
-                    views[view].running -= 1;
-                    w.done = true;
-                }
-            }
-        }
-        drop(sessions);
-        if !again {
-            break;
-        }
-    }
-    // Tasks not proposed go back to the cache as they were; a task proposed and still
-    // wanting replicas has changed (holders, replication): the next round reads again.
-    let mut untouched = Vec::new();
-    let mut changed = false;
-    for w in open {
-        if !w.touched {
-            untouched.push(w.task);
-        } else if w.held < w.wanted {
-            changed = true;
-        }
-    }
-    if changed {
-        cache.forget();
-    } else {
-        cache.put_back(untouched);
-    }
-    for node in spots {
-        // Only in room left after every replica proposed this round.
-        let view = index[&node];
-        if views[view].running >= views[view].slots {
-            continue;
-        }
-        let Some((lease, spec)) = shared
-            .store
-            .create_spot_check(node, now, shared.config.lease_ms, shared.draw())
-            .await?
-        else {
-            continue;
-        };
-        views[view].running += 1;
-        if let Some(s) = shared.sessions.lock().await.get_mut(&node) {
-            s.running.insert(lease, now);
-            batches.entry(node).or_default().push(Assignment {
-                lease,
-                spec,
-                lease_ms: shared.config.lease_ms as u64,
-            });
-        }
-    }
-    let mut sessions = shared.sessions.lock().await;
-    for (node, tasks) in batches {
-        let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
-        if let Some(s) = sessions.get(&node)
-            && s.outbox.try_send(frame).is_err()
-        {
-            tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
-            sessions.remove(&node);
-        }
-    }
-    Ok(())
-}
-
-/// Matching and leasing passes in one dispatch round at most: a pass after the first only
-/// serves what the previous one learned (a refused node, a task's replication decided).
-const MAX_PASSES: usize = 4;
-
-/// A pending task during a dispatch round.
-struct Wanting {
-    task: PendingTask,
-    /// Nodes that hold, were proposed, or refused a replica of it.
-    excluded: Vec<NodeId>,
-    /// Replicas held (before the round and leased in it).
-    held: usize,
-    /// Replicas proposed in the current pass.
-    proposed: usize,
-    /// Replicas it wants; before its first lease under adaptive replication, one (that
-    /// lease decides).
-    wanted: usize,
-    /// Nothing more for it this round.
-    done: bool,
-    /// Proposed to a node this round.
-    touched: bool,
-}
-
-impl Wanting {
-    fn new(task: PendingTask) -> Self {
-        let held = task.replicas_on.len();
-        let wanted = if held > 0 {
-            usize::from(task.replicas)
-        } else if task.adaptive && task.redundancy > 1 {
-            1
-        } else {
-            usize::from(task.redundancy.max(task.replicas))
-        };
-        Wanting {
-            excluded: task.replicas_on.clone(),
-            held,
-            proposed: 0,
-            wanted,
-            done: false,
-            touched: false,
-            task,
-        }
-    }
-}
-
-/// Sets each session's lease cap from its node's stake.
-async fn refresh_stake(shared: &Shared) -> Result<(), StoreError> {
-    let nodes: Vec<NodeId> = shared.sessions.lock().await.keys().copied().collect();
-    let stakes = shared.store.stakes(&nodes).await?;
-    let per = i128::from(shared.config.stake);
-    let mut sessions = shared.sessions.lock().await;
-    for (node, held) in stakes {
-        if let Some(s) = sessions.get_mut(&node) {
-            s.stake_slots = Some(u32::try_from((held / per).max(0)).unwrap_or(u32::MAX));
-        }
-    }
-    Ok(())
 }
 
 /// Records throughput and queue depth once a second for the dashboard.
@@ -1121,55 +775,5 @@ mod tests {
         b.pace.record(10_000, 6_000);
         assert_eq!(b.capacity(), 12);
         assert_eq!(b.free(), 12);
-    }
-
-    fn pending(task: TaskId, priority: i64) -> PendingTask {
-        PendingTask {
-            spec: stardust_proto::task::TaskSpec {
-                task,
-                job: task / 100,
-                module: stardust_proto::content::ContentId::of(b"m"),
-                input: stardust_proto::content::ContentId::of(b"i"),
-                args: Vec::new(),
-                limits: stardust_proto::task::Limits::default(),
-                seed: 0,
-            },
-            requirements: Default::default(),
-            replicas_on: Vec::new(),
-            submitted_ms: 0,
-            redundancy: 1,
-            replicas: 1,
-            adaptive: false,
-            priority,
-        }
-    }
-
-    fn order(cache: &PendingCache) -> Vec<TaskId> {
-        cache.tasks.iter().map(|t| t.spec.task).collect()
-    }
-
-    #[test]
-    fn the_pending_cache_keeps_the_database_order_as_jobs_are_added_and_tasks_put_back() {
-        let mut cache = PendingCache {
-            tasks: [pending(101, 1), pending(102, 1), pending(201, 0)].into(),
-            ..PendingCache::default()
-        };
-        // A normal job after the normal one and before the low one; one of its tasks was
-        // already read (created while the cache read): not twice.
-        cache.add(vec![pending(102, 1), pending(301, 1), pending(302, 1)]);
-        assert_eq!(order(&cache), vec![101, 102, 301, 302, 201]);
-        // A high job goes first; a low one last.
-        cache.add(vec![pending(401, 2)]);
-        cache.add(vec![pending(501, 0)]);
-        assert_eq!(order(&cache), vec![401, 101, 102, 301, 302, 201, 501]);
-        // What a round took and did not serve goes back in front, in order (the first of
-        // the three taken was served).
-        let mut unserved: Vec<PendingTask> = cache.tasks.drain(..3).collect();
-        let served = unserved.remove(0);
-        assert_eq!(served.spec.task, 401);
-        cache.put_back(unserved);
-        assert_eq!(order(&cache), vec![101, 102, 301, 302, 201, 501]);
-        cache.forget();
-        assert!(cache.tasks.is_empty() && !cache.complete && cache.read_at.is_none());
     }
 }

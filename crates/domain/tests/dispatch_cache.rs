@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::{Running, join, join_with, key, next_domain, start, sweep};
 
-/// `stardust_dispatch_pending_reads_total` from `/metrics`.
-async fn pending_reads(addr: SocketAddr) -> u64 {
+/// The counter `name` from `/metrics`.
+async fn counter(addr: SocketAddr, name: &str) -> u64 {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
@@ -20,9 +20,19 @@ async fn pending_reads(addr: SocketAddr) -> u64 {
     let mut body = String::new();
     s.read_to_string(&mut body).await.expect("response");
     body.lines()
-        .find_map(|l| l.strip_prefix("stardust_dispatch_pending_reads_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pending-reads counter in /metrics: {body}"))
+        .unwrap_or_else(|| panic!("no {name} in /metrics: {body}"))
+}
+
+/// `stardust_dispatch_pending_reads_total` from `/metrics`.
+async fn pending_reads(addr: SocketAddr) -> u64 {
+    counter(addr, "stardust_dispatch_pending_reads_total").await
+}
+
+/// `stardust_dispatch_at_submission_total` from `/metrics`.
+async fn at_submission(addr: SocketAddr) -> u64 {
+    counter(addr, "stardust_dispatch_at_submission_total").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,5 +160,73 @@ async fn a_node_is_leased_at_most_three_quarters_of_the_queue_its_hello_says() {
     // 8 queued: 6. A hello that does not say: 64 a slot, so 48. A queue of nothing: still
     // one lease a slot.
     assert_eq!((a, b, c), (6, 48, 2));
+    domain.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_finding_nothing_waiting_is_leased_at_submission_and_never_ahead_of_waiting_work() {
+    let Running {
+        domain,
+        client,
+        module,
+        input,
+        ..
+    } = start(|_| {}).await;
+    let addr = domain.addr();
+    let status = |job: u64| {
+        let client = &client;
+        async move { client.job(job).await.expect("status") }
+    };
+
+    // No node: nothing can be leased at submission; the job waits for the dispatcher, which
+    // gives it to the first node that joins.
+    let waited = client
+        .submit(&sweep(&module, &input, 1))
+        .await
+        .expect("submit");
+    assert_eq!(at_submission(addr).await, 0);
+    assert_eq!(status(waited).await["state"], "queued");
+    let mut node = join(addr, &key(2), 2).await;
+    assert_eq!(assigned(&mut node).await, 1, "the waiting task");
+    assert_eq!(at_submission(addr).await, 0);
+
+    // Nothing waits and the node has room: the submission leases its job itself, and the
+    // node has it when the submission answers (the dispatcher's rounds do not come into
+    // it: the counter says which path served it).
+    let leased = client
+        .submit(&sweep(&module, &input, 1))
+        .await
+        .expect("submit");
+    assert_eq!(at_submission(addr).await, 1);
+    let s = status(leased).await;
+    assert_eq!(
+        (&s["state"], &s["tasks_running"]),
+        (&"running".into(), &1.into()),
+        "{s}"
+    );
+    let first = assigned(&mut node).await;
+    assert_eq!(first, 1, "the new job's task");
+
+    // A job larger than the node's room: what it can take is leased at submission, the
+    // rest waits...
+    let large = client
+        .submit(&sweep(&module, &input, 40))
+        .await
+        .expect("submit");
+    assert_eq!(at_submission(addr).await, 2);
+    let taken = assigned(&mut node).await;
+    assert!((1..40).contains(&taken), "{taken} of 40 leased at once");
+    let s = status(large).await;
+    assert_eq!(s["tasks_running"], taken, "{s}");
+    assert_eq!(s["tasks_pending"], 40, "{s}");
+    // ...and a job submitted behind it is not leased ahead of it: it waits its turn.
+    let behind = client
+        .submit(&sweep(&module, &input, 1))
+        .await
+        .expect("submit");
+    assert_eq!(at_submission(addr).await, 2, "work was waiting");
+    assert_eq!(status(behind).await["state"], "queued");
+    assert_eq!(assigned(&mut node).await, 0, "the node has no room");
+
     domain.shutdown().await;
 }

@@ -358,7 +358,7 @@ async fn submit(
         trials: &trials,
         price: q.price_per_scu,
     };
-    let job = match shared.store.create_job(new, now).await {
+    let job = match crate::dispatch::create_job(&shared, new, now).await {
         Ok(job) => job,
         Err(CreateJobError::Insufficient { needed, balance }) => {
             return Err(ApiError::new(
@@ -376,7 +376,6 @@ async fn submit(
         }
         Err(CreateJobError::Store(e)) => return Err(e.into()),
     };
-    shared.wake.notify_one();
     tracing::info!(job, tasks = trials.len(), owner = %owner.short(), "job submitted");
     let mut answer = json!({
         "job_id": job,

@@ -173,9 +173,27 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut tx = self.db.begin().await?;
+        let (outcomes, script) = self.lease_in(&mut tx, wants, now, lease_ms).await?;
+        tx.commit_with(script).await?;
+        Ok(outcomes)
+    }
+
+    /// [`Store::create_leases`] in `tx`: the outcomes, and the writes left to run before
+    /// the commit.
+    pub(super) async fn lease_in(
+        &self,
+        tx: &mut Tx,
+        wants: &[Want],
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<(Leased, u8)>, Script)> {
+        let mut script = Script::default();
+        if wants.is_empty() {
+            return Ok((Vec::new(), script));
+        }
         let tasks: BTreeSet<i64> = wants.iter().map(|w| id_i64(w.task)).collect();
         let nodes: BTreeSet<String> = wants.iter().map(|w| w.node.to_string()).collect();
-        let mut open = self.open_tasks(&mut tx, &tasks).await?;
+        let mut open = self.open_tasks(tx, &tasks).await?;
         // Each node's tier and streak: (may stand alone, streak).
         let mut standing: HashMap<String, (bool, u64)> = HashMap::new();
         let nodes: Vec<&String> = nodes.iter().collect();
@@ -184,7 +202,7 @@ impl Store {
             json_list(self.backend, 1, false)
         ))
         .bind(super::to_json(&nodes));
-        for r in q.fetch_all(&mut tx).await? {
+        for r in q.fetch_all(tx).await? {
             let streak = r.try_get::<i64>("streak")?;
             standing.insert(
                 r.try_get("id")?,
@@ -206,7 +224,7 @@ impl Store {
             };
             let (trusted, streak) = standing.get(&node_s).copied().unwrap_or((true, 0));
             let leased = self
-                .decide(&mut tx, t, &node_s, trusted, streak, w.draw, &mut stakes)
+                .decide(tx, t, &node_s, trusted, streak, w.draw, &mut stakes)
                 .await?;
             if let Leased::Yes(_) = leased {
                 new.push((id_i64(w.task), node_s.clone()));
@@ -218,7 +236,7 @@ impl Store {
             outcomes.push((leased, t.replicas.clamp(0, 255) as u8));
         }
         let mut ids = self
-            .insert_leases(&mut tx, &new, now, lease_ms)
+            .insert_leases(tx, &new, now, lease_ms)
             .await?
             .into_iter();
         for (leased, _) in &mut outcomes {
@@ -228,8 +246,7 @@ impl Store {
                     .ok_or_else(|| super::corrupt("lease insert", "fewer ids than leases"))?;
             }
         }
-        // The writes left, with the commit: one trip on SQLite.
-        let mut script = Script::default();
+        // The writes left, run with the commit.
         self.write_tasks(&mut script, &open);
         let jobs: BTreeSet<i64> = new
             .iter()
@@ -245,8 +262,7 @@ impl Store {
                 q = q.bind(*j);
             }
         }
-        tx.commit_with(script).await?;
-        Ok(outcomes)
+        Ok((outcomes, script))
     }
 
     /// Reads the tasks (locked on PostgreSQL, in id order) with their jobs' terms and their

@@ -260,6 +260,60 @@ pub struct PendingTask {
     pub priority: i64,
 }
 
+/// A job written in a transaction not yet committed ([`Store::open_job`]).
+pub struct OpenJob {
+    tx: db::Tx,
+    job: JobId,
+    /// Its tasks as [`Store::pending_tasks`] reads them (none for a job of more than
+    /// [`MAX_CREATED`] tasks), told to the dispatcher at the commit unless taken.
+    created: Vec<PendingTask>,
+    tell: bool,
+}
+
+impl OpenJob {
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.job
+    }
+
+    /// Its tasks as pending tasks; empty for a job too large to list (the dispatcher reads
+    /// those).
+    pub fn tasks(&self) -> &[PendingTask] {
+        &self.created
+    }
+
+    /// Takes its tasks: the commit then tells the dispatcher nothing of them (the caller
+    /// leases them, or hands them on).
+    pub fn take_tasks(&mut self) -> Vec<PendingTask> {
+        std::mem::take(&mut self.created)
+    }
+
+    /// Leases replicas, as [`Store::create_leases`] does, in the job's transaction.
+    pub async fn create_leases(
+        &mut self,
+        store: &Store,
+        wants: &[Want],
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<(Leased, u8)>> {
+        let (outcomes, mut script) = store.lease_in(&mut self.tx, wants, now, lease_ms).await?;
+        script.run(&mut self.tx).await?;
+        Ok(outcomes)
+    }
+
+    /// Commits the job and whatever joined its transaction; tells the dispatcher of its
+    /// tasks (those not taken).
+    pub async fn commit(self, store: &Store) -> Result<JobId> {
+        self.tx.commit().await?;
+        if !self.tell {
+            store.tell_pending_changed();
+        } else if !self.created.is_empty() {
+            store.tell_created(self.created);
+        }
+        Ok(self.job)
+    }
+}
+
 /// A lease held by a node, as needed to resume it after a reconnect.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActiveLease {
@@ -1004,6 +1058,18 @@ impl Store {
         new: NewJob<'_>,
         now: i64,
     ) -> std::result::Result<JobId, CreateJobError> {
+        Ok(self.open_job(new, now).await?.commit(self).await?)
+    }
+
+    /// [`Store::create_job`] up to its commit: the job, its tasks and its escrow written in
+    /// a transaction still open, so that its first leases can join it
+    /// ([`OpenJob::create_leases`]) and one commit makes them all durable. Dropped without
+    /// [`OpenJob::commit`], nothing of it was.
+    pub async fn open_job(
+        &self,
+        new: NewJob<'_>,
+        now: i64,
+    ) -> std::result::Result<OpenJob, CreateJobError> {
         let NewJob {
             owner,
             spec,
@@ -1169,13 +1235,14 @@ impl Store {
                 priority,
             });
         }
-        tx.commit_with(script).await?;
-        if tell {
-            self.tell_created(created);
-        } else {
-            self.tell_pending_changed();
-        }
-        Ok(job as JobId)
+        // Now, not at the commit: leases joining the transaction read after these.
+        script.run(&mut tx).await?;
+        Ok(OpenJob {
+            tx,
+            job: job as JobId,
+            created,
+            tell,
+        })
     }
 
     /// A job with its task counts.

@@ -999,6 +999,119 @@ async fn a_verified_task_is_paid_once_and_the_rest_of_the_escrow_refunded() {
 }
 
 #[tokio::test]
+async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
+    for (store, _dir) in backends().await {
+        let store = with_economy(
+            store,
+            Economy {
+                welcome: 100 * stardust_ledger::MICRO_PER_CREDIT,
+                ..Economy::default()
+            },
+        );
+        join(&store, &[1, 2]).await;
+        let alice = node(100);
+        let mut s = spec(1, 3);
+        s.limits.fuel = 10_000_000_000;
+        let trials = s.expand().expect("expand");
+        let new = || NewJob {
+            owner: alice,
+            spec: &s,
+            metered: ContentId::of(b"metered"),
+            author: node(99),
+            trials: &trials,
+            price: 1_000_000,
+        };
+        let head = store.ledger_head().await.expect("head");
+
+        // Leased in the job's transaction, then dropped: nothing of either remains, and the
+        // escrow never left the submitter (the welcome grant with it).
+        let mut open = store.open_job(new(), 1_000).await.expect("open");
+        let tasks = open.take_tasks();
+        assert_eq!(tasks.len(), 3);
+        let wants: Vec<Want> = tasks
+            .iter()
+            .map(|t| Want {
+                task: t.spec.task,
+                node: node(1),
+                draw: 0.5,
+            })
+            .collect();
+        let leased = open
+            .create_leases(&store, &wants, 1_000, 10_000)
+            .await
+            .expect("leases");
+        assert!(leased.iter().all(|(l, _)| matches!(l, Leased::Yes(_))));
+        drop(open);
+        assert_eq!(store.ledger_head().await.expect("head"), head);
+        assert!(store.pending_tasks(10).await.expect("pending").is_empty());
+        assert!(
+            store.take_created().is_empty(),
+            "a job not committed is not told"
+        );
+        let active: i64 = query("SELECT COUNT(*) AS n FROM leases")
+            .fetch_one(&mut store.db.acquire().await.expect("conn"))
+            .await
+            .expect("leases")
+            .try_get("n")
+            .expect("n");
+        assert_eq!(active, 0);
+
+        // Committed: the job, its escrow and the leases made in its transaction, and the
+        // tasks it did not take are told to the dispatcher as a job's creation is.
+        let mut open = store.open_job(new(), 2_000).await.expect("open");
+        let job = open.id();
+        let mut tasks = open.take_tasks();
+        let rest = tasks.split_off(2);
+        let wants: Vec<Want> = tasks
+            .iter()
+            .map(|t| Want {
+                task: t.spec.task,
+                node: node(2),
+                draw: 0.5,
+            })
+            .collect();
+        let leased = open
+            .create_leases(&store, &wants, 2_000, 10_000)
+            .await
+            .expect("leases");
+        let leases: Vec<LeaseId> = leased
+            .iter()
+            .map(|(l, _)| match l {
+                Leased::Yes(id) => *id,
+                other => panic!("not leased: {other:?}"),
+            })
+            .collect();
+        assert_eq!(open.commit(&store).await.expect("commit"), job);
+        assert!(store.take_created().is_empty(), "taken tasks are not told");
+        let row = store.job(job).await.expect("job").expect("exists");
+        assert_eq!((row.state.as_str(), row.counts.running), ("running", 2));
+        assert_eq!(
+            store.balance(Account::Escrow(job)).await.expect("escrow"),
+            30_000_000
+        );
+        // The third task waits for the dispatcher.
+        let pending = store.pending_tasks(10).await.expect("pending");
+        assert_eq!(
+            pending.iter().map(|t| t.spec.task).collect::<Vec<_>>(),
+            rest.iter().map(|t| t.spec.task).collect::<Vec<_>>()
+        );
+        // The leases are real: their results verify the tasks.
+        let r = report(b"out", 1_000_000_000);
+        for (lease, t) in leases.iter().zip(&tasks) {
+            assert!(matches!(
+                record(&store, *lease, node(2), t.spec.task, &r).await,
+                Recorded::Verified { .. }
+            ));
+        }
+        audited(&store).await;
+        // Not taken, a job's tasks are told at its commit.
+        let open = store.open_job(new(), 3_000).await.expect("open");
+        open.commit(&store).await.expect("commit");
+        assert_eq!(store.take_created().len(), 3);
+    }
+}
+
+#[tokio::test]
 async fn a_short_balance_refuses_the_job_and_changes_nothing() {
     for (store, _dir) in backends().await {
         let bob = node(101);
