@@ -82,7 +82,7 @@ impl Store {
                  (SELECT {holders} FROM leases l WHERE l.task_id = t.id AND l.state IN ('active', 'done')) AS holders
                  FROM tasks t WHERE t.state = 'pending' AND t.job_id = $1
                  AND (SELECT COUNT(*) FROM leases l WHERE l.task_id = t.id AND l.state IN ('active', 'done')) < t.replicas
-                 ORDER BY t.idx LIMIT $2"
+                 ORDER BY t.idx LIMIT +$2"
             ),
             &["id", "idx", "args", "input", "seed", "replicas", "holders"],
         );

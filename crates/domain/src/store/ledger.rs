@@ -367,7 +367,7 @@ impl Store {
     /// Every ledger record, in chain order, from `from_seq`, at most `limit`.
     pub async fn ledger_records(&self, from_seq: u64, limit: u32) -> Result<Vec<StoredRecord>> {
         let rows =
-            query("SELECT seq, id, record FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT $2")
+            query("SELECT seq, id, record FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT +$2")
                 .bind(id_i64(from_seq))
                 .bind(i64::from(limit))
                 .fetch_all(&mut self.db.acquire().await?)

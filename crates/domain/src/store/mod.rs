@@ -1301,7 +1301,7 @@ impl Store {
 
     /// The most recent jobs, newest first, with their counts.
     pub async fn recent_jobs(&self, limit: u32) -> Result<Vec<JobRow>> {
-        let ids = query("SELECT id FROM jobs ORDER BY id DESC LIMIT $1")
+        let ids = query("SELECT id FROM jobs ORDER BY id DESC LIMIT +$1")
             .bind(i64::from(limit))
             .fetch_all(&mut self.db.acquire().await?)
             .await?;
@@ -1344,7 +1344,7 @@ impl Store {
     pub async fn tasks(&self, job: JobId, offset: u32, limit: u32) -> Result<Vec<TaskRow>> {
         let rows = query(format!(
             "SELECT t.id, t.idx, t.args, {TASK_STATE} AS state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms
-             FROM tasks t WHERE t.job_id = $1 ORDER BY t.idx LIMIT $2 OFFSET $3"
+             FROM tasks t WHERE t.job_id = $1 ORDER BY t.idx LIMIT +$2 OFFSET +$3"
         ))
         .bind(id_i64(job))
         .bind(i64::from(limit))
@@ -1366,7 +1366,7 @@ impl Store {
         let rows = query(format!(
             "SELECT t.id, t.idx, t.args, {TASK_STATE} AS state, t.replicas, t.attempts, t.reason, t.report, t.finished_ms, b.bytes
              FROM tasks t LEFT JOIN blobs b ON b.id = t.output AND b.size <= $1
-             WHERE t.job_id = $2 ORDER BY t.idx LIMIT $3 OFFSET $4"
+             WHERE t.job_id = $2 ORDER BY t.idx LIMIT +$3 OFFSET +$4"
         ))
         .bind(i64::try_from(inline).unwrap_or(i64::MAX))
         .bind(id_i64(job))

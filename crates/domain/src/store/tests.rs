@@ -1990,3 +1990,59 @@ async fn a_second_writer_on_the_sqlite_file_is_waited_for() {
         15
     );
 }
+
+/// Cached statements run again with new values are not compiled again: SQLite recompiles a
+/// statement whose plan used a bound value (a bare `LIMIT $N` does), which made the hot
+/// reads several times slower. (The counter is per test process, as nextest runs them.)
+#[tokio::test]
+async fn statements_run_with_new_values_are_not_compiled_again_on_sqlite() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = with_economy(
+        Store::open_sqlite(dir.path()).await.expect("open"),
+        Economy::default(),
+    );
+    join(&store, &[1]).await;
+    let mut jobs = Vec::new();
+    for n in 1..=3 {
+        jobs.push(job(&store, 1, n).await);
+    }
+    let before = super::sql::reprepared();
+    for (i, job) in jobs.iter().enumerate() {
+        let i = i as u32;
+        store
+            .tasks_with_outputs(*job, i, 64 + i, 1024)
+            .await
+            .expect("tasks with outputs");
+        store.tasks(*job, i, 10 + i).await.expect("tasks");
+        store.pending_tasks(5 + i).await.expect("pending");
+        store.recent_jobs(3 + i).await.expect("recent");
+        store
+            .ledger_records(u64::from(i), 100 + i)
+            .await
+            .expect("ledger");
+        let pending = store.pending_tasks(100).await.expect("pending");
+        let t = pending[0].spec.task;
+        let lease = store
+            .lease(t, node(1), 0, 10_000)
+            .await
+            .expect("lease")
+            .expect("leased");
+        record(&store, lease, node(1), t, &report(b"out", 1_000)).await;
+    }
+    assert_eq!(
+        super::sql::reprepared() - before,
+        0,
+        "statements recompiled"
+    );
+
+    // The counter sees a recompilation: a bare bound LIMIT, run with two values.
+    let mut conn = store.db.acquire().await.expect("conn");
+    for limit in [1i64, 2] {
+        query("SELECT id FROM tasks ORDER BY id LIMIT $1")
+            .bind(limit)
+            .fetch_all(&mut conn)
+            .await
+            .expect("select");
+    }
+    assert!(super::sql::reprepared() > before, "the counter counts");
+}
