@@ -338,7 +338,11 @@ pub mod throughput {
             bail!("need --tasks ≥ 1, --nodes ≥ 1 and 1 ≤ --redundancy ≤ --nodes");
         }
         let dir = tempfile::tempdir()?;
-        let rt = tokio::runtime::Runtime::new()?;
+        // The client: one thread, as a load generator (and the peers' clients) run. The
+        // domain runs on a runtime of its own.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
             let mut config = stardust_domain::Config::new(dir.path().join("domain"));
             config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
