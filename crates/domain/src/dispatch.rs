@@ -19,7 +19,7 @@ use stardust_proto::identity::NodeId;
 use stardust_proto::message::{Assignment, DomainMessage, encode};
 use stardust_proto::task::{JobId, LeaseId, TaskId};
 use stardust_scheduler::matching::{self, Need, NodeView};
-use tokio::sync::MutexGuard;
+use tokio::sync::OwnedMutexGuard;
 
 use crate::service::{Session, Shared, now_ms};
 use crate::store::{CreateJobError, Leased, NewJob, OpenJob, PendingTask, StoreError, Want};
@@ -53,12 +53,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 /// Once the job is committed this never fails: what goes wrong after (a spot check's read)
 /// is logged, and the dispatcher serves what was left.
 pub(crate) async fn create_job(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     new: NewJob<'_>,
     now: i64,
 ) -> Result<JobId, CreateJobError> {
     let store = &shared.store;
-    let Ok(cache) = shared.pending.try_lock() else {
+    let Ok(cache) = shared.pending.clone().try_lock_owned() else {
         return queued(shared, new, now).await;
     };
     // Forgets what it holds if this ends early (an error, or the request dropped): the job's
@@ -91,14 +91,21 @@ pub(crate) async fn create_job(
     let mut round = Round::new(shared, tasks, now).await;
     round.lease(shared, Lessor::Job(&mut open)).await?;
     let job = open.commit(store).await?;
-    // Committed: from here on the job exists whatever happens.
+    // Committed: the leases exist and their nodes must hear of them, even if this request is
+    // dropped now (its client gone): the rest runs as a task of its own.
+    let _ = tokio::spawn(sent(shared.clone(), round, cache, job)).await;
+    Ok(job)
+}
+
+/// A submission's round, once committed: its leases told to their sessions and nodes.
+async fn sent(shared: Arc<Shared>, round: Round, mut cache: Guarded, job: JobId) {
     if !round.leased.is_empty() {
         shared
             .metrics
             .leased_at_submission
             .fetch_add(1, Ordering::Relaxed);
     }
-    if let Err(e) = round.finish(shared, &mut cache).await {
+    if let Err(e) = round.finish(&shared, &mut cache).await {
         cache.forget();
         tracing::error!(error = %e, job, "a new job's dispatch failed after it was committed; the dispatcher serves it");
     }
@@ -109,7 +116,6 @@ pub(crate) async fn create_job(
     if left {
         shared.wake.notify_one();
     }
-    Ok(job)
 }
 
 /// Creates a job for the dispatcher to serve.
@@ -120,25 +126,25 @@ async fn queued(shared: &Shared, new: NewJob<'_>, now: i64) -> Result<JobId, Cre
 }
 
 /// The pending cache, forgotten on drop while armed.
-struct Guarded<'a> {
-    cache: MutexGuard<'a, PendingCache>,
+struct Guarded {
+    cache: OwnedMutexGuard<PendingCache>,
     armed: bool,
 }
 
-impl std::ops::Deref for Guarded<'_> {
+impl std::ops::Deref for Guarded {
     type Target = PendingCache;
     fn deref(&self) -> &PendingCache {
         &self.cache
     }
 }
 
-impl std::ops::DerefMut for Guarded<'_> {
+impl std::ops::DerefMut for Guarded {
     fn deref_mut(&mut self) -> &mut PendingCache {
         &mut self.cache
     }
 }
 
-impl Drop for Guarded<'_> {
+impl Drop for Guarded {
     fn drop(&mut self) {
         if self.armed {
             self.cache.forget();

@@ -245,7 +245,7 @@ pub(crate) struct Shared {
     /// Status requests held open (`wait_ms`), per client key.
     pub waiters: crate::http::Waiters,
     /// Pending tasks between dispatch rounds; held by the round running.
-    pub pending: Mutex<crate::dispatch::PendingCache>,
+    pub pending: Arc<Mutex<crate::dispatch::PendingCache>>,
 }
 
 /// One node's heartbeat on its way to the store, with where to answer.
@@ -571,7 +571,7 @@ async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError
         filed,
         config,
         waiters: crate::http::Waiters::default(),
-        pending: Mutex::default(),
+        pending: Arc::default(),
     });
     let router = crate::http::router(shared.clone());
     let mut server_stop = shutdown.clone();
