@@ -140,6 +140,26 @@ fn dashboard_widget_and_metrics_in_a_real_browser() {
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     eprintln!("screenshots kept in {}", shots.display());
 
+    // The snapshot the page draws: every node, and a point per verified trial of the sweep.
+    let snap: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("{url}/v1/dashboard"))).expect("snapshot JSON");
+    let nodes = snap["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 2, "{snap}");
+    assert!(nodes.iter().all(|n| n["state"] == "online"), "{snap}");
+    assert_eq!(snap["connected"], 2, "{snap}");
+    assert_eq!(snap["sweep"]["job_id"], status["job_id"], "{snap}");
+    assert_eq!(
+        snap["sweep"]["points"].as_array().map(Vec::len),
+        Some(48),
+        "{snap}"
+    );
+    assert!(
+        snap["sweep"]["metric"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{snap}"
+    );
+
     // Prometheus text, with the families the dashboard issue asks for.
     let text = http_get(&format!("{url}/metrics"));
     let families = parse_prometheus(&text);

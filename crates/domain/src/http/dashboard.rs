@@ -94,35 +94,74 @@ async fn ledger_totals(shared: &Shared) -> ApiResult<Value> {
     }))
 }
 
+/// A node as the dashboard lists it.
+#[derive(serde::Serialize)]
+struct NodeEntry {
+    id: NodeId,
+    tier: stardust_proto::task::Tier,
+    cores: u32,
+    memory_bytes: u64,
+    gpus: usize,
+    state: &'static str,
+    running: usize,
+    reputation: f64,
+    agreed: u64,
+    credits: i128,
+    stake: i128,
+    uptime_ms: i64,
+}
+
+/// The dashboard's view of the domain: its node list serialized as it is (tens of
+/// thousands of nodes are not built as a tree of JSON values first), the rest as JSON.
+#[derive(serde::Serialize)]
+pub(crate) struct Snapshot {
+    nodes: Vec<NodeEntry>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
 /// The dashboard's view of the domain now.
-async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Value> {
+async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Snapshot> {
     let credits = credits(shared).await?;
     let stored = shared.store.nodes().await?;
-    let sessions = shared.sessions.lock().await;
-    let nodes: Vec<Value> = stored
+    // What the sessions say, copied out: the lock is held by heartbeats, results and
+    // dispatch, not to be held while thousands of nodes are listed.
+    let (live, connected): (HashMap<NodeId, (&'static str, usize, f64)>, usize) = {
+        let sessions = shared.sessions.lock().await;
+        let live = sessions
+            .iter()
+            .map(|(id, s)| {
+                let state = crate::service::node_state(Some(s));
+                (*id, (state, s.running.len(), s.record.score()))
+            })
+            .collect();
+        (live, sessions.len())
+    };
+    let nodes: Vec<NodeEntry> = stored
         .iter()
         .map(|n| {
-            let live = sessions.get(&n.id);
-            let state = crate::service::node_state(live);
-            let (c, stake) = credits.get(&n.id).copied().unwrap_or_default();
-            json!({
-                "id": n.id,
-                "tier": n.tier,
-                "cores": n.hardware.cores,
-                "memory_bytes": n.hardware.memory_bytes,
-                "gpus": n.hardware.gpus.len(),
-                "state": state,
-                "running": live.map_or(0, |s| s.running.len()),
-                "reputation": live.map_or(n.record, |s| s.record).score(),
-                "agreed": n.agreed,
-                "credits": c,
-                "stake": stake,
-                "uptime_ms": n.uptime_ms,
-            })
+            let (state, running, reputation) = live.get(&n.id).copied().unwrap_or((
+                crate::service::node_state(None),
+                0,
+                n.record.score(),
+            ));
+            let (credits, stake) = credits.get(&n.id).copied().unwrap_or_default();
+            NodeEntry {
+                id: n.id,
+                tier: n.tier,
+                cores: n.hardware.cores,
+                memory_bytes: n.hardware.memory_bytes,
+                gpus: n.hardware.gpus.len(),
+                state,
+                running,
+                reputation,
+                agreed: n.agreed,
+                credits,
+                stake,
+                uptime_ms: n.uptime_ms,
+            }
         })
         .collect();
-    let connected = sessions.len();
-    drop(sessions);
     let mut leaderboard: Vec<(NodeId, i128)> = credits
         .iter()
         .map(|(n, (c, _))| (*n, *c))
@@ -143,7 +182,6 @@ async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Value> {
         "domain": shared.identity.id(),
         "now_ms": now_ms(),
         "connected": connected,
-        "nodes": nodes,
         "leaderboard": leaderboard,
         "series": series,
         "ledger": ledger_totals(shared).await?,
@@ -169,7 +207,10 @@ async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Value> {
             out["sweep"] = sweep(shared, job).await?;
         }
     }
-    Ok(out)
+    let Value::Object(rest) = out else {
+        unreachable!("built as an object above")
+    };
+    Ok(Snapshot { nodes, rest })
 }
 
 /// A sweep job's verified results as points: the swept parameter with the most values on
@@ -193,18 +234,19 @@ async fn sweep(shared: &Shared, job: &crate::store::JobRow) -> ApiResult<Value> 
             .max_by_key(|(k, v)| (v.len(), std::cmp::Reverse(*k)))
             .map(|(k, _)| (*k).to_string())
     };
-    let tasks = shared.store.tasks(job.id, 0, 2_000).await?;
+    // One statement for the tasks and their outputs (one read per output held SQLite's
+    // connection 2,000 times, between heartbeats).
+    let tasks = shared
+        .store
+        .tasks_with_outputs(job.id, 0, 2_000, 64 << 10)
+        .await?;
     let mut points = Vec::new();
     let mut metric: Option<String> = None;
-    for t in tasks.iter().filter(|t| t.state == "verified") {
-        let Some(r) = &t.report else { continue };
-        if r.output_len > 64 << 10 {
-            continue;
-        }
-        let Some(bytes) = shared.store.blob(r.output).await? else {
+    for (t, bytes) in tasks.iter().filter(|(t, _)| t.state == "verified") {
+        let Some(bytes) = bytes else {
             continue;
         };
-        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&bytes) else {
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(bytes) else {
             continue;
         };
         let m = metric.get_or_insert_with(|| {
@@ -248,7 +290,7 @@ fn private(shared: &Shared, addr: &SocketAddr) -> bool {
 pub(crate) async fn dashboard(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<Snapshot>> {
     Ok(axum::Json(
         snapshot(&shared, private(&shared, &addr)).await?,
     ))
@@ -279,7 +321,7 @@ pub(crate) async fn events(
                     }
                 }
                 let data = match snapshot(&shared, private).await {
-                    Ok(v) => v.to_string(),
+                    Ok(v) => serde_json::to_string(&v).unwrap_or_else(|_| "{}".into()),
                     Err(_) => "{}".to_string(),
                 };
                 let event = Event::default().event("snapshot").data(data);
