@@ -281,10 +281,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         }
         let metrics_url = format!("{url}/metrics");
         let connect_deadline = Duration::from_secs(120 + u64::from(args.nodes) / 100);
-        let connect_s = loop {
+        const BEATS: &str = "stardust_heartbeat_latency_seconds";
+        let (connect_s, beats_connected) = loop {
             let m = get(&metrics_url).await?;
             if metric(&m, "stardust_nodes_connected") as u32 >= args.nodes {
-                break started.elapsed().as_secs_f64();
+                break (started.elapsed().as_secs_f64(), histogram(&m, BEATS));
             }
             if started.elapsed() > connect_deadline {
                 bail!(
@@ -312,7 +313,6 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .context("tasks not served within 10 minutes")??;
         let serve_s = served_t.elapsed().as_secs_f64();
         // Keep heartbeating a while, sampling the coordinator.
-        const BEATS: &str = "stardust_heartbeat_latency_seconds";
         let beats_before = histogram(&get(&metrics_url).await?, BEATS);
         let (_, cpu_before) = proc_stats(domain_pid);
         let hold = Instant::now();
@@ -348,6 +348,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             "heartbeats": beats_held.last().map_or(0.0, |b| b.1) as u64,
             "heartbeat_lag_p50_ms": 1e3 * quantile(&beats_held, 0.5),
             "heartbeat_lag_p99_ms": 1e3 * quantile(&beats_held, 0.99),
+            // While the crowd connected; then while the tasks were served.
+            "heartbeat_lag_p99_ms_connecting": 1e3 * quantile(&beats_connected, 0.99),
+            "heartbeat_lag_p99_ms_serving": 1e3 * quantile(&since(&beats_before, &beats_connected), 0.99),
             // The whole run: the crowd connecting and the tasks served included.
             "heartbeats_run": beats_run.last().map_or(0.0, |b| b.1) as u64,
             "heartbeat_lag_p99_ms_run": 1e3 * quantile(&beats_run, 0.99),

@@ -317,6 +317,8 @@ fn bench_scale_smoke() {
         "connect_s",
         "heartbeat_lag_p99_ms",
         "heartbeat_lag_p99_ms_run",
+        "heartbeat_lag_p99_ms_connecting",
+        "heartbeat_lag_p99_ms_serving",
         "dashboard_ms_median",
     ] {
         assert!(v[k].is_number(), "{k}: {v}");
