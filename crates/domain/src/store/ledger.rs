@@ -406,12 +406,29 @@ impl Store {
     }
 
     /// The stake balances of `nodes`.
+    /// One statement, however many nodes (the dispatcher asks for every connected node's
+    /// before a round; one transaction per node cost as many writer turns).
     pub async fn stakes(&self, nodes: &[NodeId]) -> Result<Vec<(NodeId, i128)>> {
-        let mut out = Vec::with_capacity(nodes.len());
-        for n in nodes {
-            out.push((*n, self.balance(Account::Stake(*n)).await?));
+        let keys: Vec<String> = nodes.iter().map(|n| Account::Stake(*n).key()).collect();
+        let rows = query(format!(
+            "SELECT account, amount FROM balances WHERE account IN ({})",
+            json_list(self.backend, 1, false)
+        ))
+        .bind(to_json(&keys))
+        .fetch_all(&mut self.db.acquire().await?)
+        .await?;
+        let mut held: HashMap<String, i128> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            held.insert(
+                r.try_get("account")?,
+                i128::from(r.try_get::<i64>("amount")?),
+            );
         }
-        Ok(out)
+        Ok(nodes
+            .iter()
+            .zip(&keys)
+            .map(|(n, k)| (*n, held.get(k).copied().unwrap_or(0)))
+            .collect())
     }
 
     /// Events in the ledger and verified compute to date (µSCU).

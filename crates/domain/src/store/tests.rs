@@ -1216,6 +1216,14 @@ async fn stake_gates_leases_and_losers_and_spot_check_failures_are_slashed() {
             store.balance(Account::Stake(node(1))).await.expect("stake"),
             2_000_000
         );
+        // Read together, as the dispatcher reads them: a node with no stake row holds 0.
+        assert_eq!(
+            store
+                .stakes(&[node(1), node(3), node(9)])
+                .await
+                .expect("stakes"),
+            vec![(node(1), 2_000_000), (node(3), 0), (node(9), 0)]
+        );
         let liar = store.node(node(3)).await.expect("node").expect("liar");
         let honest = store.node(node(1)).await.expect("node").expect("honest");
         assert!(liar.record.score() < honest.record.score());
