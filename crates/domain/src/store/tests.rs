@@ -887,6 +887,29 @@ fn with_economy(store: Store, economy: Economy) -> Store {
     store.with_ledger(domain_key(), economy)
 }
 
+/// The default economy, with a welcome grant of 100 credits.
+fn welcomed(store: Store) -> Store {
+    with_economy(
+        store,
+        Economy {
+            welcome: 100 * stardust_ledger::MICRO_PER_CREDIT,
+            ..Economy::default()
+        },
+    )
+}
+
+/// One replica of each task, for `node`.
+fn wants_of(tasks: &[PendingTask], node: NodeId) -> Vec<Want> {
+    tasks
+        .iter()
+        .map(|t| Want {
+            task: t.spec.task,
+            node,
+            draw: 0.5,
+        })
+        .collect()
+}
+
 async fn priced_job(
     store: &Store,
     owner: NodeId,
@@ -920,13 +943,7 @@ async fn join(store: &Store, nodes: &[u8]) {
 #[tokio::test]
 async fn a_verified_task_is_paid_once_and_the_rest_of_the_escrow_refunded() {
     for (store, _dir) in backends().await {
-        let store = with_economy(
-            store,
-            Economy {
-                welcome: 100 * stardust_ledger::MICRO_PER_CREDIT,
-                ..Economy::default()
-            },
-        );
+        let store = welcomed(store);
         join(&store, &[1, 2]).await;
         let alice = node(100);
         // 2 tasks × 2 replicas × 10 SCU at 1 credit/SCU: 40 credits held.
@@ -1001,13 +1018,7 @@ async fn a_verified_task_is_paid_once_and_the_rest_of_the_escrow_refunded() {
 #[tokio::test]
 async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
     for (store, _dir) in backends().await {
-        let store = with_economy(
-            store,
-            Economy {
-                welcome: 100 * stardust_ledger::MICRO_PER_CREDIT,
-                ..Economy::default()
-            },
-        );
+        let store = welcomed(store);
         join(&store, &[1, 2]).await;
         let alice = node(100);
         let mut s = spec(1, 3);
@@ -1028,14 +1039,7 @@ async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
         let mut open = store.open_job(new(), 1_000).await.expect("open");
         let tasks = open.take_tasks();
         assert_eq!(tasks.len(), 3);
-        let wants: Vec<Want> = tasks
-            .iter()
-            .map(|t| Want {
-                task: t.spec.task,
-                node: node(1),
-                draw: 0.5,
-            })
-            .collect();
+        let wants = wants_of(&tasks, node(1));
         let leased = open
             .create_leases(&store, &wants, 1_000, 10_000)
             .await
@@ -1062,14 +1066,7 @@ async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
         let job = open.id();
         let mut tasks = open.take_tasks();
         let rest = tasks.split_off(2);
-        let wants: Vec<Want> = tasks
-            .iter()
-            .map(|t| Want {
-                task: t.spec.task,
-                node: node(2),
-                draw: 0.5,
-            })
-            .collect();
+        let wants = wants_of(&tasks, node(2));
         let leased = open
             .create_leases(&store, &wants, 2_000, 10_000)
             .await
