@@ -58,6 +58,14 @@ pub struct Args {
     /// with PostgreSQL), all, or a core number.
     #[arg(long, env = "STARDUST_CORES", default_value = "auto")]
     cores: stardust_domain::Cores,
+    /// Accept relay links from the connection gateway with this key (repeatable; `stardust
+    /// gateway` prints its key).
+    #[arg(
+        long = "gateway-key",
+        env = "STARDUST_GATEWAY_KEYS",
+        value_delimiter = ','
+    )]
+    gateway_keys: Vec<stardust_proto::identity::NodeId>,
 }
 
 pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
@@ -85,6 +93,11 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         f.set("adaptive_streak", &mut args.adaptive_streak, from_str)?;
         f.set("public_dashboard", &mut args.public_dashboard, from_str)?;
         f.set("cores", &mut args.cores, from_str)?;
+        f.set("gateway_keys", &mut args.gateway_keys, |s| {
+            s.split(',')
+                .map(|k| k.trim().parse().map_err(|e| format!("{k}: {e}")))
+                .collect()
+        })?;
         f.set("tls_cert", &mut args.tls_cert, |s| {
             Ok(Some(PathBuf::from(s)))
         })?;
@@ -112,6 +125,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         config.adaptive.min_streak = args.adaptive_streak;
         config.public_dashboard = args.public_dashboard;
         config.cores = args.cores;
+        config.gateways = args.gateway_keys.clone();
         anyhow::ensure!(
             (0.0..=1.0).contains(&args.spot_rate),
             "--spot-rate must be between 0 and 1"

@@ -10,6 +10,7 @@ mod client;
 mod config;
 mod demo;
 mod domain;
+mod gateway;
 mod jobfile;
 mod keys;
 mod ledger;
@@ -52,6 +53,8 @@ enum Command {
     Domain(domain::Args),
     /// Contribute this machine to a domain.
     Node(node::Args),
+    /// Hold nodes' connections for a domain and relay their sessions to it over one link.
+    Gateway(gateway::Args),
     /// Submit a job file (TOML or JSON).
     Submit(client::SubmitArgs),
     /// Price a job file now: price per SCU, the most it can cost, your balance.
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::main(args),
         Command::Domain(args) => domain::main(args, &sub),
         Command::Node(args) => node::main(args, &sub),
+        Command::Gateway(args) => gateway::main(args, &sub),
         Command::Submit(args) => client::submit(args),
         Command::Quote(args) => client::quote(args),
         Command::Ledger(cmd) => ledger::main(cmd),

@@ -11,6 +11,10 @@ pub struct Args {
     /// The domain, http://HOST:PORT.
     #[arg(long, env = "STARDUST_DOMAIN", default_value = "http://127.0.0.1:7700")]
     domain: String,
+    /// Hold the session through this connection gateway of the domain, http://HOST:PORT
+    /// (blobs still come from --domain).
+    #[arg(long, env = "STARDUST_GATEWAY")]
+    gateway: Option<String>,
     /// Tasks run at once (default: the number of cores).
     #[arg(long, env = "STARDUST_SLOTS")]
     slots: Option<u32>,
@@ -51,6 +55,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         use crate::config::from_str;
         let mut f = crate::config::File::read(&path, matches)?;
         f.set("domain", &mut args.domain, from_str)?;
+        f.set("gateway", &mut args.gateway, |s| Ok(Some(s.to_string())))?;
         f.set("slots", &mut args.slots, |s| from_str(s).map(Some))?;
         f.set("data", &mut args.data, from_str)?;
         f.set("cpu_limit", &mut args.cpu_limit, from_str)?;
@@ -78,6 +83,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         if let Some(slots) = args.slots {
             config.slots = slots;
         }
+        config.gateway = args.gateway.clone();
         config.cpu_limit = args.cpu_limit;
         config.when_idle = args.when_idle;
         config.idle_threshold = args.idle_threshold;

@@ -66,6 +66,9 @@ pub struct Config {
     /// Which processor cores the domain's threads run on (see [`Cores`]). Default
     /// [`Cores::Auto`]: one core with SQLite, every core with PostgreSQL.
     pub cores: Cores,
+    /// Keys of the connection gateways whose relay links (`/v1/relay`) this domain accepts
+    /// (docs/protocol.md §5d). Default none: the endpoint refuses every link.
+    pub gateways: Vec<stardust_proto::identity::NodeId>,
 }
 
 impl Config {
@@ -104,6 +107,7 @@ impl Config {
             adaptive: Adaptive::default(),
             public_dashboard: false,
             cores: Cores::Auto,
+            gateways: Vec::new(),
         }
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`Domain`]: the running service (REST API v1, node WebSocket sessions, dispatcher,
 //!   lease expiry), configured by [`Config`].
+//! - [`gateway`]: a connection gateway, relaying many nodes' sessions to the domain over one
+//!   link.
 //! - [`store`]: durable state on SQLite or PostgreSQL, one code path, every transition one
 //!   transaction.
 //! - The dashboard at `/` (live over server-sent events), the contributor widget at
@@ -14,6 +16,7 @@
 pub mod config;
 mod cores;
 mod dispatch;
+pub mod gateway;
 mod http;
 mod metrics;
 pub mod ratelimit;

@@ -144,6 +144,8 @@ pub(crate) struct Metrics {
     /// Jobs leased in their own transaction, at submission (nothing else waited for a
     /// node, and one had room).
     pub leased_at_submission: AtomicU64,
+    /// Connection gateways' relay links open now.
+    pub gateways: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -157,6 +159,7 @@ impl Default for Metrics {
             verified: AtomicU64::new(0),
             pending_reads: AtomicU64::new(0),
             leased_at_submission: AtomicU64::new(0),
+            gateways: AtomicU64::new(0),
         }
     }
 }
@@ -192,6 +195,11 @@ impl Metrics {
             out,
             "stardust_heartbeat_latency_seconds",
             "From a heartbeat frame read off a node's socket to its leases renewed and its node row updated.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP stardust_gateways_connected Connection gateways' relay links open now.\n# TYPE stardust_gateways_connected gauge\nstardust_gateways_connected {}",
+            self.gateways.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -7,23 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use common::{Running, join, join_with, key, next_domain, start, sweep};
-
-/// The counter `name` from `/metrics`.
-async fn counter(addr: SocketAddr, name: &str) -> u64 {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("response");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics: {body}"))
-}
+use common::{Running, counter, join, join_with, key, next_domain, start, sweep};
 
 /// `stardust_dispatch_pending_reads_total` from `/metrics`.
 async fn pending_reads(addr: SocketAddr) -> u64 {

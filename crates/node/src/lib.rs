@@ -52,6 +52,9 @@ pub const MIN_CACHE_BYTES: u64 = 16 << 20;
 pub struct Config {
     /// The domain, `http://HOST:PORT`.
     pub domain: String,
+    /// A connection gateway of the domain (`http://HOST:PORT`) to hold the session through,
+    /// instead of the domain itself; blobs still come from the domain. Default none.
+    pub gateway: Option<String>,
     /// Data directory: the node key, the pinned domain key, cached blobs and compiled
     /// modules.
     pub data_dir: PathBuf,
@@ -81,6 +84,7 @@ impl Config {
     pub fn new(domain: String, data_dir: PathBuf) -> Self {
         Self {
             domain,
+            gateway: None,
             data_dir,
             slots: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             cpu_limit: 1.0,
@@ -374,7 +378,13 @@ async fn session(
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async_tls_with_config(
-            ws_url(&shared.config.domain),
+            ws_url(
+                shared
+                    .config
+                    .gateway
+                    .as_deref()
+                    .unwrap_or(&shared.config.domain),
+            ),
             None,
             true,
             Some(tokio_tungstenite::Connector::Rustls(shared.tls.clone())),

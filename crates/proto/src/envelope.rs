@@ -50,17 +50,20 @@ pub enum Context {
     Request,
     /// A ledger event signed by the domain key.
     Ledger,
+    /// A connection gateway's hello, answering the domain's challenge on a relay link.
+    Gateway,
 }
 
 impl Context {
     /// Every context, for iteration in tests and docs.
-    pub const ALL: [Context; 6] = [
+    pub const ALL: [Context; 7] = [
         Context::Hello,
         Context::Node,
         Context::Result,
         Context::Domain,
         Context::Request,
         Context::Ledger,
+        Context::Gateway,
     ];
 
     /// The context string, as signed.
@@ -72,6 +75,7 @@ impl Context {
             Context::Domain => "stardust/v1/domain",
             Context::Request => "stardust/v1/request",
             Context::Ledger => "stardust/v1/ledger",
+            Context::Gateway => "stardust/v1/gateway",
         }
     }
 
@@ -353,7 +357,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn roundtrip_any_body(body in proptest::collection::vec(any::<u8>(), 0..2048), ctx in 0usize..6) {
+        fn roundtrip_any_body(body in proptest::collection::vec(any::<u8>(), 0..2048), ctx in 0usize..Context::ALL.len()) {
             let id = identity();
             let context = Context::ALL[ctx];
             let env = seal(&id, context, &body);

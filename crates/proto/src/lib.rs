@@ -13,6 +13,7 @@
 //! - [`message`]: the node ↔ domain messages of protocol v1.
 //! - [`job`]: job specs and the expansion of parameter sweeps into tasks.
 //! - [`rand`]: SplitMix64, the protocol's deterministic generator.
+//! - [`relay`]: the records a connection gateway relays node sessions in.
 //! - [`request`]: signed REST requests.
 //! - [`scu`]: the Standard Compute Unit, defined from metered fuel.
 
@@ -25,6 +26,7 @@ pub mod identity;
 pub mod job;
 pub mod message;
 pub mod rand;
+pub mod relay;
 pub mod request;
 pub mod scu;
 pub mod task;

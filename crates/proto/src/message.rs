@@ -178,6 +178,21 @@ impl Message for Hello {
     const CONTEXT: Context = Context::Hello;
 }
 
+/// Gateway → domain hello on a relay link (context `stardust/v1/gateway`); the envelope's
+/// signer is the gateway, which the domain must list (docs/protocol.md §5d).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayHello {
+    /// The challenge nonce of this link.
+    pub nonce: Nonce,
+    /// Software name and version, e.g. `stardust-gateway/0.1.0`.
+    pub agent: String,
+}
+
+impl Message for GatewayHello {
+    const CONTEXT: Context = Context::Gateway;
+}
+
 /// Other node → domain messages (context `stardust/v1/node`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

@@ -5,6 +5,7 @@
 
 mod contrib;
 mod dashboard;
+mod relay;
 mod session;
 
 use std::collections::{BTreeMap, HashMap};
@@ -97,6 +98,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/connect", get(session::connect))
+        .route("/v1/relay", get(relay::connect))
         .merge(browser_routes())
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(

@@ -1,8 +1,10 @@
-//! A node's WebSocket session (`/v1/nodes/connect`).
+//! A node's session: its own WebSocket (`/v1/nodes/connect`), or one of the sessions a
+//! connection gateway relays (`super::relay`). The session is the same over either
+//! ([`Inbound`], [`FrameTx`]).
 //!
 //! ```text
 //!  reader loop (this task)                       writer task
-//!   frames ──open/verify──▶ heartbeat / results ──▶ outbox (bounded) ──▶ socket
+//!   frames ──open/verify──▶ heartbeat / results ──▶ outbox (bounded) ──▶ socket or relay
 //!                          dispatcher, expiry ────▶ outbox
 //! ```
 //!
@@ -15,9 +17,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use stardust_proto::envelope::{self, Context};
 use stardust_proto::identity::{NodeId, Verifier};
@@ -49,8 +53,59 @@ pub(super) async fn connect(
         .read_buffer_size(8 << 10)
         .write_buffer_size(8 << 10)
         .on_upgrade(move |socket| async move {
-            run(socket, shared, addr).await;
+            let (sink, stream) = socket.split();
+            run(WsTx(sink), WsRx(stream), shared, addr).await;
         })
+}
+
+/// What a session reads from its node.
+pub(crate) enum Inbound {
+    /// A binary frame: one envelope.
+    Binary(Bytes),
+    /// A text frame (refused: protocol v1 frames are binary).
+    Text,
+    /// The node is gone.
+    Closed,
+}
+
+/// The reading half of a session's link.
+pub(crate) trait FrameRx: Send + 'static {
+    /// The next frame; [`Inbound::Closed`] once, and forever after, when the node is gone.
+    fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
+}
+
+/// The writing half of a session's link.
+pub(crate) trait FrameTx: Send + 'static {
+    /// Sends one frame; false when the link is gone.
+    fn send(&mut self, frame: Vec<u8>) -> impl Future<Output = bool> + Send;
+    /// Ends the session towards the node (called once, last).
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+struct WsRx(SplitStream<WebSocket>);
+struct WsTx(SplitSink<WebSocket, Message>);
+
+impl FrameRx for WsRx {
+    async fn recv(&mut self) -> Inbound {
+        loop {
+            return match self.0.next().await {
+                Some(Ok(Message::Binary(b))) => Inbound::Binary(b),
+                Some(Ok(Message::Text(_))) => Inbound::Text,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Inbound::Closed,
+                Some(Ok(_)) => continue,
+            };
+        }
+    }
+}
+
+impl FrameTx for WsTx {
+    async fn send(&mut self, frame: Vec<u8>) -> bool {
+        self.0.send(Message::Binary(frame.into())).await.is_ok()
+    }
+
+    async fn close(mut self) {
+        let _ = self.0.close().await;
+    }
 }
 
 fn reject(code: &str, message: impl Into<String>) -> DomainMessage {
@@ -60,12 +115,42 @@ fn reject(code: &str, message: impl Into<String>) -> DomainMessage {
     }
 }
 
-async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
-    let (mut sink, mut stream) = socket.split();
+/// Runs one node session to its end, then closes its link.
+pub(crate) async fn run(
+    mut sink: impl FrameTx,
+    mut stream: impl FrameRx,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+) {
+    let Some(open) = handshake(&mut sink, &mut stream, &shared, addr).await else {
+        // Nothing more is read: the link's reading half goes before its close is sent
+        // (a relay may reuse the session's number once it has the close).
+        drop(stream);
+        sink.close().await;
+        return;
+    };
+    serve(sink, stream, shared, open).await;
+}
+
+/// A session past its hello.
+struct Open {
+    node: NodeId,
+    session_id: u64,
+    outbox: mpsc::Sender<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
+}
+
+/// Challenge, hello, the node's row and resumed leases, the session registered and welcomed.
+async fn handshake(
+    sink: &mut impl FrameTx,
+    stream: &mut impl FrameRx,
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+) -> Option<Open> {
     let mut nonce = [0u8; 32];
     if getrandom::fill(&mut nonce).is_err() {
         tracing::error!("no randomness for the session challenge");
-        return;
+        return None;
     }
     let challenge = encode(
         &shared.identity,
@@ -74,27 +159,24 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
             protocol: stardust_proto::PROTOCOL_VERSION,
         },
     );
-    if sink.send(Message::Binary(challenge.into())).await.is_err() {
-        return;
+    if !sink.send(challenge).await {
+        return None;
     }
     let max = shared.config.max_frame_bytes;
     let challenged = std::time::Instant::now();
-    let first = tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, stream.recv()).await;
     let latency_ms = challenged.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-    let Ok(Some(Ok(Message::Binary(bytes)))) = first else {
+    let Ok(Inbound::Binary(bytes)) = first else {
         shared.rejections.count("no_hello");
-        return;
+        return None;
     };
     let (node, hello) = match message::decode::<Hello>(&bytes, max) {
         Ok(v) => v,
         Err(e) => {
             shared.rejections.count("bad_hello");
-            let _ = sink
-                .send(Message::Binary(
-                    encode(&shared.identity, &reject(e.code(), e.to_string())).into(),
-                ))
+            sink.send(encode(&shared.identity, &reject(e.code(), e.to_string())))
                 .await;
-            return;
+            return None;
         }
     };
     if hello.nonce != Nonce(nonce) {
@@ -106,16 +188,16 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 "the hello does not answer this connection's challenge",
             ),
         );
-        let _ = sink.send(Message::Binary(frame.into())).await;
-        return;
+        sink.send(frame).await;
+        return None;
     }
     if hello.slots == 0 || hello.slots > MAX_SLOTS {
         let frame = encode(
             &shared.identity,
             &reject("bad_hello", format!("slots must be 1..={MAX_SLOTS}")),
         );
-        let _ = sink.send(Message::Binary(frame.into())).await;
-        return;
+        sink.send(frame).await;
+        return None;
     }
     let now = now_ms();
     if let Err(e) = shared
@@ -124,20 +206,20 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
         .await
     {
         tracing::error!(error = %e, "cannot record node");
-        return;
+        return None;
     }
 
     let record = match shared.store.node(node).await {
         Ok(Some(n)) => n.record,
         _ => Default::default(),
     };
-    let (outbox, mut rx) = mpsc::channel::<Vec<u8>>(shared.config.session_queue);
-    let session_id = next_session(&shared);
+    let (outbox, rx) = mpsc::channel::<Vec<u8>>(shared.config.session_queue);
+    let session_id = next_session(shared);
     let resumed = match shared.store.active_leases(node).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "cannot load the node's leases");
-            return;
+            return None;
         }
     };
     {
@@ -186,16 +268,31 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
         let _ = outbox.try_send(encode(&shared.identity, &DomainMessage::Assign { tasks }));
     }
     shared.wake.notify_one();
+    Some(Open {
+        node,
+        session_id,
+        outbox,
+        rx,
+    })
+}
 
+/// Reads the session's frames until the node goes, the domain stops, or the node sent too
+/// many bad frames; then unregisters it and closes the link.
+async fn serve(mut sink: impl FrameTx, mut stream: impl FrameRx, shared: Arc<Shared>, open: Open) {
+    let Open {
+        node,
+        session_id,
+        outbox,
+        mut rx,
+    } = open;
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if sink.send(Message::Binary(frame.into())).await.is_err() {
+            if !sink.send(frame).await {
                 break;
             }
         }
-        let _ = sink.close().await;
+        sink
     });
-
     let mut bad = 0u32;
     // The node's key, decoded once for every frame of the session (its hello verified it).
     let verifier = Verifier::new(node).ok();
@@ -208,11 +305,11 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 let _ = outbox.try_send(encode(&shared.identity, &DomainMessage::Drain));
                 break;
             }
-            f = stream.next() => f,
+            f = stream.recv() => f,
         };
         let bytes = match frame {
-            Some(Ok(Message::Binary(b))) => b,
-            Some(Ok(Message::Text(_))) => {
+            Inbound::Binary(b) => b,
+            Inbound::Text => {
                 bad += 1;
                 shared.rejections.count("text_frame");
                 let _ = outbox.try_send(encode(
@@ -224,8 +321,7 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
                 }
                 continue;
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-            Some(Ok(_)) => continue,
+            Inbound::Closed => break,
         };
         if !frames.allow(&()) {
             shared.rejections.count("rate_limited_session");
@@ -254,8 +350,13 @@ async fn run(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
             sessions.remove(&node);
         }
     }
+    // Nothing more is read: the link's reading half goes before its close is sent (a relay
+    // may reuse the session's number once it has the close).
+    drop(stream);
     drop(outbox);
-    let _ = writer.await;
+    if let Ok(sink) = writer.await {
+        sink.close().await;
+    }
     tracing::info!(node = %node.short(), session = session_id, "node disconnected");
 }
 

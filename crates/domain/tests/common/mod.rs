@@ -11,6 +11,21 @@ use stardust_proto::message::{self, DomainMessage, Hello, encode};
 use stardust_proto::task::{Hardware, Tier};
 use tokio_tungstenite::tungstenite::Message;
 
+/// The counter or gauge `name` (without labels) from `/metrics`.
+pub async fn counter(addr: SocketAddr, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("response");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics: {body}"))
+}
+
 /// A fixed key per number.
 pub fn key(i: u8) -> Identity {
     Identity::from_secret_bytes(&[i; 32])

@@ -1,0 +1,397 @@
+//! Connection gateways (docs/protocol.md §5d): a real node runs a job through a real
+//! gateway; the relay link's contract, record by record; who may link.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use stardust_domain::gateway::{Gateway, GatewayConfig};
+use stardust_proto::identity::Identity;
+use stardust_proto::message::{self, DomainMessage, GatewayHello, Hello, NodeMessage, encode};
+use stardust_proto::relay::{self, Record};
+use stardust_proto::task::{Hardware, Tier};
+use tokio_tungstenite::tungstenite::Message;
+
+use common::{Running, Ws, counter, key, next_domain, start, sweep};
+
+/// Waits until `check` holds, up to 20 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let t = Instant::now();
+    while !check().await {
+        assert!(t.elapsed() < Duration::from_secs(20), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_a_gateway_runs_a_job_and_goes_when_the_gateway_does() {
+    let gateway_key = key(30);
+    let Running {
+        dir,
+        domain,
+        url,
+        client,
+        module,
+        input,
+    } = start(|c| c.gateways = vec![key(30).id()]).await;
+    let mut gc = GatewayConfig::new(url.clone());
+    gc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let gateway = Gateway::start(gc, gateway_key).await.expect("gateway");
+    eventually("the gateway links", async || gateway.linked().await).await;
+    assert_eq!(
+        counter(domain.addr(), "stardust_gateways_connected").await,
+        1
+    );
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
+    c.gateway = Some(format!("http://{}", gateway.addr()));
+    c.slots = 2;
+    c.bench = false;
+    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    eventually("the node's session is relayed", async || {
+        gateway.sessions() == 1
+    })
+    .await;
+    assert_eq!(counter(domain.addr(), "stardust_nodes_connected").await, 1);
+
+    let job = client
+        .submit(&sweep(&module, &input, 12))
+        .await
+        .expect("submit");
+    let status = tokio::time::timeout(Duration::from_secs(60), client.wait(job, |_| {}))
+        .await
+        .expect("the job ends")
+        .expect("status");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["tasks_verified"], 12, "{status}");
+    let results = client.results(job).await.expect("results");
+    let results = results["results"].as_array().expect("results list");
+    assert_eq!(results.len(), 12);
+    // The node's own key did the work: the domain knows the node, not the gateway.
+    let nodes = client.nodes().await.expect("nodes");
+    let listed: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .expect("nodes list")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(listed, vec![key(1).id().to_string()], "{nodes}");
+
+    // The gateway goes: the domain drops its sessions.
+    gateway.shutdown().await;
+    eventually("the relayed session ends with its link", async || {
+        counter(domain.addr(), "stardust_nodes_connected").await == 0
+            && counter(domain.addr(), "stardust_gateways_connected").await == 0
+    })
+    .await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    domain.shutdown().await;
+}
+
+/// Opens `/v1/relay` and answers the challenge as `gateway`; returns the link and the first
+/// answer (welcome or reject).
+async fn link(addr: SocketAddr, gateway: &Identity) -> (Ws, Option<DomainMessage>) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/relay"))
+        .await
+        .expect("connect");
+    let Some(DomainMessage::Challenge { nonce, .. }) = next_domain(&mut ws).await else {
+        panic!("no challenge on the link")
+    };
+    let hello = GatewayHello {
+        nonce,
+        agent: "test-gateway".into(),
+    };
+    ws.send(Message::Binary(encode(gateway, &hello).into()))
+        .await
+        .expect("hello");
+    let answer = next_domain(&mut ws).await;
+    (ws, answer)
+}
+
+async fn send(ws: &mut Ws, records: &[Record<'_>]) {
+    let mut out = Vec::new();
+    for r in records {
+        r.write(&mut out);
+    }
+    ws.send(Message::Binary(out.into())).await.expect("send");
+}
+
+/// The next record the domain sends, as (session, frame or None for a close).
+async fn next_record(
+    ws: &mut Ws,
+    pending: &mut Vec<(u32, Option<Vec<u8>>)>,
+) -> (u32, Option<Vec<u8>>) {
+    loop {
+        if !pending.is_empty() {
+            return pending.remove(0);
+        }
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a record within 10 s")
+            .expect("link open")
+            .expect("link ok");
+        let Message::Binary(b) = m else { continue };
+        for r in relay::records(&b, 1 << 24) {
+            match r.expect("well-formed record") {
+                Record::Frame { session, bytes } => pending.push((session, Some(bytes.to_vec()))),
+                Record::Close { session, .. } => pending.push((session, None)),
+                other => panic!("the domain sent {other:?}"),
+            }
+        }
+    }
+}
+
+fn domain_message(frame: &[u8]) -> DomainMessage {
+    message::decode::<DomainMessage>(frame, 1 << 24)
+        .expect("domain frame")
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_link_carries_sessions_record_by_record() {
+    let Running { domain, .. } = start(|c| c.gateways = vec![key(30).id()]).await;
+    let addr = domain.addr();
+
+    let (mut ws, welcome) = link(addr, &key(30)).await;
+    assert!(
+        matches!(welcome, Some(DomainMessage::Welcome { .. })),
+        "{welcome:?}"
+    );
+    let mut pending = Vec::new();
+
+    // Two sessions on one link, each answering its own challenge.
+    send(
+        &mut ws,
+        &[
+            Record::Open {
+                session: 1,
+                address: "127.0.0.9:5001",
+            },
+            Record::Open {
+                session: 2,
+                address: "127.0.0.9:5002",
+            },
+        ],
+    )
+    .await;
+    let mut nonces = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let (s, frame) = next_record(&mut ws, &mut pending).await;
+        let DomainMessage::Challenge { nonce, .. } = domain_message(&frame.expect("a frame"))
+        else {
+            panic!("session {s} did not open with a challenge")
+        };
+        nonces.insert(s, nonce);
+    }
+    assert_eq!(nonces.len(), 2);
+    let hello = |nonce| Hello {
+        nonce,
+        agent: "relayed".into(),
+        slots: 1,
+        hardware: Hardware {
+            cores: 2,
+            memory_bytes: 1 << 30,
+            ..Hardware::default()
+        },
+        tier: Tier::Small,
+        queue: None,
+    };
+    // Session 2 answers with session 1's nonce: a replay, refused, and the session closed.
+    let h1 = encode(&key(41), &hello(nonces[&1]));
+    let h2 = encode(&key(42), &hello(nonces[&1]));
+    send(
+        &mut ws,
+        &[
+            Record::Frame {
+                session: 1,
+                bytes: &h1,
+            },
+            Record::Frame {
+                session: 2,
+                bytes: &h2,
+            },
+        ],
+    )
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let (s, frame) = next_record(&mut ws, &mut pending).await;
+        seen.push((s, frame.map(|f| domain_message(&f))));
+    }
+    assert!(
+        seen.iter()
+            .any(|(s, m)| *s == 1 && matches!(m, Some(DomainMessage::Welcome { .. }))),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(s, m)| *s == 2
+            && matches!(m, Some(DomainMessage::Reject { code, .. }) if code == "replay")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(s, m)| *s == 2 && m.is_none()),
+        "session 2 is closed: {seen:?}"
+    );
+    eventually("one relayed node connected", async || {
+        counter(addr, "stardust_nodes_connected").await == 1
+    })
+    .await;
+
+    // A relayed session is a session: a bad frame and a text frame get their rejects.
+    send(
+        &mut ws,
+        &[
+            Record::Frame {
+                session: 1,
+                bytes: b"garbage",
+            },
+            Record::Text { session: 1 },
+        ],
+    )
+    .await;
+    for code in ["malformed_envelope", "text_frame"] {
+        let (s, frame) = next_record(&mut ws, &mut pending).await;
+        assert_eq!(s, 1);
+        assert!(
+            matches!(domain_message(&frame.expect("a frame")), DomainMessage::Reject { code: c, .. } if c == code),
+            "expected {code}"
+        );
+    }
+    // Its heartbeats are accepted (no reject) and a frame for a session never opened is
+    // dropped without harm.
+    let beat = encode(
+        &key(41),
+        &NodeMessage::Heartbeat {
+            seq: 1,
+            running: vec![],
+            free_slots: 1,
+        },
+    );
+    send(
+        &mut ws,
+        &[
+            Record::Frame {
+                session: 1,
+                bytes: &beat,
+            },
+            Record::Frame {
+                session: 77,
+                bytes: &beat,
+            },
+        ],
+    )
+    .await;
+
+    // The gateway closes session 1: the domain ends it and answers with its own close; the
+    // number is then free for a new node.
+    send(
+        &mut ws,
+        &[Record::Close {
+            session: 1,
+            reason: "node left",
+        }],
+    )
+    .await;
+    let (s, frame) = next_record(&mut ws, &mut pending).await;
+    assert_eq!(
+        (s, frame.is_none()),
+        (1, true),
+        "the domain's close for session 1"
+    );
+    eventually("no node connected", async || {
+        counter(addr, "stardust_nodes_connected").await == 0
+    })
+    .await;
+    send(
+        &mut ws,
+        &[Record::Open {
+            session: 1,
+            address: "127.0.0.9:5003",
+        }],
+    )
+    .await;
+    let (s, frame) = next_record(&mut ws, &mut pending).await;
+    assert_eq!(s, 1);
+    assert!(matches!(
+        domain_message(&frame.expect("a frame")),
+        DomainMessage::Challenge { .. }
+    ));
+
+    // A session opened twice is a broken gateway: the domain drops the link, and with it the
+    // session.
+    send(
+        &mut ws,
+        &[Record::Open {
+            session: 1,
+            address: "127.0.0.9:5004",
+        }],
+    )
+    .await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the link stays open after a broken record");
+    eventually("the link is gone", async || {
+        counter(addr, "stardust_gateways_connected").await == 0
+    })
+    .await;
+    domain.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_listed_gateways_may_link() {
+    // A domain that lists none refuses the endpoint.
+    let Running { domain, .. } = start(|_| {}).await;
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/relay", domain.addr())).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    domain.shutdown().await;
+
+    let Running { domain, .. } = start(|c| c.gateways = vec![key(30).id()]).await;
+    let (_, answer) = link(domain.addr(), &key(31)).await;
+    assert!(
+        matches!(&answer, Some(DomainMessage::Reject { code, .. }) if code == "unknown_gateway"),
+        "{answer:?}"
+    );
+    // A node key's hello on the link is the wrong context.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/relay", domain.addr()))
+        .await
+        .expect("connect");
+    let Some(DomainMessage::Challenge { nonce, .. }) = next_domain(&mut ws).await else {
+        panic!("no challenge")
+    };
+    let node_hello = Hello {
+        nonce,
+        agent: "node".into(),
+        slots: 1,
+        hardware: Hardware::default(),
+        tier: Tier::Small,
+        queue: None,
+    };
+    ws.send(Message::Binary(encode(&key(30), &node_hello).into()))
+        .await
+        .expect("send");
+    let answer = next_domain(&mut ws).await;
+    assert!(
+        matches!(&answer, Some(DomainMessage::Reject { code, .. }) if code == "wrong_context"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        counter(domain.addr(), "stardust_gateways_connected").await,
+        0
+    );
+    domain.shutdown().await;
+}
