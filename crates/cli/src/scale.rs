@@ -45,6 +45,11 @@ pub struct Args {
     /// How long to keep the nodes connected and heartbeating after the tasks are done.
     #[arg(long, default_value = "20s", value_parser = crate::units::parse_duration)]
     duration: Duration,
+    /// Connection gateways between the nodes and the domain (`stardust gateway`
+    /// processes; 0: the nodes connect to the domain itself). Past one process's descriptor
+    /// limit, nodes need them.
+    #[arg(long, default_value_t = 0)]
+    gateways: u32,
     /// Heartbeat interval the domain asks for.
     #[arg(long, default_value = "5s", value_parser = crate::units::parse_duration)]
     heartbeat: Duration,
@@ -214,6 +219,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if args.nodes == 0 || args.nodes > 100_000 || args.procs == 0 || args.procs > 64 {
         bail!("need 1 ≤ --nodes ≤ 100000 and 1 ≤ --procs ≤ 64");
     }
+    if args.gateways > 16 {
+        bail!("--gateways is at most 16");
+    }
     if args.duration > Duration::from_secs(600) {
         bail!("--duration is at most 10 minutes");
     }
@@ -223,6 +231,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let fds = args.nodes + 1024;
+    // Each gateway's key, listed on the domain.
+    let mut gateway_keys = Vec::new();
+    for g in 0..args.gateways {
+        let data = dir.path().join(format!("gateway{g}"));
+        std::fs::create_dir_all(&data)?;
+        gateway_keys.push(stardust_keystore::load_or_create(&data.join("gateway.key"))?.id());
+    }
     let hb = format!("{}ms", args.heartbeat.as_millis());
     let lease = format!("{}ms", (args.heartbeat.as_millis() * 6).max(30_000));
     let domain_args: Vec<String> = [
@@ -242,6 +257,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        gateway_keys
+            .iter()
+            .flat_map(|k| ["--gateway-key".to_string(), k.to_string()]),
+    )
     .collect();
     let mut children = Kill(Vec::new());
     children.0.push(spawn_with_fds(
@@ -261,6 +281,36 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let (rss_idle, _) = proc_stats(domain_pid);
+        // The gateways, each linked to the domain before any node comes.
+        let mut gateways = Vec::new();
+        let per_gateway = args.nodes.div_ceil(args.gateways.max(1));
+        for g in 0..args.gateways {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let gw: Vec<String> = [
+                "gateway".to_string(), "--domain".into(), url.clone(),
+                "--listen".into(), format!("127.0.0.1:{port}"),
+                "--data".into(), dir.path().join(format!("gateway{g}")).to_string_lossy().into_owned(),
+                "--max-sessions".into(), (per_gateway + 1000).to_string(),
+            ]
+            .to_vec();
+            children.0.push(spawn_with_fds(&gw, per_gateway + 1024, &dir.path().join(format!("gateway{g}.log")))?);
+            gateways.push((children.0[children.0.len() - 1].id(), format!("http://127.0.0.1:{port}")));
+        }
+        for (_, gw) in &gateways {
+            let t0 = Instant::now();
+            while get(&format!("{gw}/v1/health")).await.map_or(true, |b| !b.contains("\"ok\":true")) {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!("the gateway at {gw} did not link to the domain");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let gateway_stats = |gateways: &[(u32, String)]| {
+            gateways.iter().fold((0u64, 0f64), |(r, c), (pid, _)| {
+                let (rss, cpu) = proc_stats(*pid);
+                (r + rss, c + cpu)
+            })
+        };
         let per = args.nodes.div_ceil(args.procs);
         let started = Instant::now();
         let mut first = 0;
@@ -269,8 +319,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             if n == 0 {
                 break;
             }
+            // With gateways, each simulator connects to one of them, in turn.
+            let target = match gateways.is_empty() {
+                true => url.clone(),
+                false => gateways[p as usize % gateways.len()].1.clone(),
+            };
             let sim: Vec<String> = [
-                "bench".to_string(), "scale-sim".into(), "--domain".into(), url.clone(),
+                "bench".to_string(), "scale-sim".into(), "--domain".into(), target,
                 "--nodes".into(), n.to_string(), "--first".into(), first.to_string(),
                 "--source".into(), format!("127.0.0.{}", 2 + p), "--duration".into(),
                 format!("{}ms", (args.duration + Duration::from_secs(600)).as_millis()),
@@ -315,13 +370,17 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         // Keep heartbeating a while, sampling the coordinator.
         let beats_before = histogram(&get(&metrics_url).await?, BEATS);
         let (_, cpu_before) = proc_stats(domain_pid);
+        let (_, gw_cpu_before) = gateway_stats(&gateways);
         let hold = Instant::now();
         let mut rss_peak = 0;
+        let mut gw_rss_peak = 0;
         while hold.elapsed() < args.duration {
             rss_peak = rss_peak.max(proc_stats(domain_pid).0);
+            gw_rss_peak = gw_rss_peak.max(gateway_stats(&gateways).0);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let (rss, cpu_after) = proc_stats(domain_pid);
+        let (gw_rss, gw_cpu_after) = gateway_stats(&gateways);
         let m = get(&metrics_url).await?;
         let beats_run = histogram(&m, BEATS);
         let beats_held = since(&beats_run, &beats_before);
@@ -344,6 +403,10 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             "rss_bytes": rss_peak.max(rss),
             "rss_idle_bytes": rss_idle,
             "cpu_s_per_s": (cpu_after - cpu_before) / args.duration.as_secs_f64(),
+            // The gateways' processes, all together (0 without gateways).
+            "gateways": args.gateways,
+            "gateway_rss_bytes": gw_rss_peak.max(gw_rss),
+            "gateway_cpu_s_per_s": (gw_cpu_after - gw_cpu_before) / args.duration.as_secs_f64(),
             // With every node connected and no work (the hold): heartbeats on time or not.
             "heartbeats": beats_held.last().map_or(0.0, |b| b.1) as u64,
             "heartbeat_lag_p50_ms": 1e3 * quantile(&beats_held, 0.5),
@@ -381,6 +444,14 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             result["dashboard_ms_median"].as_f64().unwrap_or(0.0),
             result["dashboard_ms_max"].as_f64().unwrap_or(0.0),
         );
+        if args.gateways > 0 {
+            println!(
+                "{} gateways between them and the domain: RSS {:.0} MiB together, CPU {:.2} cores while heartbeating",
+                args.gateways,
+                result["gateway_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                result["gateway_cpu_s_per_s"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -458,8 +529,17 @@ async fn open_session(
     socket.bind(std::net::SocketAddr::new(source, 0))?;
     let tcp = socket.connect(domain).await?;
     tcp.set_nodelay(true)?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("ws://{domain}/v1/nodes/connect"), tcp).await?;
+    // Small buffers, as the domain's side of a session has: 100,000 simulated nodes with
+    // tungstenite's defaults (128 KiB to read) took 12 GiB.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(8 << 10);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{domain}/v1/nodes/connect"),
+        tcp,
+        Some(config),
+    )
+    .await?;
     let nonce = loop {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) => {

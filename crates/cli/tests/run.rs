@@ -323,6 +323,38 @@ fn bench_scale_smoke() {
     ] {
         assert!(v[k].is_number(), "{k}: {v}");
     }
+    assert_eq!(v["gateways"], 0, "{v}");
+    assert_eq!(v["gateway_rss_bytes"], 0, "{v}");
+}
+
+#[test]
+fn bench_scale_smoke_through_gateways() {
+    // Real `stardust gateway` processes between the simulated nodes and the domain.
+    let v = last_json_of(&[
+        "bench",
+        "scale",
+        "--nodes",
+        "30",
+        "--procs",
+        "3",
+        "--gateways",
+        "2",
+        "--tasks",
+        "20",
+        "--duration",
+        "2s",
+        "--heartbeat",
+        "500ms",
+        "--json",
+    ]);
+    assert_eq!(v["nodes_connected"], 30, "{v}");
+    assert_eq!(v["tasks_served"], 20, "{v}");
+    assert_eq!(v["gateways"], 2, "{v}");
+    assert!(
+        v["gateway_rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+        "{v}"
+    );
+    assert!(v["heartbeats"].as_u64().unwrap_or(0) >= 30, "{v}");
 }
 
 #[test]
