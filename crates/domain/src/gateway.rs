@@ -498,10 +498,12 @@ async fn connect(
         )
             .into_response();
     };
-    // The node's socket is the domain's, seen through the gateway: the same small buffers.
+    // A gateway holds nothing per node but its socket, and most frames are heartbeats
+    // and acks of a few hundred bytes: a 4 KiB read buffer (tungstenite allocates it whole
+    // for each connection; a larger frame is read in more steps).
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(8 << 10)
+        .read_buffer_size(4 << 10)
         .write_buffer_size(8 << 10)
         .on_upgrade(move |socket| relay_node(socket, state, session, conn, out, from_domain, stop))
 }
