@@ -26,6 +26,12 @@ pub struct Args {
     /// Extra CA certificates (PEM) to trust for an https domain.
     #[arg(long, env = "STARDUST_CA")]
     ca: Option<PathBuf>,
+    /// Serve nodes HTTPS/WSS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "STARDUST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "STARDUST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
@@ -37,6 +43,10 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         f.set("data", &mut args.data, from_str)?;
         f.set("max_sessions", &mut args.max_sessions, from_str)?;
         f.set("ca", &mut args.ca, |s| Ok(Some(PathBuf::from(s))))?;
+        f.set("tls_cert", &mut args.tls_cert, |s| {
+            Ok(Some(PathBuf::from(s)))
+        })?;
+        f.set("tls_key", &mut args.tls_key, |s| Ok(Some(PathBuf::from(s))))?;
         f.finish()?;
     }
     anyhow::ensure!(args.max_sessions >= 1, "--max-sessions must be at least 1");
@@ -47,6 +57,16 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         let mut config = stardust_domain::gateway::GatewayConfig::new(args.domain.clone());
         config.listen = args.listen;
         config.max_sessions = args.max_sessions;
+        config.serve_tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
+        let scheme = if config.serve_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         if args.domain.starts_with("https://") {
             let ca = match &args.ca {
                 Some(p) => Some(
@@ -59,7 +79,7 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
         }
         let gateway = stardust_domain::gateway::Gateway::start(config, identity).await?;
         eprintln!(
-            "stardust gateway {} listening on http://{} for {} (list it there: stardust domain --gateway-key {})",
+            "stardust gateway {} listening on {scheme}://{} for {} (list it there: stardust domain --gateway-key {})",
             gateway.id(),
             gateway.addr(),
             args.domain,

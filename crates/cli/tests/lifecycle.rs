@@ -270,7 +270,7 @@ fn settings_come_from_flags_then_environment_then_config_file() {
 }
 
 #[test]
-fn tls_end_to_end_with_a_private_ca() {
+fn tls_end_to_end_with_a_private_ca_directly_and_through_a_gateway() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     // A self-signed certificate for the loopback address, trusted through --ca.
@@ -292,6 +292,10 @@ fn tls_end_to_end_with_a_private_ca() {
     let listen = format!("127.0.0.1:{port}");
     let url = format!("https://127.0.0.1:{port}");
     let s = |p: &str| d.join(p).to_string_lossy().into_owned();
+    // The gateway's key, listed on the domain.
+    std::fs::create_dir_all(d.join("gateway")).expect("gateway dir");
+    let gateway_key = cli(&["keys", "new", "--key", &s("gateway/gateway.key"), "--json"]);
+    let gateway_key = gateway_key["id"].as_str().expect("gateway id").to_string();
     let _domain = Proc::spawn(
         "domain",
         &[
@@ -306,6 +310,8 @@ fn tls_end_to_end_with_a_private_ca() {
             &s("cert.pem"),
             "--tls-key",
             &s("key.pem"),
+            "--gateway-key",
+            &gateway_key,
         ],
         &d.join("domain.log"),
     );
@@ -355,6 +361,74 @@ fn tls_end_to_end_with_a_private_ca() {
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["tasks_verified"], 4);
     assert!(node.terminate(Duration::from_secs(30)).success());
+
+    // A gateway, itself TLS both ways: to the domain (trusting --ca) and to its nodes.
+    let gateway_port = free_port();
+    let gateway_url = format!("https://127.0.0.1:{gateway_port}");
+    let _gateway = Proc::spawn(
+        "gateway",
+        &[
+            "gateway",
+            "--domain",
+            &url,
+            "--ca",
+            &ca,
+            "--listen",
+            &format!("127.0.0.1:{gateway_port}"),
+            "--data",
+            &s("gateway"),
+            "--tls-cert",
+            &s("cert.pem"),
+            "--tls-key",
+            &s("key.pem"),
+        ],
+        &d.join("gateway.log"),
+    );
+    // Only a node behind the gateway is left to run the next job.
+    let relayed = Proc::spawn(
+        "node behind the gateway",
+        &[
+            "node",
+            "--domain",
+            &url,
+            "--gateway",
+            &gateway_url,
+            "--ca",
+            &ca,
+            "--data",
+            &s("relayed-node"),
+            "--slots",
+            "2",
+            "--no-bench",
+        ],
+        &d.join("relayed-node.log"),
+    );
+    let done = cli(&[
+        "submit", &job, "--domain", &url, "--ca", &ca, "--key", &key, "--wait", "--json",
+    ]);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["tasks_verified"], 4);
+    let nodes = cli(&["nodes", "--domain", &url, "--ca", &ca, "--json"]);
+    let connected: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["state"] != "offline")
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    let relayed_id = cli(&[
+        "keys",
+        "show",
+        "--key",
+        &s("relayed-node/node.key"),
+        "--json",
+    ]);
+    assert_eq!(
+        connected,
+        vec![relayed_id["id"].as_str().expect("id")],
+        "only the relayed node is connected: {nodes}"
+    );
+    assert!(relayed.terminate(Duration::from_secs(30)).success());
 }
 
 #[test]

@@ -55,6 +55,9 @@ pub struct GatewayConfig {
     /// TLS for the link to an `https://` domain (roots to trust). Default: the platform's
     /// roots are not loaded; an `https://` domain needs this.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Serve nodes HTTPS/WSS with this certificate chain and private key (PEM files).
+    /// Default: plain HTTP.
+    pub serve_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl GatewayConfig {
@@ -67,6 +70,7 @@ impl GatewayConfig {
             max_frame_bytes: 16 << 20,
             session_queue: 1024,
             tls: None,
+            serve_tls: None,
         }
     }
 }
@@ -86,6 +90,9 @@ pub enum GatewayError {
     /// The domain URL is not `http://` or `https://`.
     #[error("the domain must be http://HOST:PORT or https://HOST:PORT, not {0:?}")]
     DomainUrl(String),
+    /// The certificate or key for serving nodes could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A running gateway.
@@ -184,22 +191,40 @@ impl Gateway {
             .route("/v1/health", get(health))
             .with_state(state.clone());
         let mut server_stop = shutdown.clone();
-        let server = tokio::spawn(async move {
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let service = router.into_make_service_with_connect_info::<SocketAddr>();
-            let stopped = async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, service)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::error!(error = %e, "gateway HTTP server failed");
+        let stopped = async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        };
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let server = match &state.config.serve_tls {
+            None => tokio::spawn(async move {
+                use axum::serve::ListenerExt;
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                if let Err(e) = axum::serve(listener, service)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    tracing::error!(error = %e, "gateway HTTP server failed");
+                }
+            }),
+            Some((cert, key)) => {
+                let tls = crate::tls::server_config(cert, key).map_err(GatewayError::Tls)?;
+                use axum::serve::ListenerExt;
+                // (`tap_io` gives the listener the connection info the service asks for.)
+                let listener = crate::tls::TlsListener::new(listener, tls)
+                    .map_err(|source| GatewayError::Listen { addr, source })?
+                    .tap_io(|_| {});
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, service)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                    {
+                        tracing::error!(error = %e, "gateway HTTPS server failed");
+                    }
+                })
             }
-        });
+        };
         let dialer = tokio::spawn(dial_loop(state.clone()));
         tracing::info!(%addr, gateway = %state.identity.id(), domain = %state.config.domain, "gateway listening");
         Ok(Self {
