@@ -395,3 +395,69 @@ async fn only_listed_gateways_may_link() {
     );
     domain.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_relinks_after_its_domain_restarts_and_its_node_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |listen: SocketAddr| {
+        let mut c = stardust_domain::Config::new(dir.path().join("domain"));
+        c.listen = listen;
+        c.welcome_grant = 1_000 * stardust_ledger::MICRO_PER_CREDIT;
+        c.gateways = vec![key(30).id()];
+        c
+    };
+    let first =
+        stardust_domain::Domain::start(config(SocketAddr::from(([127, 0, 0, 1], 0))), key(200))
+            .await
+            .expect("domain");
+    let addr = first.addr();
+    let url = format!("http://{addr}");
+    let client = stardust_sdk::Client::new(&url, key(100)).expect("client");
+    let module = common::upload_hello(&client).await.to_string();
+    let input = client
+        .put_blob(b"x".to_vec())
+        .await
+        .expect("input")
+        .to_string();
+    let mut gc = GatewayConfig::new(url.clone());
+    gc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let gateway = Gateway::start(gc, key(30)).await.expect("gateway");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
+    c.gateway = Some(format!("http://{}", gateway.addr()));
+    c.slots = 2;
+    c.bench = false;
+    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let run_job = async |n: u32| {
+        let job = client
+            .submit(&sweep(&module, &input, n))
+            .await
+            .expect("submit");
+        let status = tokio::time::timeout(Duration::from_secs(60), client.wait(job, |_| {}))
+            .await
+            .expect("the job ends")
+            .expect("status");
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(status["tasks_verified"], n, "{status}");
+    };
+    run_job(4).await;
+
+    // The domain stops and comes back on the same address and database.
+    first.shutdown().await;
+    eventually("the gateway notices", async || !gateway.linked().await).await;
+    let second = stardust_domain::Domain::start(config(addr), key(200))
+        .await
+        .expect("the domain again");
+    eventually("the gateway links again", async || gateway.linked().await).await;
+    eventually("the node is back, through the gateway", async || {
+        counter(addr, "stardust_nodes_connected").await == 1
+    })
+    .await;
+    assert_eq!(gateway.sessions(), 1);
+    run_job(6).await;
+
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    gateway.shutdown().await;
+    second.shutdown().await;
+}
