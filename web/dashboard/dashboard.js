@@ -141,6 +141,10 @@
       return tr;
     }));
 
+    const more = $("nodes-more");
+    more.hidden = !(s.nodes_total > s.nodes.length);
+    more.textContent = "Showing " + s.nodes.length + " of " + s.nodes_total + " nodes, connected and busiest first; every node: GET /v1/nodes.";
+
     const jobs = $("jobs").tBodies[0];
     $("jobs-hidden").hidden = s.jobs_visible;
     jobs.replaceChildren(...(s.jobs || []).map((j) => {

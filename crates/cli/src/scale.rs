@@ -391,8 +391,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             let body = get(&format!("{url}/v1/dashboard")).await?;
             dash.push(t.elapsed().as_secs_f64() * 1e3);
             let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-            if v["nodes"].as_array().map_or(0, Vec::len) < args.nodes as usize {
-                bail!("the dashboard does not list every node");
+            if v["nodes_total"].as_u64().unwrap_or(0) < u64::from(args.nodes) || v["nodes"].as_array().is_none_or(Vec::is_empty) {
+                bail!("the dashboard does not count every node or lists none: {}", &body[..body.len().min(300)]);
             }
         }
         dash.sort_by(f64::total_cmp);

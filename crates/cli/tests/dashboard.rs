@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{browser_available, cli, root, start_domain, start_nodes};
 
@@ -208,4 +209,42 @@ fn the_prometheus_checker_can_fail() {
         );
     }
     assert_eq!(parse_prometheus("# HELP x h\n# TYPE x gauge\nx 1\n"), ["x"]);
+}
+
+#[test]
+fn viewers_share_a_snapshot_for_a_second_and_it_counts_every_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (_domain, url) = start_domain(d, &[]);
+    let _nodes = start_nodes(&url, d, 1, 1);
+    let snapshot = || -> serde_json::Value {
+        serde_json::from_str(&http_get(&format!("{url}/v1/dashboard"))).expect("snapshot JSON")
+    };
+    let t0 = std::time::Instant::now();
+    while snapshot()["connected"] != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the node never connected"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = std::time::Instant::now();
+    let snaps: Vec<serde_json::Value> = (0..5).map(|_| snapshot()).collect();
+    let quick = t.elapsed() < Duration::from_millis(900);
+    let stamps: Vec<i64> = snaps
+        .iter()
+        .map(|s| s["now_ms"].as_i64().expect("now_ms"))
+        .collect();
+    // A snapshot is built again only once the last is a second old.
+    for w in stamps.windows(2) {
+        assert!(w[0] == w[1] || w[1] - w[0] >= 1000, "{stamps:?}");
+    }
+    if quick {
+        let mut distinct = stamps.clone();
+        distinct.dedup();
+        assert!(distinct.len() <= 2, "{stamps:?}");
+    }
+    let last = &snaps[4];
+    assert_eq!(last["nodes_total"], 1, "{last}");
+    assert_eq!(last["nodes"].as_array().map(Vec::len), Some(1), "{last}");
 }

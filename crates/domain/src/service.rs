@@ -236,6 +236,8 @@ pub(crate) struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Throughput and queue depth, one sample per second, the last [`SAMPLES`].
     pub samples: std::sync::Mutex<VecDeque<Sample>>,
+    /// The dashboard's last snapshots, shared by its viewers for a second.
+    pub snapshots: crate::http::Snapshots,
     /// Open dashboard event streams (bounded by [`MAX_STREAMS`]).
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Heartbeats waiting to be written, batched by [`heartbeat_loop`].
@@ -566,6 +568,7 @@ async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError
         ))),
         metrics: crate::metrics::Metrics::default(),
         samples: std::sync::Mutex::new(VecDeque::with_capacity(SAMPLES)),
+        snapshots: Default::default(),
         streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         beats,
         filed,

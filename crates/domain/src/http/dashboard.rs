@@ -2,6 +2,11 @@
 //! `/v1/events` as server-sent events, one snapshot a second), the contributor widget
 //! (`/widget/{node}`, data at `/v1/nodes/{id}`), and Prometheus metrics (`/metrics`).
 //!
+//! A snapshot is built at most once a second and shared by every viewer ([`Snapshots`]),
+//! and lists at most [`MAX_LISTED_NODES`] nodes, connected and busy ones first, with the
+//! total beside them (`GET /v1/nodes` lists them all): at 100,000 nodes a full list was
+//! 23 MB of JSON and ~0.7 s to build, per viewer, every second.
+//!
 //! Assets are embedded in the binary (no CDN). Jobs (names, progress, a sweep's results)
 //! are shown to requests from this machine only, unless the domain runs with
 //! `--public-dashboard`: job owners' data is theirs. Nodes, throughput, credits and the
@@ -94,6 +99,21 @@ async fn ledger_totals(shared: &Shared) -> ApiResult<Value> {
     }))
 }
 
+/// Nodes a snapshot lists at most.
+pub(crate) const MAX_LISTED_NODES: usize = 500;
+
+/// The last snapshot built for each kind of viewer (public, private), shared for a second.
+/// Held while one is built, so viewers arriving meanwhile wait for it instead of building
+/// their own.
+#[derive(Default)]
+pub(crate) struct Snapshots(tokio::sync::Mutex<[Option<Built>; 2]>);
+
+/// A snapshot serialized, and when.
+type Built = (std::time::Instant, Arc<String>);
+
+/// How long a snapshot is served as it is.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+
 /// A node as the dashboard lists it.
 #[derive(serde::Serialize)]
 struct NodeEntry {
@@ -118,6 +138,44 @@ pub(crate) struct Snapshot {
     nodes: Vec<NodeEntry>,
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
+}
+
+/// The dashboard's view of the domain, serialized: the one built less than a second ago,
+/// else a new one.
+async fn shared_snapshot(shared: &Shared, private: bool) -> ApiResult<Arc<String>> {
+    let mut built = shared.snapshots.0.lock().await;
+    let slot = &mut built[usize::from(private)];
+    if let Some((at, json)) = slot.as_ref()
+        && at.elapsed() < SNAPSHOT_TTL
+    {
+        return Ok(json.clone());
+    }
+    let json = Arc::new(
+        serde_json::to_string(&snapshot(shared, private).await?).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?,
+    );
+    *slot = Some((std::time::Instant::now(), json.clone()));
+    Ok(json)
+}
+
+/// Keeps the [`MAX_LISTED_NODES`] nodes most worth seeing: connected before offline, then
+/// the busiest, then those with the most credits; ties by id.
+fn listed(mut nodes: Vec<NodeEntry>) -> Vec<NodeEntry> {
+    let key = |n: &NodeEntry| {
+        (
+            n.state == crate::service::node_state(None),
+            std::cmp::Reverse(n.running),
+            std::cmp::Reverse(n.credits),
+            n.id,
+        )
+    };
+    if nodes.len() > MAX_LISTED_NODES {
+        nodes.select_nth_unstable_by_key(MAX_LISTED_NODES, key);
+        nodes.truncate(MAX_LISTED_NODES);
+    }
+    nodes.sort_unstable_by_key(key);
+    nodes
 }
 
 /// The dashboard's view of the domain now.
@@ -162,6 +220,8 @@ async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Snapshot> {
             }
         })
         .collect();
+    let nodes_total = nodes.len();
+    let nodes = listed(nodes);
     let mut leaderboard: Vec<(NodeId, i128)> = credits
         .iter()
         .map(|(n, (c, _))| (*n, *c))
@@ -182,6 +242,7 @@ async fn snapshot(shared: &Shared, private: bool) -> ApiResult<Snapshot> {
         "domain": shared.identity.id(),
         "now_ms": now_ms(),
         "connected": connected,
+        "nodes_total": nodes_total,
         "leaderboard": leaderboard,
         "series": series,
         "ledger": ledger_totals(shared).await?,
@@ -290,10 +351,13 @@ fn private(shared: &Shared, addr: &SocketAddr) -> bool {
 pub(crate) async fn dashboard(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-) -> ApiResult<axum::Json<Snapshot>> {
-    Ok(axum::Json(
-        snapshot(&shared, private(&shared, &addr)).await?,
-    ))
+) -> ApiResult<Response> {
+    let json = shared_snapshot(&shared, private(&shared, &addr)).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        json.as_str().to_owned(),
+    )
+        .into_response())
 }
 
 /// One snapshot a second, as server-sent events (`event: snapshot`).
@@ -320,8 +384,8 @@ pub(crate) async fn events(
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
-                let data = match snapshot(&shared, private).await {
-                    Ok(v) => serde_json::to_string(&v).unwrap_or_else(|_| "{}".into()),
+                let data = match shared_snapshot(&shared, private).await {
+                    Ok(json) => json.as_str().to_owned(),
                     Err(_) => "{}".to_string(),
                 };
                 let event = Event::default().event("snapshot").data(data);
@@ -473,4 +537,56 @@ pub(crate) async fn metrics(State(shared): State<Arc<Shared>>) -> ApiResult<Resp
         out,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u32, state: &'static str, running: usize, credits: i128) -> NodeEntry {
+        let mut seed = [0u8; 32];
+        seed[..4].copy_from_slice(&i.to_le_bytes());
+        NodeEntry {
+            id: stardust_proto::identity::Identity::from_secret_bytes(&seed).id(),
+            tier: stardust_proto::task::Tier::Small,
+            cores: 1,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+            state,
+            running,
+            reputation: 0.5,
+            agreed: 0,
+            credits,
+            stake: 0,
+            uptime_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_crowd_is_listed_connected_and_busy_first_and_bounded() {
+        let offline = crate::service::node_state(None);
+        let mut nodes = Vec::new();
+        // Many offline nodes with credits, a few connected ones, some busy.
+        for i in 0..1_000 {
+            nodes.push(entry(i, offline, 0, 1_000_000 + i128::from(i)));
+        }
+        for i in 1_000..1_100 {
+            nodes.push(entry(i, "online", 0, 0));
+        }
+        nodes.push(entry(2_000, "paused", 3, 0));
+        nodes.push(entry(2_001, "online", 7, 5));
+        let list = listed(nodes);
+        assert_eq!(list.len(), MAX_LISTED_NODES);
+        assert_eq!((list[0].state, list[0].running), ("online", 7));
+        assert_eq!((list[1].state, list[1].running), ("paused", 3));
+        assert!(list[..102].iter().all(|n| n.state != offline));
+        // Then offline nodes, the most credited first.
+        assert_eq!(list[102].credits, 1_000_999);
+        assert!(list[102..].windows(2).all(|w| w[0].credits >= w[1].credits));
+        // A short list is kept whole.
+        assert_eq!(
+            listed(vec![entry(1, offline, 0, 0), entry(2, "online", 0, 0)]).len(),
+            2
+        );
+    }
 }

@@ -5,6 +5,7 @@
 
 mod contrib;
 mod dashboard;
+pub(crate) use dashboard::Snapshots;
 mod relay;
 mod session;
 
