@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::ConnectInfo;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
@@ -124,7 +125,7 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::fro
 /// What goes out on the link.
 enum Out {
     Open(u32, String),
-    Frame(u32, Vec<u8>),
+    Frame(u32, Bytes),
     Text(u32),
     Close(u32, &'static str),
 }
@@ -134,7 +135,7 @@ enum Slot {
     /// The node is connected: frames for it go here; dropping `stop` ends its reader.
     Open {
         conn: u64,
-        to_node: mpsc::Sender<Vec<u8>>,
+        to_node: mpsc::Sender<Bytes>,
         _stop: oneshot::Sender<()>,
     },
     /// The node is gone and its `close` sent; the number waits for the domain's.
@@ -144,6 +145,9 @@ enum Slot {
 /// The current link and the sessions on it.
 struct Link {
     out: mpsc::Sender<Out>,
+    /// The link reader's own closes: never waited for (see `http::relay`'s reader); room
+    /// for one per session the gateway may hold, and more.
+    closes: mpsc::Sender<Out>,
     slots: HashMap<u32, Slot>,
     next: u32,
 }
@@ -348,12 +352,14 @@ async fn run_link(state: &Arc<GwState>) -> Result<(), String> {
     tracing::info!(domain = %domain.short(), "gateway linked to the domain");
     let (sink, mut stream) = ws.split();
     let (out, rx) = mpsc::channel(LINK_QUEUE);
+    let (closes, closes_rx) = mpsc::channel(state.config.max_sessions + 1024);
     *state.link.lock().await = Some(Link {
         out,
+        closes,
         slots: HashMap::new(),
         next: 0,
     });
-    let mut writer = tokio::spawn(write_link(sink, rx));
+    let mut writer = tokio::spawn(write_link(sink, rx, closes_rx));
     let max_frame = state.config.max_frame_bytes;
     let result = loop {
         let message = tokio::select! {
@@ -417,8 +423,9 @@ async fn handshake(ws: &mut DomainWs, identity: &Identity) -> Result<NodeId, Str
     }
 }
 
-/// Routes one message of the domain's records to the nodes.
-async fn route(state: &Arc<GwState>, message: &[u8], max_frame: usize) -> Result<(), String> {
+/// Routes one message of the domain's records to the nodes, without waiting for the link's
+/// writer.
+async fn route(state: &Arc<GwState>, message: &Bytes, max_frame: usize) -> Result<(), String> {
     let mut guard = state.link.lock().await;
     let Some(link) = guard.as_mut() else {
         return Err("the link was dropped".into());
@@ -430,20 +437,23 @@ async fn route(state: &Arc<GwState>, message: &[u8], max_frame: usize) -> Result
                     // The node is gone; its close is on its way.
                     continue;
                 };
-                if to_node.try_send(bytes.to_vec()).is_err() {
+                if to_node.try_send(message.slice_ref(bytes)).is_err() {
                     // Full: the node does not read. Let it go (it reconnects and re-sends).
                     tracing::warn!(session, "a node fell behind; closing its connection");
-                    node_gone(link, state, session, None);
+                    if node_gone(link, state, session, None) {
+                        link.closes
+                            .try_send(Out::Close(session, "node behind"))
+                            .map_err(|_| "too many closes waiting for the link's writer")?;
+                    }
                 }
             }
             Record::Close { session, .. } => match link.slots.remove(&session) {
                 Some(Slot::Open { .. }) => {
                     // The domain ended it: answer with our close; the number is free.
                     state.open.fetch_sub(1, Ordering::Relaxed);
-                    link.out
-                        .send(Out::Close(session, ""))
-                        .await
-                        .map_err(|_| "the link's writer stopped".to_string())?;
+                    link.closes
+                        .try_send(Out::Close(session, ""))
+                        .map_err(|_| "too many closes waiting for the link's writer")?;
                 }
                 Some(Slot::Closing) | None => {}
             },
@@ -455,10 +465,11 @@ async fn route(state: &Arc<GwState>, message: &[u8], max_frame: usize) -> Result
     Ok(())
 }
 
-/// The node of `session` is gone (its socket closed, or it stopped reading): send the
-/// session's close and keep the number until the domain's close comes back. `conn` names the
-/// connection when the caller is the node's own reader (a number may have moved on).
-fn node_gone(link: &mut Link, state: &GwState, session: u32, conn: Option<u64>) {
+/// The node of `session` is gone (its socket closed, or it stopped reading): keep the
+/// number until the domain's close comes back. True when the caller must send the session's
+/// close. `conn` names the connection when the caller is the node's own reader (a number may
+/// have moved on).
+fn node_gone(link: &mut Link, state: &GwState, session: u32, conn: Option<u64>) -> bool {
     let mine = match link.slots.get(&session) {
         Some(Slot::Open { conn: c, .. }) => conn.is_none_or(|conn| conn == *c),
         _ => false,
@@ -466,15 +477,15 @@ fn node_gone(link: &mut Link, state: &GwState, session: u32, conn: Option<u64>) 
     if mine {
         link.slots.insert(session, Slot::Closing);
         state.open.fetch_sub(1, Ordering::Relaxed);
-        // Bounded: when the writer is this far behind, the link is failing anyway.
-        let _ = link.out.try_send(Out::Close(session, ""));
     }
+    mine
 }
 
 /// Packs waiting records into messages and writes them.
 async fn write_link(
     mut sink: futures_util::stream::SplitSink<DomainWs, tungstenite::Message>,
     mut rx: mpsc::Receiver<Out>,
+    mut closes: mpsc::Receiver<Out>,
 ) {
     let put = |out: Out, buf: &mut Vec<u8>| match out {
         Out::Open(session, address) => Record::Open {
@@ -490,15 +501,7 @@ async fn write_link(
         Out::Text(session) => Record::Text { session }.write(buf),
         Out::Close(session, reason) => Record::Close { session, reason }.write(buf),
     };
-    while let Some(first) = rx.recv().await {
-        let mut buf = Vec::with_capacity(4096);
-        put(first, &mut buf);
-        while buf.len() < PACK_BYTES {
-            match rx.try_recv() {
-                Ok(out) => put(out, &mut buf),
-                Err(_) => break,
-            }
-        }
+    while let Some(buf) = crate::http::relay::pack(&mut rx, &mut closes, put).await {
         if sink
             .send(tungstenite::Message::Binary(buf.into()))
             .await
@@ -541,7 +544,7 @@ async fn open(
     u32,
     u64,
     mpsc::Sender<Out>,
-    mpsc::Receiver<Vec<u8>>,
+    mpsc::Receiver<Bytes>,
     oneshot::Receiver<()>,
 )> {
     if *state.shutdown.borrow() {
@@ -582,13 +585,13 @@ async fn relay_node(
     session: u32,
     conn: u64,
     out: mpsc::Sender<Out>,
-    mut from_domain: mpsc::Receiver<Vec<u8>>,
+    mut from_domain: mpsc::Receiver<Bytes>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let (mut sink, mut stream) = socket.split();
     let writer = tokio::spawn(async move {
         while let Some(frame) = from_domain.recv().await {
-            if sink.send(Message::Binary(frame.into())).await.is_err() {
+            if sink.send(Message::Binary(frame)).await.is_err() {
                 break;
             }
         }
@@ -601,7 +604,7 @@ async fn relay_node(
             f = stream.next() => f,
         };
         let sent = match frame {
-            Some(Ok(Message::Binary(b))) => out.send(Out::Frame(session, b.to_vec())).await,
+            Some(Ok(Message::Binary(b))) => out.send(Out::Frame(session, b)).await,
             Some(Ok(Message::Text(_))) => out.send(Out::Text(session)).await,
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
             Some(Ok(_)) => continue,
@@ -611,11 +614,13 @@ async fn relay_node(
         }
     }
     drop(stream);
-    if let Some(link) = state.link.lock().await.as_mut() {
-        // Only if this link is the one the session was opened on.
-        if link.out.same_channel(&out) {
-            node_gone(link, &state, session, Some(conn));
-        }
+    // Only if this link is the one the session was opened on. The close goes after the
+    // node's last frames, in order, and is waited for outside the lock.
+    let close = state.link.lock().await.as_mut().is_some_and(|link| {
+        link.out.same_channel(&out) && node_gone(link, &state, session, Some(conn))
+    });
+    if close {
+        let _ = out.send(Out::Close(session, "")).await;
     }
     let _ = writer.await;
 }

@@ -6,7 +6,7 @@
 mod contrib;
 mod dashboard;
 pub(crate) use dashboard::Snapshots;
-mod relay;
+pub(crate) mod relay;
 mod session;
 
 use std::collections::{BTreeMap, HashMap};

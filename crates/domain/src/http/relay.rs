@@ -199,7 +199,12 @@ async fn link(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
     tracing::info!(gateway = %gateway.short(), %addr, "gateway connected");
     shared.metrics.gateways.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel::<Out>(LINK_QUEUE);
-    let writer = tokio::spawn(write_link(sink, rx));
+    // The reader's own records (closes of sessions it refused) never wait for room: a
+    // reader blocked on its writer, while the peer's is blocked on it, would stall the
+    // link both ways. Each session is closed once, so room for as many closes as a link
+    // carries sessions is enough; a gateway that fills it anyway loses its link.
+    let (closes, closes_rx) = mpsc::channel::<Out>(MAX_SESSIONS_PER_LINK);
+    let writer = tokio::spawn(write_link(sink, rx, closes_rx));
     let mut sessions: HashMap<u32, InboxTx> = HashMap::new();
     let mut shutdown = shared.shutdown.clone();
     let max = shared.config.max_frame_bytes;
@@ -215,7 +220,7 @@ async fn link(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
             Some(Ok(Message::Text(_))) => break "a text message on the link".into(),
             Some(Ok(_)) => continue,
         };
-        if let Err(e) = route(&shared, &tx, &mut sessions, &bytes, max).await {
+        if let Err(e) = route(&shared, &tx, &closes, &mut sessions, &bytes, max) {
             shared.rejections.count("bad_relay_record");
             break e;
         }
@@ -225,6 +230,7 @@ async fn link(socket: WebSocket, shared: Arc<Shared>, addr: SocketAddr) {
     // once they have (or at the link's first failed send).
     drop(sessions);
     drop(tx);
+    drop(closes);
     let _ = writer.await;
     shared.metrics.gateways.fetch_sub(1, Ordering::Relaxed);
 }
@@ -287,10 +293,12 @@ async fn handshake(
     }
 }
 
-/// Routes one link message's records. An error ends the link (a broken gateway).
-async fn route(
+/// Routes one link message's records, without waiting for anything. An error ends the link
+/// (a broken gateway).
+fn route(
     shared: &Arc<Shared>,
     link: &mpsc::Sender<Out>,
+    closes: &mpsc::Sender<Out>,
     sessions: &mut HashMap<u32, InboxTx>,
     message: &Bytes,
     max_frame: usize,
@@ -327,9 +335,9 @@ async fn route(
                     }
                 };
                 if let Some(why) = refused {
-                    link.send(Out::Close(session, why))
-                        .await
-                        .map_err(|_| "the link's writer stopped".to_string())?;
+                    closes
+                        .try_send(Out::Close(session, why))
+                        .map_err(|_| "too many closes waiting for the link's writer".to_string())?;
                 }
                 continue;
             }
@@ -362,7 +370,11 @@ async fn route(
 }
 
 /// Writes what the sessions send, packing the records waiting into one message.
-async fn write_link(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Out>) {
+async fn write_link(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Out>,
+    mut closes: mpsc::Receiver<Out>,
+) {
     let put = |out: Out, buf: &mut Vec<u8>| match out {
         Out::Frame(session, bytes) => Record::Frame {
             session,
@@ -371,18 +383,33 @@ async fn write_link(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Recei
         .write(buf),
         Out::Close(session, reason) => Record::Close { session, reason }.write(buf),
     };
-    while let Some(first) = rx.recv().await {
-        let mut buf = Vec::with_capacity(4096);
-        put(first, &mut buf);
-        while buf.len() < PACK_BYTES {
-            match rx.try_recv() {
-                Ok(out) => put(out, &mut buf),
-                Err(_) => break,
-            }
-        }
+    while let Some(buf) = pack(&mut rx, &mut closes, put).await {
         if sink.send(Message::Binary(buf.into())).await.is_err() {
             break;
         }
     }
     let _ = sink.close().await;
+}
+
+/// The next link message: what waits in `urgent` and `rx` (the first record awaited), up to
+/// [`PACK_BYTES`]; `None` once `rx` has closed. Shared with the gateway's writer.
+pub(crate) async fn pack<T>(
+    rx: &mut mpsc::Receiver<T>,
+    urgent: &mut mpsc::Receiver<T>,
+    put: impl Fn(T, &mut Vec<u8>),
+) -> Option<Vec<u8>> {
+    let first = tokio::select! {
+        biased;
+        Some(r) = urgent.recv() => r,
+        r = rx.recv() => r?,
+    };
+    let mut buf = Vec::with_capacity(4096);
+    put(first, &mut buf);
+    while buf.len() < PACK_BYTES {
+        match urgent.try_recv().or_else(|_| rx.try_recv()) {
+            Ok(r) => put(r, &mut buf),
+            Err(_) => break,
+        }
+    }
+    Some(buf)
 }
