@@ -88,16 +88,7 @@ async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_fo
     assert!(reads < jobs, "{reads} reads for {jobs} jobs");
 
     // A larger job: more than one round's worth, all of it served.
-    let big = client
-        .submit(&sweep(&module, &input, 300))
-        .await
-        .expect("submit");
-    let s = tokio::time::timeout(Duration::from_secs(60), client.wait(big, |_| {}))
-        .await
-        .expect("the big job ends")
-        .expect("status");
-    assert_eq!(s["state"], "completed", "{s}");
-    assert_eq!(s["tasks_verified"], 300, "{s}");
+    common::sweep_completes(&client, &module, &input, 300).await;
 
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), node).await;

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use stardust_domain::gateway::{Gateway, GatewayConfig};
 use stardust_proto::identity::Identity;
-use stardust_proto::message::{self, DomainMessage, GatewayHello, Hello, NodeMessage, encode};
+use stardust_proto::message::{self, DomainMessage, GatewayHello, NodeMessage, encode};
 use stardust_proto::relay::{self, Record};
-use stardust_proto::task::{Hardware, Tier};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{Running, Ws, counter, key, next_domain, start, sweep};
+use common::{Running, Ws, counter, key, next_domain, start};
 
 /// Waits until `check` holds, up to 20 s.
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -57,16 +56,7 @@ async fn a_node_behind_a_gateway_runs_a_job_and_goes_when_the_gateway_does() {
     .await;
     assert_eq!(counter(domain.addr(), "stardust_nodes_connected").await, 1);
 
-    let job = client
-        .submit(&sweep(&module, &input, 12))
-        .await
-        .expect("submit");
-    let status = tokio::time::timeout(Duration::from_secs(60), client.wait(job, |_| {}))
-        .await
-        .expect("the job ends")
-        .expect("status");
-    assert_eq!(status["state"], "completed", "{status}");
-    assert_eq!(status["tasks_verified"], 12, "{status}");
+    let job = common::sweep_completes(&client, &module, &input, 12).await;
     let results = client.results(job).await.expect("results");
     let results = results["results"].as_array().expect("results list");
     assert_eq!(results.len(), 12);
@@ -188,18 +178,7 @@ async fn the_relay_link_carries_sessions_record_by_record() {
         nonces.insert(s, nonce);
     }
     assert_eq!(nonces.len(), 2);
-    let hello = |nonce| Hello {
-        nonce,
-        agent: "relayed".into(),
-        slots: 1,
-        hardware: Hardware {
-            cores: 2,
-            memory_bytes: 1 << 30,
-            ..Hardware::default()
-        },
-        tier: Tier::Small,
-        queue: None,
-    };
+    let hello = |nonce| common::hello(nonce, 1);
     // Session 2 answers with session 1's nonce: a replay, refused, and the session closed.
     let h1 = encode(&key(41), &hello(nonces[&1]));
     let h2 = encode(&key(42), &hello(nonces[&1]));
@@ -373,14 +352,7 @@ async fn only_listed_gateways_may_link() {
     let Some(DomainMessage::Challenge { nonce, .. }) = next_domain(&mut ws).await else {
         panic!("no challenge")
     };
-    let node_hello = Hello {
-        nonce,
-        agent: "node".into(),
-        slots: 1,
-        hardware: Hardware::default(),
-        tier: Tier::Small,
-        queue: None,
-    };
+    let node_hello = common::hello(nonce, 1);
     ws.send(Message::Binary(encode(&key(30), &node_hello).into()))
         .await
         .expect("send");
@@ -428,19 +400,7 @@ async fn a_gateway_relinks_after_its_domain_restarts_and_its_node_comes_back() {
     c.slots = 2;
     c.bench = false;
     let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
-    let run_job = async |n: u32| {
-        let job = client
-            .submit(&sweep(&module, &input, n))
-            .await
-            .expect("submit");
-        let status = tokio::time::timeout(Duration::from_secs(60), client.wait(job, |_| {}))
-            .await
-            .expect("the job ends")
-            .expect("status");
-        assert_eq!(status["state"], "completed", "{status}");
-        assert_eq!(status["tasks_verified"], n, "{status}");
-    };
-    run_job(4).await;
+    common::sweep_completes(&client, &module, &input, 4).await;
 
     // The domain stops and comes back on the same address and database.
     first.shutdown().await;
@@ -454,7 +414,7 @@ async fn a_gateway_relinks_after_its_domain_restarts_and_its_node_comes_back() {
     })
     .await;
     assert_eq!(gateway.sessions(), 1);
-    run_job(6).await;
+    common::sweep_completes(&client, &module, &input, 6).await;
 
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), node).await;

@@ -51,6 +51,43 @@ pub async fn next_domain(ws: &mut Ws) -> Option<DomainMessage> {
     }
 }
 
+/// A hello answering `nonce`: 4 cores, 8 GiB, tier small, no queue bound.
+pub fn hello(nonce: stardust_proto::message::Nonce, slots: u32) -> Hello {
+    Hello {
+        nonce,
+        agent: "test".into(),
+        slots,
+        hardware: Hardware {
+            cores: 4,
+            memory_bytes: 8 << 30,
+            ..Hardware::default()
+        },
+        tier: Tier::Small,
+        queue: None,
+    }
+}
+
+/// Submits a sweep of `n` trials and waits (up to a minute) for it to complete with every
+/// task verified; returns the job's id.
+pub async fn sweep_completes(
+    client: &stardust_sdk::Client,
+    module: &str,
+    input: &str,
+    n: u32,
+) -> u64 {
+    let job = client
+        .submit(&sweep(module, input, n))
+        .await
+        .expect("submit");
+    let status = tokio::time::timeout(Duration::from_secs(60), client.wait(job, |_| {}))
+        .await
+        .expect("the job ends within a minute")
+        .expect("status");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["tasks_verified"], n, "{status}");
+    job
+}
+
 /// Opens a node session; returns the socket after the welcome.
 pub async fn join(addr: SocketAddr, node: &Identity, slots: u32) -> Ws {
     join_as(addr, node, slots, Tier::Small).await
@@ -76,16 +113,9 @@ pub async fn join_with(
         panic!("no challenge")
     };
     let hello = Hello {
-        nonce,
-        agent: "test".into(),
-        slots,
-        hardware: Hardware {
-            cores: 4,
-            memory_bytes: 8 << 30,
-            ..Hardware::default()
-        },
         tier,
         queue,
+        ..hello(nonce, slots)
     };
     ws.send(Message::Binary(encode(node, &hello).into()))
         .await
