@@ -96,8 +96,12 @@ pub fn main(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCo
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?,
             );
         }
+        let via = args
+            .gateway
+            .as_deref()
+            .map_or_else(String::new, |g| format!(" through gateway {g}"));
         eprintln!(
-            "stardust node {} joining {} with {} slots",
+            "stardust node {} joining {}{via} with {} slots",
             identity.id(),
             args.domain,
             config.slots

@@ -159,6 +159,11 @@ struct GwState {
     conns: AtomicU64,
     /// Node connections open now (slots in `Open`).
     open: AtomicU64,
+    /// Frames relayed, node → domain and domain → node.
+    up: AtomicU64,
+    down: AtomicU64,
+    /// Times the link to the domain came up.
+    links: AtomicU64,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -188,11 +193,15 @@ impl Gateway {
             link: Mutex::new(None),
             conns: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            links: AtomicU64::new(0),
             shutdown: shutdown.clone(),
         });
         let router = Router::new()
             .route("/v1/nodes/connect", get(connect))
             .route("/v1/health", get(health))
+            .route("/metrics", get(metrics))
             .with_state(state.clone());
         let mut server_stop = shutdown.clone();
         let stopped = async move {
@@ -283,6 +292,31 @@ async fn health(axum::extract::State(state): axum::extract::State<Arc<GwState>>)
     }
 }
 
+/// Prometheus text: sessions, the link, frames relayed.
+async fn metrics(axum::extract::State(state): axum::extract::State<Arc<GwState>>) -> Response {
+    let linked = u8::from(state.link.lock().await.is_some());
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let text = format!(
+        "# HELP stardust_gateway_sessions Node connections relayed now.\n# TYPE stardust_gateway_sessions gauge\nstardust_gateway_sessions {}\n\
+         # HELP stardust_gateway_linked Whether the link to the domain is up.\n# TYPE stardust_gateway_linked gauge\nstardust_gateway_linked {linked}\n\
+         # HELP stardust_gateway_links_total Times the link to the domain came up.\n# TYPE stardust_gateway_links_total counter\nstardust_gateway_links_total {}\n\
+         # HELP stardust_gateway_frames_total Frames relayed, by direction.\n# TYPE stardust_gateway_frames_total counter\n\
+         stardust_gateway_frames_total{{direction=\"to_domain\"}} {}\nstardust_gateway_frames_total{{direction=\"to_node\"}} {}\n",
+        load(&state.open),
+        load(&state.links),
+        load(&state.up),
+        load(&state.down),
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 fn link_url(domain: &str) -> String {
     let domain = domain.trim_end_matches('/');
     match domain.strip_prefix("https://") {
@@ -350,6 +384,7 @@ async fn run_link(state: &Arc<GwState>) -> Result<(), String> {
     .map_err(|e| format!("websocket: {e}"))?;
     let domain = handshake(&mut ws, &state.identity).await?;
     tracing::info!(domain = %domain.short(), "gateway linked to the domain");
+    state.links.fetch_add(1, Ordering::Relaxed);
     let (sink, mut stream) = ws.split();
     let (out, rx) = mpsc::channel(LINK_QUEUE);
     let (closes, closes_rx) = mpsc::channel(state.config.max_sessions + 1024);
@@ -437,6 +472,7 @@ async fn route(state: &Arc<GwState>, message: &Bytes, max_frame: usize) -> Resul
                     // The node is gone; its close is on its way.
                     continue;
                 };
+                state.down.fetch_add(1, Ordering::Relaxed);
                 if to_node.try_send(message.slice_ref(bytes)).is_err() {
                     // Full: the node does not read. Let it go (it reconnects and re-sends).
                     tracing::warn!(session, "a node fell behind; closing its connection");
@@ -604,7 +640,10 @@ async fn relay_node(
             f = stream.next() => f,
         };
         let sent = match frame {
-            Some(Ok(Message::Binary(b))) => out.send(Out::Frame(session, b)).await,
+            Some(Ok(Message::Binary(b))) => {
+                state.up.fetch_add(1, Ordering::Relaxed);
+                out.send(Out::Frame(session, b)).await
+            }
             Some(Ok(Message::Text(_))) => out.send(Out::Text(session)).await,
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
             Some(Ok(_)) => continue,

@@ -69,6 +69,21 @@ async fn a_node_behind_a_gateway_runs_a_job_and_goes_when_the_gateway_does() {
         .filter_map(|n| n["id"].as_str())
         .collect();
     assert_eq!(listed, vec![key(1).id().to_string()], "{nodes}");
+    // The gateway's own metrics: one node relayed, the link up once, frames both ways (the
+    // hello and the results up; the challenge, welcome, assignments and acks down).
+    let gw = gateway.addr();
+    assert_eq!(counter(gw, "stardust_gateway_sessions").await, 1);
+    assert_eq!(counter(gw, "stardust_gateway_linked").await, 1);
+    assert_eq!(counter(gw, "stardust_gateway_links_total").await, 1);
+    assert!(
+        counter(
+            gw,
+            r#"stardust_gateway_frames_total{direction="to_domain"}"#
+        )
+        .await
+            >= 2
+    );
+    assert!(counter(gw, r#"stardust_gateway_frames_total{direction="to_node"}"#).await >= 4);
 
     // The gateway goes: the domain drops its sessions.
     gateway.shutdown().await;
