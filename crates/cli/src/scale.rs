@@ -222,6 +222,33 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if args.gateways > 16 {
         bail!("--gateways is at most 16");
     }
+    // Every socket is a descriptor, and a process may not hold more than its hard limit.
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    let fits = |sockets: u32, spare: u32| u64::from(sockets) + u64::from(spare) <= hard;
+    let holders = args.gateways.max(1);
+    if !fits(args.nodes.div_ceil(holders), 1024) {
+        let need = (u64::from(args.nodes)).div_ceil(hard.saturating_sub(1024).max(1));
+        bail!(
+            "{} nodes need more sockets than one process may hold here (ulimit -Hn: {hard}); \
+             put connection gateways between them and the domain: --gateways {need} or more",
+            args.nodes
+        );
+    }
+    let mut args = args;
+    if !fits(args.nodes.div_ceil(args.procs), 256) {
+        let procs = u64::from(args.nodes).div_ceil(hard.saturating_sub(256).max(1));
+        let procs = u32::try_from(procs).unwrap_or(u32::MAX);
+        eprintln!(
+            "{} simulator processes for {} nodes (each may hold {hard} descriptors)",
+            procs, args.nodes
+        );
+        args.procs = procs;
+    }
+    if args.procs > 64 {
+        bail!("the nodes need more than 64 simulator processes here");
+    }
     if args.duration > Duration::from_secs(600) {
         bail!("--duration is at most 10 minutes");
     }

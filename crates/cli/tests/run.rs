@@ -207,6 +207,27 @@ fn bad_flags_get_clear_errors() {
 }
 
 #[test]
+fn a_crowd_past_the_descriptor_limit_is_told_to_use_gateways() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let hard: Option<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4)?.parse().ok());
+    let Some(hard) = hard.filter(|h| *h < 100_000) else {
+        eprintln!("skipped: this process may hold 100,000 descriptors or more");
+        return;
+    };
+    let nodes = (hard + 1).to_string();
+    let out = stardust()
+        .args(["bench", "scale", "--nodes", &nodes, "--json"])
+        .output()
+        .expect("spawn");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--gateways 2 or more"), "{err}");
+}
+
+#[test]
 fn keys_new_show_and_permission_check() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("id.key");
