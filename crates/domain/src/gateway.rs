@@ -555,21 +555,36 @@ async fn connect(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
 ) -> Response {
     let max = state.config.max_frame_bytes;
-    let Some((session, conn, out, from_domain, stop)) = open(&state, addr).await else {
+    let room = state
+        .link
+        .lock()
+        .await
+        .as_ref()
+        .is_some_and(|l| l.slots.len() < state.config.max_sessions);
+    if !room || *state.shutdown.borrow() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is full or not linked to its domain; retry later",
         )
             .into_response();
-    };
+    }
     // A gateway holds nothing per node but its socket, and most frames are heartbeats
     // and acks of a few hundred bytes: a 4 KiB read buffer (tungstenite allocates it whole
-    // for each connection; a larger frame is read in more steps).
+    // for each connection; a larger frame is read in more steps). The session is opened
+    // once the upgrade is done, so a node that goes before holds nothing.
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(4 << 10)
         .write_buffer_size(8 << 10)
-        .on_upgrade(move |socket| relay_node(socket, state, session, conn, out, from_domain, stop))
+        .on_upgrade(move |socket| async move {
+            match open(&state, addr).await {
+                Some((session, conn, out, from_domain, stop)) => {
+                    relay_node(socket, state, session, conn, out, from_domain, stop).await;
+                }
+                // The link dropped or filled since the check: the node retries.
+                None => drop(socket),
+            }
+        })
 }
 
 /// Takes a session number on the current link and sends its `open`.
