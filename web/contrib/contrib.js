@@ -2,6 +2,7 @@
  *
  *   <script src="http://DOMAIN/contrib.js"></script>
  *   const node = await Stardust.contribute({ domain, cpuLimit: 0.3, onCredit, onTask, onError });
+ *   (`gateway: "https://GATEWAY"` holds the session through a connection gateway of the domain)
  *   node.pause(); node.resume(); node.stats(); node.disconnect();
  *
  * The same protocol as native nodes (docs/protocol.md is the contract for both): an Ed25519
@@ -574,6 +575,10 @@
     if (!o.domain) throw new Error("Stardust.contribute: `domain` is required, e.g. \"http://127.0.0.1:7070\"");
     const domain = String(o.domain).replace(/\/+$/, "");
     if (!/^https?:\/\/[^/]+$/.test(domain)) throw new Error("Stardust.contribute: `domain` must be http(s)://HOST[:PORT], not " + o.domain);
+    // A connection gateway of the domain may hold the session (docs/protocol.md §5d); blobs
+    // and the node's figures still come from the domain.
+    const sessionBase = o.gateway ? String(o.gateway).replace(/\/+$/, "") : domain;
+    if (!/^https?:\/\/[^/]+$/.test(sessionBase)) throw new Error("Stardust.contribute: `gateway` must be http(s)://HOST[:PORT], not " + o.gateway);
     if (!(o.cpuLimit > 0 && o.cpuLimit <= 1)) throw new Error("Stardust.contribute: `cpuLimit` must be in (0, 1], not " + o.cpuLimit);
     if (typeof WebAssembly !== "object" || typeof Worker !== "function" || !global.indexedDB)
       throw new Error("Stardust.contribute: this browser lacks WebAssembly, Web Workers or IndexedDB");
@@ -824,7 +829,7 @@
     // One session; resolves when it closes.
     function session() {
       return new Promise((resolve) => {
-        const ws = new WebSocket(domain.replace(/^http/, "ws") + "/v1/nodes/connect");
+        const ws = new WebSocket(sessionBase.replace(/^http/, "ws") + "/v1/nodes/connect");
         ws.binaryType = "arraybuffer";
         s.ws = ws;
         let chain = Promise.resolve(), stage = "challenge";

@@ -17,9 +17,9 @@ import { createServer } from "node:http";
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 
-const [domain, shots] = process.argv.slice(2);
+const [domain, shots, gateway] = process.argv.slice(2);
 if (!domain || !shots) {
-  console.error("usage: contrib.mjs DOMAIN_URL SCREENSHOT_DIR");
+  console.error("usage: contrib.mjs DOMAIN_URL SCREENSHOT_DIR [GATEWAY_URL]");
   process.exit(2);
 }
 
@@ -43,7 +43,7 @@ const page_html = `<!doctype html>
   requestAnimationFrame(frame);
   window.scriptLoadedAt = performance.now();
   window.ready = Stardust.contribute({
-    domain: ${JSON.stringify(domain)}, cpuLimit: 1, pauseWhenActive: true, activeMs: 1000,
+    domain: ${JSON.stringify(domain)}, gateway: ${JSON.stringify(gateway || null)}, cpuLimit: 1, pauseWhenActive: true, activeMs: 1000,
     onTask: (e) => { events.push(Object.assign({ at: performance.now() }, e)); document.getElementById("tasks").textContent = events.length; },
     onCredit: (c) => { document.getElementById("credits").textContent = (c / 1e6).toFixed(6); },
     onState: (st) => states.push(Object.assign({ at: performance.now() }, st)),

@@ -4,7 +4,8 @@
 //! - its WASI host (`web/contrib/contrib.js`) against the native sandbox, program by
 //!   program: the same status, fuel, exit code and output hash, bit for bit;
 //! - a real domain, a native node process and a browser tab with the script tag sharing a
-//!   redundancy-2 job, then hostile modules.
+//!   redundancy-2 job, then hostile modules;
+//! - the same with the tab's session held by a connection gateway.
 
 mod common;
 
@@ -13,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{browser_available, cli, root, start_domain, start_nodes, wait_until};
+use common::{
+    Proc, browser_available, cli, free_port, root, start_domain, start_nodes, wait_until,
+};
 use serde_json::{Value, json};
 use stardust_proto::content::ContentId;
 
@@ -366,6 +369,126 @@ fn the_browser_host_matches_the_native_sandbox_bit_for_bit() {
         gap < 2000.0,
         "the page stalled {gap} ms while tasks ran in workers"
     );
+}
+
+#[test]
+fn a_browser_tab_contributes_through_a_connection_gateway() {
+    if !browser_available("browser node through a gateway") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let s = |p: &str| d.join(p).to_string_lossy().into_owned();
+    let r = root();
+    std::fs::create_dir_all(d.join("gateway")).expect("gateway dir");
+    let gateway_key = cli(&["keys", "new", "--key", &s("gateway/gateway.key"), "--json"]);
+    let gateway_key = gateway_key["id"].as_str().expect("gateway id").to_string();
+    let (_domain, url) = start_domain(
+        d,
+        &["--welcome-grant", "100000", "--gateway-key", &gateway_key],
+    );
+    let port = free_port();
+    let gateway_url = format!("http://127.0.0.1:{port}");
+    let _gateway = Proc::spawn(
+        "gateway",
+        &[
+            "gateway",
+            "--domain",
+            &url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data",
+            &s("gateway"),
+        ],
+        &d.join("gateway.log"),
+    );
+    let gateway_metric = |name: &str| -> u64 {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("{gateway_url}/metrics")])
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    wait_until("the gateway's link", Duration::from_secs(30), || {
+        gateway_metric("stardust_gateway_linked") == 1
+    });
+    // One native node, directly; the tab through the gateway. Redundancy 2 on distinct
+    // nodes: every task needs the tab too.
+    let _native = start_nodes(&url, d, 1, 1);
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-node-gateway");
+    std::fs::create_dir_all(&shots).expect("artifact dir");
+    let mut page = ChildGuard(
+        Command::new("node")
+            .arg(r.join("web/tests/contrib.mjs"))
+            .args([&url, shots.to_str().expect("utf-8"), &gateway_url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run node"),
+    );
+    let _stdin = page.0.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(page.0.stdout.take().expect("stdout")).lines();
+    let browser_id = loop {
+        let line = lines
+            .next()
+            .expect("contrib.mjs ended before READY")
+            .expect("read");
+        if let Some(id) = line.strip_prefix("READY ") {
+            break id.to_string();
+        }
+        eprintln!("contrib.mjs: {line}");
+    };
+    assert_eq!(
+        gateway_metric("stardust_gateway_sessions"),
+        1,
+        "the tab's session is the gateway's"
+    );
+    let job = job_file(
+        d,
+        "hello",
+        &r.join("test-programs/hello.wasm"),
+        "args = [\"{i}\"]\n[limits]\ntimeout = \"20s\"\n[sweep.grid]\ni = [1, 2, 3, 4]\n",
+    );
+    let key = s("client.key");
+    let submitted = cli(&[
+        "submit",
+        job.to_str().expect("utf-8"),
+        "--domain",
+        &url,
+        "--key",
+        &key,
+        "--json",
+    ]);
+    let id = submitted["job_id"].as_u64().expect("job id").to_string();
+    let status = || {
+        cli(&[
+            "job", "status", &id, "--domain", &url, "--key", &key, "--json",
+        ])
+    };
+    wait_until("the job to end", Duration::from_secs(120), || {
+        !["queued", "running"].contains(&status()["state"].as_str().unwrap_or(""))
+    });
+    let done = status();
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["tasks_verified"], 4, "{done}");
+    let nodes = cli(&["nodes", "--domain", &url, "--json"]);
+    let tab = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["id"] == browser_id.as_str())
+        .unwrap_or_else(|| panic!("the tab is not among the domain's nodes: {nodes}"));
+    assert_eq!(tab["tier"], "browser", "{tab}");
+    assert!(
+        tab["agreed"].as_u64().unwrap_or(0) >= 4,
+        "the tab ran every task's second replica: {tab}"
+    );
+    assert!(gateway_metric(r#"stardust_gateway_frames_total{direction="to_domain"}"#) >= 2);
 }
 
 /// Kills the page driver if the test fails half-way, so nothing is left running.
