@@ -24,6 +24,14 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Waits until the domain at `addr` has `n` node sessions open.
+async fn connected(addr: SocketAddr, n: u64) {
+    eventually(&format!("{n} nodes connected"), async || {
+        counter(addr, "stardust_nodes_connected").await == n
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_behind_a_gateway_runs_a_job_and_goes_when_the_gateway_does() {
     let gateway_key = key(30);
@@ -97,15 +105,21 @@ async fn a_node_behind_a_gateway_runs_a_job_and_goes_when_the_gateway_does() {
     domain.shutdown().await;
 }
 
-/// Opens `/v1/relay` and answers the challenge as `gateway`; returns the link and the first
-/// answer (welcome or reject).
-async fn link(addr: SocketAddr, gateway: &Identity) -> (Ws, Option<DomainMessage>) {
+/// Opens `/v1/relay`; returns the link and its challenge's nonce.
+async fn challenged(addr: SocketAddr) -> (Ws, stardust_proto::message::Nonce) {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/relay"))
         .await
         .expect("connect");
     let Some(DomainMessage::Challenge { nonce, .. }) = next_domain(&mut ws).await else {
         panic!("no challenge on the link")
     };
+    (ws, nonce)
+}
+
+/// Opens `/v1/relay` and answers the challenge as `gateway`; returns the link and the first
+/// answer (welcome or reject).
+async fn link(addr: SocketAddr, gateway: &Identity) -> (Ws, Option<DomainMessage>) {
+    let (mut ws, nonce) = challenged(addr).await;
     let hello = GatewayHello {
         nonce,
         agent: "test-gateway".into(),
@@ -230,10 +244,7 @@ async fn the_relay_link_carries_sessions_record_by_record() {
         seen.iter().any(|(s, m)| *s == 2 && m.is_none()),
         "session 2 is closed: {seen:?}"
     );
-    eventually("one relayed node connected", async || {
-        counter(addr, "stardust_nodes_connected").await == 1
-    })
-    .await;
+    connected(addr, 1).await;
 
     // A relayed session is a session: a bad frame and a text frame get their rejects.
     send(
@@ -296,10 +307,7 @@ async fn the_relay_link_carries_sessions_record_by_record() {
         (1, true),
         "the domain's close for session 1"
     );
-    eventually("no node connected", async || {
-        counter(addr, "stardust_nodes_connected").await == 0
-    })
-    .await;
+    connected(addr, 0).await;
     send(
         &mut ws,
         &[Record::Open {
@@ -361,12 +369,7 @@ async fn only_listed_gateways_may_link() {
         "{answer:?}"
     );
     // A node key's hello on the link is the wrong context.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/relay", domain.addr()))
-        .await
-        .expect("connect");
-    let Some(DomainMessage::Challenge { nonce, .. }) = next_domain(&mut ws).await else {
-        panic!("no challenge")
-    };
+    let (mut ws, nonce) = challenged(domain.addr()).await;
     let node_hello = common::hello(nonce, 1);
     ws.send(Message::Binary(encode(&key(30), &node_hello).into()))
         .await
@@ -424,10 +427,7 @@ async fn a_gateway_relinks_after_its_domain_restarts_and_its_node_comes_back() {
         .await
         .expect("the domain again");
     eventually("the gateway links again", async || gateway.linked().await).await;
-    eventually("the node is back, through the gateway", async || {
-        counter(addr, "stardust_nodes_connected").await == 1
-    })
-    .await;
+    connected(addr, 1).await;
     assert_eq!(gateway.sessions(), 1);
     common::sweep_completes(&client, &module, &input, 6).await;
 
