@@ -443,10 +443,12 @@ fn a_browser_tab_contributes_through_a_connection_gateway() {
         }
         eprintln!("contrib.mjs: {line}");
     };
-    assert_eq!(
-        gateway_metric("stardust_gateway_sessions"),
-        1,
-        "the tab's session is the gateway's"
+    // `contribute` resolves with the node's id before its session opens: the gateway
+    // counts the tab once the tab has dialled it.
+    wait_until(
+        "the tab's session on the gateway",
+        Duration::from_secs(30),
+        || gateway_metric("stardust_gateway_sessions") == 1,
     );
     let job = job_file(
         d,

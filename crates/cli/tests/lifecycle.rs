@@ -72,6 +72,8 @@ fn run_lifecycle(database: Option<String>) {
                     "--slots",
                     "2",
                     "--no-bench",
+                    "--nice",
+                    "0",
                 ],
                 &d.join(format!("node{i}.log")),
             )
@@ -350,6 +352,8 @@ fn tls_end_to_end_with_a_private_ca_directly_and_through_a_gateway() {
             "--slots",
             "2",
             "--no-bench",
+            "--nice",
+            "0",
         ],
         &d.join("node.log"),
     );
@@ -400,6 +404,8 @@ fn tls_end_to_end_with_a_private_ca_directly_and_through_a_gateway() {
             "--slots",
             "2",
             "--no-bench",
+            "--nice",
+            "0",
         ],
         &d.join("relayed-node.log"),
     );

@@ -159,6 +159,11 @@ pub fn start_nodes(url: &str, dir: &Path, count: usize, slots: u32) -> Vec<Proc>
                     "--slots",
                     &slots,
                     "--no-bench",
+                    // Tests share two cores with every other test: a node at its
+                    // default nice 19 can starve for seconds (the default has a test
+                    // of its own in lifecycle.rs).
+                    "--nice",
+                    "0",
                 ],
                 &dir.join(format!("node{i}.log")),
             )
