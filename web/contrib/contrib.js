@@ -509,8 +509,12 @@
     if (!await id.verify(signer, sig, signed)) throw new Error("bad signature");
     return { signer: C.hex(signer), message: JSON.parse(dec.decode(bytes.subarray(42 + n, 42 + n + m))) };
   }
+  // Signing times only grow: the domain takes a POST signature once, and two identical
+  // uploads in one millisecond would otherwise sign the same bytes.
+  let lastSigningTime = 0;
   async function signedFetch(id, base, method, path, body) {
-    const time = String(Date.now());
+    lastSigningTime = Math.max(Date.now(), lastSigningTime + 1);
+    const time = String(lastSigningTime);
     const bytes = body || new Uint8Array(0);
     const signing = enc.encode("stardust/v1/request\0" + method + "\n" + path + "\n" + time + "\n" + C.hex(C.blake3(bytes)));
     const sig = C.hex(await id.sign(signing));

@@ -15,6 +15,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -102,6 +104,8 @@ pub struct Client {
     identity: Identity,
     http: HttpClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
+    /// The last signing time, shared by clones: see [`Client::signing_time`].
+    clock: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for Client {
@@ -153,6 +157,7 @@ impl Client {
             identity,
             http,
             timeout: Duration::from_secs(60),
+            clock: Arc::default(),
         })
     }
 
@@ -166,6 +171,25 @@ impl Client {
         &self.identity
     }
 
+    /// The time to sign a request with: the clock, but later than every time this client
+    /// signed with before. The domain takes a `POST` signature once, and Ed25519 signs the
+    /// same bytes alike: two identical submissions in one millisecond would otherwise be
+    /// one signature, and the second refused as a replay.
+    fn signing_time(&self) -> i64 {
+        let now = now_ms();
+        let mut last = self.clock.load(Ordering::Relaxed);
+        loop {
+            let time = now.max(last + 1);
+            match self
+                .clock
+                .compare_exchange_weak(last, time, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return time,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
     /// Sends a signed request; returns status and body.
     async fn send(
         &self,
@@ -174,8 +198,13 @@ impl Client {
         body: Vec<u8>,
         content_type: &str,
     ) -> Result<(StatusCode, Bytes), Error> {
-        let [key, time, sig] =
-            request::sign(&self.identity, method.as_str(), path, now_ms(), &body);
+        let [key, time, sig] = request::sign(
+            &self.identity,
+            method.as_str(),
+            path,
+            self.signing_time(),
+            &body,
+        );
         let req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
@@ -360,5 +389,30 @@ impl Client {
                 return Ok(status);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signing_times_only_grow_across_clones() {
+        let client = Client::new("http://127.0.0.1:9", Identity::from_secret_bytes(&[7; 32]))
+            .expect("client");
+        let clone = client.clone();
+        let mut last = 0;
+        // Thousands of requests signed within a few milliseconds: each gets its own time,
+        // so identical requests never share a signature.
+        for i in 0..5_000 {
+            let t = if i % 2 == 0 {
+                client.signing_time()
+            } else {
+                clone.signing_time()
+            };
+            assert!(t > last, "signing time {t} after {last}");
+            last = t;
+        }
+        assert!(last >= now_ms(), "never behind the clock");
     }
 }

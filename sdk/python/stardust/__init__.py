@@ -10,6 +10,7 @@ import json
 import os
 import ssl
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -168,14 +169,24 @@ class Client:
         self.key = load_key(key_path)
         self.timeout = timeout
         self._ssl = ssl.create_default_context(cafile=ca_file) if url.startswith("https://") else None
+        self._last_time = 0
+        self._clock = threading.Lock()
 
     @property
     def id(self) -> str:
         """The client's NodeId (public key, hex)."""
         return _public_hex(self.key)
 
+    def _signing_time(self) -> int:
+        """The clock in ms, but later than every time this client signed with before: the
+        domain takes a POST signature once, so two identical submissions in one millisecond
+        must not sign the same bytes."""
+        with self._clock:
+            self._last_time = max(int(time.time() * 1000), self._last_time + 1)
+            return self._last_time
+
     def _request(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> bytes:
-        headers = sign_request(self.key, method, path, int(time.time() * 1000), body)
+        headers = sign_request(self.key, method, path, self._signing_time(), body)
         headers["content-type"] = content_type
         req = urllib.request.Request(self.url + path, data=body if method in ("POST", "PUT") else None,
                                      method=method, headers=headers)

@@ -158,3 +158,12 @@ def test_api_errors_are_typed(domain):
         stardust.Client(f"http://127.0.0.1:{free_port()}", tmp / "client.key", timeout=2).health()
     with pytest.raises(stardust.StardustError):
         stardust.Client("ftp://example", tmp / "client.key")
+
+
+def test_signing_times_only_grow(tmp_path):
+    # Thousands of requests signed within a few milliseconds: each gets its own time, so two
+    # identical POSTs never share a signature (the domain would refuse the second as a replay).
+    client = stardust.Client("http://127.0.0.1:9", tmp_path / "client.key")
+    times = [client._signing_time() for _ in range(5000)]
+    assert all(b > a for a, b in zip(times, times[1:]))
+    assert times[-1] >= int(time.time() * 1000) - 1
