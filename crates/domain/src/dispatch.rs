@@ -5,10 +5,11 @@
 //! assignments in one frame. Rounds run in [`run`]'s loop, woken when work or room appears;
 //! and a submission that finds nothing waiting and a node free runs its job's round itself,
 //! inside the job's own transaction ([`create_job`]): one commit makes the job and its first
-//! leases durable, and its tasks leave for a node without waiting for the loop.
+//! leases durable, and its tasks leave for a node before that commit, without waiting for the
+//! loop (their results are recorded only after it).
 //!
-//! Lock order: the pending cache, then the store's connection, then the sessions (never held
-//! while the store works).
+//! Lock order: the pending cache, then `Shared::committing`, then the store's connection,
+//! then the sessions (never held while the store works).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -46,7 +47,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 
 /// Creates a job. When no other task waits for a node (the pending cache holds every
 /// pending task, and none) and a node has room, the job's first round runs in the job's
-/// transaction: its leases commit with it, and its tasks are sent at once. Otherwise (the
+/// transaction: its leases commit with it, and its tasks are sent before the commit is
+/// written (cancelled if it fails). Otherwise (the
 /// dispatcher busy with a round, work waiting, no room, a job too large to list) the job is
 /// committed alone and the dispatcher woken, as the dispatcher would serve it anyway.
 ///
@@ -76,11 +78,15 @@ pub(crate) async fn create_job(
         drop(cache);
         return queued(shared, new, now).await;
     }
+    // Before the transaction (lock order: the cache, this, the store): results wait for the
+    // commit of leases sent ahead of it.
+    let committing = shared.committing.clone().write_owned().await;
     let mut open = store.open_job(new, now).await?;
     if open.tasks().is_empty() {
         // Too large to list: the dispatcher reads it.
         cache.armed = false;
         drop(cache);
+        drop(committing);
         let job = open.commit(store).await?;
         shared.wake.notify_one();
         return Ok(job);
@@ -90,11 +96,34 @@ pub(crate) async fn create_job(
     let tasks = cache.take_held(limit);
     let mut round = Round::new(shared, tasks, now).await;
     round.lease(shared, Lessor::Job(&mut open)).await?;
-    let job = open.commit(store).await?;
-    // Committed: the leases exist and their nodes must hear of them, even if this request is
-    // dropped now (its client gone): the rest runs as a task of its own.
-    let _ = tokio::spawn(sent(shared.clone(), round, cache, job)).await;
-    Ok(job)
+    // The assignments leave before the commit: the node checks and runs them while the commit
+    // is written. Their results are recorded only after it (`committing`); if it fails, the
+    // nodes are told to drop them. From here the rest runs as a task of its own, so that a
+    // request dropped now (its client gone) neither abandons the commit nor leaves sent
+    // leases untold.
+    let sent_ahead = round.assign(shared).await;
+    let shared = shared.clone();
+    let ended = tokio::spawn(async move {
+        let committed = open.commit(&shared.store).await;
+        drop(committing);
+        match committed {
+            Ok(job) => {
+                sent(shared, round, cache, job).await;
+                Ok(job)
+            }
+            Err(e) => {
+                // Never durable: no result for them can be recorded.
+                shared.cancel_leases(sent_ahead).await;
+                Err(e)
+            }
+        }
+    })
+    .await;
+    match ended {
+        Ok(job) => Ok(job?),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(StoreError::Stopped.into()),
+    }
 }
 
 /// A submission's round, once committed: its leases told to their sessions and nodes.
@@ -315,8 +344,11 @@ struct Round {
     views: Vec<NodeView>,
     index: HashMap<NodeId, usize>,
     open: Vec<Wanting>,
-    /// Leases made, with their nodes: added to the sessions once durable.
+    /// Leases made, with their nodes: added to the sessions once durable (or when sent
+    /// ahead of their commit, [`Round::assign`]).
     leased: Vec<(NodeId, LeaseId)>,
+    /// Whether `leased` were sent and given to their sessions already.
+    assigned: bool,
     /// Nodes whose stake covered no more leases.
     capped: HashSet<NodeId>,
     /// Nodes owed a spot check: room was left after the replicas proposed for them.
@@ -337,6 +369,7 @@ impl Round {
             index,
             open: pending.into_iter().map(Wanting::new).collect(),
             leased: Vec::new(),
+            assigned: false,
             capped: HashSet::new(),
             spots: Vec::new(),
             batches: HashMap::new(),
@@ -450,10 +483,9 @@ impl Round {
         {
             let mut sessions = shared.sessions.lock().await;
             // A node gone since the round began: its leases lapse and the tasks come back.
-            for (node, lease) in &self.leased {
-                if let Some(s) = sessions.get_mut(node) {
-                    s.running.insert(*lease, now);
-                }
+            // Leases sent ahead are the sessions' already (and may have ended since).
+            if !self.assigned {
+                self.give_leased(&mut sessions);
             }
             for node in &self.capped {
                 if let Some(s) = sessions.get_mut(node) {
@@ -509,16 +541,49 @@ impl Round {
             }
         }
         let mut sessions = shared.sessions.lock().await;
-        for (node, tasks) in self.batches {
-            let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
-            if let Some(s) = sessions.get(&node)
-                && s.outbox.try_send(frame).is_err()
-            {
-                tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
-                sessions.remove(&node);
+        send_batches(shared, &mut sessions, std::mem::take(&mut self.batches));
+        result
+    }
+
+    /// Sends the leases made so far to their nodes before they are durable, and gives them
+    /// to their sessions; returns them, to be cancelled should the commit fail.
+    /// [`Round::finish`] then sends only what it adds (spot checks).
+    async fn assign(&mut self, shared: &Shared) -> Vec<(LeaseId, NodeId)> {
+        let mut sessions = shared.sessions.lock().await;
+        self.give_leased(&mut sessions);
+        send_batches(shared, &mut sessions, std::mem::take(&mut self.batches));
+        self.assigned = true;
+        self.leased
+            .iter()
+            .map(|&(node, lease)| (lease, node))
+            .collect()
+    }
+
+    /// Counts the round's leases as running on their sessions.
+    fn give_leased(&self, sessions: &mut HashMap<NodeId, Session>) {
+        for (node, lease) in &self.leased {
+            if let Some(s) = sessions.get_mut(node) {
+                s.running.insert(*lease, self.now);
             }
         }
-        result
+    }
+}
+
+/// Sends each node its assignments in one frame; a session whose outbox is full is dropped
+/// (its leases expire).
+fn send_batches(
+    shared: &Shared,
+    sessions: &mut HashMap<NodeId, Session>,
+    batches: HashMap<NodeId, Vec<Assignment>>,
+) {
+    for (node, tasks) in batches {
+        let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
+        if let Some(s) = sessions.get(&node)
+            && s.outbox.try_send(frame).is_err()
+        {
+            tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
+            sessions.remove(&node);
+        }
     }
 }
 

@@ -112,10 +112,13 @@ async fn record(shared: &Shared, frames: Vec<Filed>) -> Result<(), Vec<Filed>> {
             })
         })
         .collect();
+    // A submission's leases may reach their node before its commit: wait for it.
+    let committed = shared.committing.read().await;
     let outcomes = shared
         .store
         .record_results(&submitted, shared.retry(), now_ms())
         .await;
+    drop(committed);
     drop(submitted);
     match outcomes {
         Ok(outcomes) => {

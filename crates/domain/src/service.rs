@@ -248,6 +248,10 @@ pub(crate) struct Shared {
     pub waiters: crate::http::Waiters,
     /// Pending tasks between dispatch rounds; held by the round running.
     pub pending: Arc<Mutex<crate::dispatch::PendingCache>>,
+    /// Held for writing by a submission whose assignments left before its commit, until
+    /// that commit ends; the recorder reads results under it, so a result never meets its
+    /// lease uncommitted (on PostgreSQL another connection would not see it yet).
+    pub committing: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// One node's heartbeat on its way to the store, with where to answer.
@@ -575,6 +579,7 @@ async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError
         config,
         waiters: crate::http::Waiters::default(),
         pending: Arc::default(),
+        committing: Arc::default(),
     });
     let router = crate::http::router(shared.clone());
     let mut server_stop = shutdown.clone();

@@ -205,3 +205,178 @@ async fn a_job_finding_nothing_waiting_is_leased_at_submission_and_never_ahead_o
 
     domain.shutdown().await;
 }
+
+/// A node that answers each assignment the moment it arrives, with inline output; returns
+/// after `jobs` one-task jobs, each submitted once the last was answered, asserting that
+/// every result was acknowledged (recorded) and none refused.
+async fn answer_at_once(r: &Running, jobs: usize) {
+    use futures_util::SinkExt;
+    use stardust_proto::content::ContentId;
+    use stardust_proto::message::{DomainMessage, Inline, ResultBatch, TaskResult, encode};
+    use stardust_proto::task::{RunReport, Status};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let node = key(3);
+    let mut ws = join(r.domain.addr(), &node, 2).await;
+    for n in 0..jobs {
+        let client = r.client.clone();
+        let spec = sweep(&r.module, &r.input, 1);
+        let submitted = tokio::spawn(async move { client.submit(&spec).await });
+        let lease = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match next_domain(&mut ws).await {
+                    Some(DomainMessage::Assign { tasks }) => break tasks,
+                    Some(_) => {}
+                    None => panic!("the session ended"),
+                }
+            }
+        })
+        .await
+        .expect("an assignment");
+        let results = lease
+            .iter()
+            .map(|a| {
+                let output = format!("job {n}").into_bytes();
+                TaskResult {
+                    lease: a.lease,
+                    task: a.spec.task,
+                    report: RunReport {
+                        status: Status::Ok,
+                        trap: None,
+                        exit_code: Some(0),
+                        fuel_used: 1_000,
+                        output: ContentId::of(&output),
+                        output_len: output.len() as u64,
+                        wall_ms: 0,
+                        detail: None,
+                    },
+                    output: Some(Inline(output)),
+                }
+            })
+            .collect();
+        ws.send(Message::Binary(
+            encode(&node, &ResultBatch { results }).into(),
+        ))
+        .await
+        .expect("send results");
+        let acked = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match next_domain(&mut ws).await {
+                    Some(DomainMessage::Ack { leases }) => break leases,
+                    Some(DomainMessage::Reject { code, message }) => {
+                        panic!("job {n}: the result was refused: {code}: {message}")
+                    }
+                    Some(_) => {}
+                    None => panic!("the session ended"),
+                }
+            }
+        })
+        .await
+        .expect("an acknowledgement");
+        assert_eq!(
+            acked,
+            lease.iter().map(|a| a.lease).collect::<Vec<_>>(),
+            "job {n}"
+        );
+        let job = submitted.await.expect("join").expect("submit");
+        let status = r.client.job(job).await.expect("status");
+        assert_eq!(status["state"], "completed", "job {n}: {status}");
+    }
+    assert_eq!(
+        at_submission(r.domain.addr()).await,
+        jobs as u64,
+        "every job was leased at its submission"
+    );
+}
+
+/// A submission's assignments leave before its commit; a node that answers at once must
+/// find its result recorded, never refused for a lease not yet committed. On SQLite the
+/// one connection orders them anyway; on PostgreSQL the recorder's connection would not
+/// see the lease before the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_sent_before_their_leases_commit_are_recorded_on_sqlite() {
+    let r = start(|_| {}).await;
+    answer_at_once(&r, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_sent_before_their_leases_commit_are_recorded_on_postgres() {
+    let Some(url) = common::postgres_database("results before commit").await else {
+        return;
+    };
+    let r = start(|c| c.database_url = Some(url.clone())).await;
+    // Every commit that made a lease takes 50 ms more (a deferred trigger runs at COMMIT):
+    // a result recorded before its lease's commit ends would find no lease.
+    let pool = sqlx::AnyPool::connect(&url).await.expect("connect");
+    for statement in [
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS          $$ BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END $$",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON leases          DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    ] {
+        sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .expect("slow commits");
+    }
+    answer_at_once(&r, 10).await;
+}
+
+/// A submission whose commit fails after its assignments left: the client gets an error,
+/// the node is told to drop the lease, nothing of the job exists and no credit moved; the
+/// next submission runs. PostgreSQL, whose commit a deferred trigger can make fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_cancels_the_leases_it_sent_ahead() {
+    use stardust_proto::message::DomainMessage;
+
+    let Some(url) = common::postgres_database("a failed commit").await else {
+        return;
+    };
+    let r = start(|c| c.database_url = Some(url.clone())).await;
+    let pool = sqlx::AnyPool::connect(&url).await.expect("connect");
+    for statement in [
+        "CREATE FUNCTION failing_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'the disk is full'; END $$",
+        "CREATE CONSTRAINT TRIGGER failing_commit AFTER INSERT ON leases \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION failing_commit()",
+    ] {
+        sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .expect("failing commits");
+    }
+    let before = r.client.account().await.expect("account");
+    let mut ws = join(r.domain.addr(), &key(4), 2).await;
+    let refused = r.client.submit(&sweep(&r.module, &r.input, 1)).await;
+    assert!(refused.is_err(), "the submission failed: {refused:?}");
+    let (assigned, cancelled) = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut assigned = Vec::new();
+        loop {
+            match next_domain(&mut ws).await {
+                Some(DomainMessage::Assign { tasks }) => {
+                    assigned.extend(tasks.iter().map(|a| a.lease));
+                }
+                Some(DomainMessage::Cancel { leases }) => break (assigned, leases),
+                Some(_) => {}
+                None => panic!("the session ended"),
+            }
+        }
+    })
+    .await
+    .expect("the lease sent ahead is cancelled");
+    assert_eq!(assigned.len(), 1, "the lease left before the commit");
+    assert_eq!(cancelled, assigned);
+    let after = r.client.account().await.expect("account");
+    assert_eq!(after["balance"], before["balance"], "no credit moved");
+    let ledger = r.client.ledger().await.expect("ledger");
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .expect("count jobs");
+    assert_eq!(stored, 0, "no job exists: {ledger}");
+
+    sqlx::query("DROP TRIGGER failing_commit ON leases")
+        .execute(&pool)
+        .await
+        .expect("drop the trigger");
+    drop(ws);
+    answer_at_once(&r, 1).await;
+}

@@ -91,6 +91,9 @@ pub enum StoreError {
     /// A ledger write without the domain key to sign it.
     #[error("this store was opened without the domain key; it cannot write the ledger")]
     NoSigner,
+    /// The domain stopped while a write was in flight; it may or may not have committed.
+    #[error("the domain stopped during the write")]
+    Stopped,
     /// The database holds a newer schema than this binary knows.
     #[error("database schema version {found} is newer than this binary's {known}")]
     SchemaTooNew {

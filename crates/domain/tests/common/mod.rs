@@ -190,3 +190,32 @@ pub fn sweep(module: &str, input: &str, n: u32) -> stardust_proto::job::JobSpec 
     }))
     .expect("spec")
 }
+
+/// A fresh PostgreSQL database's URL under `STARDUST_TEST_POSTGRES_URL`'s server; `None`
+/// (with a printed reason) where that is unset, which CI never allows.
+pub async fn postgres_database(what: &str) -> Option<String> {
+    let Ok(admin) = std::env::var("STARDUST_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set STARDUST_TEST_POSTGRES_URL"
+        );
+        eprintln!("SKIPPED on PostgreSQL ({what}): STARDUST_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "stardust_test_domain_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&admin)
+        .await
+        .expect("connect to the PostgreSQL admin URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .expect("create database");
+    let (base, _) = admin.rsplit_once('/').expect("URL with a database");
+    Some(format!("{base}/{name}"))
+}
