@@ -536,6 +536,10 @@ struct PendingNews {
 /// bumped (the dispatcher reads them from the database instead).
 const MAX_CREATED: usize = 4096;
 
+/// Verified tasks a spot check's candidates are looked for among, the most recent first:
+/// the search is bounded however long the domain's history.
+pub const SPOT_CHECK_WINDOW: i64 = 256;
+
 /// A job's tasks per insert statement (bound as one JSON array).
 const TASKS_PER_INSERT: usize = 2048;
 
@@ -1427,8 +1431,8 @@ impl Store {
 
     /// Leases a spot check to `node`: a verified task it never ran, whose answer is known,
     /// indistinguishable from a fresh task. `draw` (uniform in [0, 1)) picks among the 64
-    /// most recent candidates. Returns the lease and what to run, or `None` when there is
-    /// no candidate.
+    /// most recent candidates within the last [`SPOT_CHECK_WINDOW`] verified tasks. Returns
+    /// the lease and what to run, or `None` when there is no candidate.
     pub async fn create_spot_check(
         &self,
         node: NodeId,
@@ -1436,12 +1440,17 @@ impl Store {
         lease_ms: i64,
         draw: f64,
     ) -> Result<Option<(LeaseId, TaskSpec)>> {
+        // Among the most recent verified tasks only: the search looked at every verified task
+        // the node ran until it found one it did not, so a node that ran most of a long
+        // history made each spot check read all of it (8,000 rows, 1.7 ms, in a latency run).
         let rows = query(
-            "SELECT t.id FROM tasks t WHERE t.state = 'verified'
-             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id AND l.node = $1)
-             ORDER BY t.id DESC LIMIT 64",
+            "SELECT c.id FROM (SELECT t.id FROM tasks t WHERE t.state = 'verified'
+             ORDER BY t.id DESC LIMIT $2) c
+             WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = c.id AND l.node = $1)
+             LIMIT 64",
         )
         .bind(node.to_string())
+        .bind(SPOT_CHECK_WINDOW)
         .fetch_all(&mut self.db.acquire().await?)
         .await?;
         if rows.is_empty() {

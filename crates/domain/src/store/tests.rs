@@ -1900,9 +1900,10 @@ async fn hot_statements_search_indexes_on_sqlite() {
     let mut conn = store.db.acquire().await.expect("conn");
     for sql in [
         BACKLOG_SQLITE,
-        "SELECT t.id FROM tasks t WHERE t.state = 'verified'
-         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = t.id AND l.node = 'n')
-         ORDER BY t.id DESC LIMIT 64",
+        "SELECT c.id FROM (SELECT t.id FROM tasks t WHERE t.state = 'verified'
+         ORDER BY t.id DESC LIMIT 256) c
+         WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = c.id AND l.node = 'n')
+         LIMIT 64",
         "SELECT node, report FROM leases WHERE task_id = 1 AND state = 'done' ORDER BY id",
         "SELECT COUNT(*) AS n FROM leases WHERE task_id = 1 AND state = 'active'",
         "SELECT state, owner, n_open, n_verified FROM jobs WHERE id = 1",
@@ -1933,12 +1934,13 @@ async fn hot_statements_search_indexes_on_sqlite() {
             let detail: String = step.try_get("detail").expect("detail");
             if detail.starts_with("SCAN") {
                 // A partial index, a bound JSON list, or the statement's own derived rows
-                // (`v`: a batch's jobs).
+                // (`v`: a batch's jobs; `c`: a spot check's window of recent tasks).
                 assert!(
                     detail.contains("tasks_pending")
                         || detail.contains("tasks_verified")
                         || detail.contains("VIRTUAL TABLE")
-                        || detail == "SCAN v",
+                        || detail == "SCAN v"
+                        || detail == "SCAN c",
                     "{sql}\n{detail}"
                 );
             }
@@ -1947,6 +1949,46 @@ async fn hot_statements_search_indexes_on_sqlite() {
     drop(conn);
     // The backlog's count is the statement above.
     assert_eq!(store.backlog().await.expect("backlog"), 0);
+}
+
+/// A spot check's candidates come from the most recent verified tasks only: a node that ran
+/// all of them gets none, even with an older task it never ran (the search once read every
+/// verified task the node ran, the whole history of a long-lived domain).
+#[tokio::test]
+async fn spot_checks_look_at_recent_verified_tasks_only() {
+    for (store, _dir) in backends().await {
+        join(&store, &[1, 2]).await;
+        let n = SPOT_CHECK_WINDOW as usize + 1;
+        job(&store, 1, n).await;
+        let pending = store.pending_tasks(n as u32).await.expect("pending");
+        assert_eq!(pending.len(), n);
+        // The oldest task ran on node 2 alone, every later one on node 1.
+        for (i, p) in pending.iter().enumerate() {
+            let t = p.spec.task;
+            let runner = if i == 0 { node(2) } else { node(1) };
+            let lease = store
+                .lease(t, runner, 1_000, 10_000)
+                .await
+                .expect("lease")
+                .expect("leased");
+            record(&store, lease, runner, t, &report(b"out", 1_000)).await;
+        }
+        assert_eq!(
+            store
+                .create_spot_check(node(1), 0, 10_000, 0.0)
+                .await
+                .expect("spot"),
+            None,
+            "the one task node 1 never ran is older than the window"
+        );
+        // Node 2 never ran the recent ones: it is checked with one of them.
+        let (_, spec) = store
+            .create_spot_check(node(2), 0, 10_000, 0.0)
+            .await
+            .expect("spot")
+            .expect("a candidate");
+        assert_ne!(spec.task, pending[0].spec.task);
+    }
 }
 
 /// Another process writing the same SQLite file (`stardust ledger grant` beside a running
