@@ -32,6 +32,10 @@ pub enum Command {
     /// coordinator process: connect time, coordinator RSS and CPU, heartbeat handling, tasks
     /// served, dashboard snapshot time.
     Scale(crate::scale::Args),
+    /// What a single-task round trip must spend on this machine before any of its own work:
+    /// the signatures, verifications, commit and loopback hops on its critical path, each
+    /// measured here, and their sum.
+    Floor(crate::floor::Args),
     /// One simulator process of `bench scale` (internal).
     #[command(hide = true)]
     ScaleSim(crate::scale::SimArgs),
@@ -46,6 +50,7 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
         } => sandbox(&kernels, quick, json),
         Command::Throughput(args) => throughput::main(args),
         Command::Scale(args) => crate::scale::main(args),
+        Command::Floor(args) => crate::floor::main(args),
         Command::ScaleSim(args) => crate::scale::sim(args),
     }
 }

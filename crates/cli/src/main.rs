@@ -10,6 +10,7 @@ mod client;
 mod config;
 mod demo;
 mod domain;
+mod floor;
 mod gateway;
 mod jobfile;
 mod keys;

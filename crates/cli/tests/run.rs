@@ -403,6 +403,33 @@ fn bench_throughput_smoke() {
     }
 }
 
+#[test]
+fn bench_floor_smoke() {
+    let json = last_json_of(&["bench", "floor", "--iterations", "20", "--json"]);
+    let step = |name: &str| {
+        let us = json[format!("{name}_us")].as_f64().unwrap_or(-1.0);
+        assert!(us > 0.0 && us < 100_000.0, "{name}: {json}");
+        let times = json["path"]
+            .as_array()
+            .and_then(|p| p.iter().find(|s| s["step"] == name))
+            .and_then(|s| s["times"].as_f64())
+            .unwrap_or_else(|| panic!("{name} on the path: {json}"));
+        us * times
+    };
+    // The critical path of a round trip: 4 signatures, 3 verifications, 1 commit, 4 hops.
+    let sum: f64 = ["sign", "verify", "commit", "hop"]
+        .iter()
+        .map(|s| step(s))
+        .sum();
+    let floor = json["floor_us"].as_f64().expect("floor_us");
+    assert!(
+        (floor - sum).abs() < 1e-6,
+        "floor is the sum of its steps: {json}"
+    );
+    assert_eq!(json["path"][0]["times"], 4, "{json}");
+    assert_eq!(json["target_us"], 500.0, "{json}");
+}
+
 /// Whether process `pid` is gone (or a zombie nobody reaped).
 fn gone(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
