@@ -122,6 +122,9 @@ async fn record(shared: &Shared, frames: Vec<Filed>) -> Result<(), Vec<Filed>> {
     drop(submitted);
     match outcomes {
         Ok(outcomes) => {
+            // Requests waiting for these jobs' ends were woken by the commit: they answer
+            // their clients first, the nodes' acknowledgements (each a signature) after.
+            tokio::task::yield_now().await;
             let mut outcomes = outcomes.into_iter();
             let mut acks = Acks::new();
             for f in frames {
