@@ -271,6 +271,8 @@ pub struct OpenJob {
     /// [`MAX_CREATED`] tasks), told to the dispatcher at the commit unless taken.
     created: Vec<PendingTask>,
     tell: bool,
+    /// The job's ledger posts (welcome, escrow), written and signed at the commit.
+    ledger: Option<ledger::Chain>,
 }
 
 impl OpenJob {
@@ -307,7 +309,11 @@ impl OpenJob {
     /// Commits the job and whatever joined its transaction; tells the dispatcher of its
     /// tasks (those not taken).
     pub async fn commit(self, store: &Store) -> Result<JobId> {
-        self.tx.commit().await?;
+        let mut script = script::Script::default();
+        if let Some(chain) = self.ledger {
+            store.write_chain(&mut script, chain)?;
+        }
+        self.tx.commit_with(script).await?;
         if !self.tell {
             store.tell_pending_changed();
         } else if !self.created.is_empty() {
@@ -1168,9 +1174,14 @@ impl Store {
             price,
         );
         let welcome = self.economy.welcome;
-        // The ledger's writes, with the commit: one trip on SQLite.
-        let mut script = script::Script::default();
+        // The ledger's writes, and its record's signature, at the commit: a submission's
+        // first leases leave before it, and neither is theirs to wait for (the leases read
+        // stake balances only, which the job's posts do not touch).
+        let mut ledger = None;
         if maximum > 0 || welcome > 0 {
+            if self.signer.is_none() {
+                return Err(StoreError::NoSigner.into());
+            }
             let submitter = Account::Submitter(owner);
             let welcome_id = format!("welcome:{owner}");
             // What the posts below check, read with the head.
@@ -1216,7 +1227,7 @@ impl Store {
                     });
                 }
             }
-            self.write_chain(&mut script, chain)?;
+            ledger = Some(chain);
         }
         let mut created = Vec::with_capacity(if tell { trials.len() } else { 0 });
         for t in trials.iter().filter(|_| tell) {
@@ -1242,13 +1253,12 @@ impl Store {
                 priority,
             });
         }
-        // Now, not at the commit: leases joining the transaction read after these.
-        script.run(&mut tx).await?;
         Ok(OpenJob {
             tx,
             job: job as JobId,
             created,
             tell,
+            ledger,
         })
     }
 
