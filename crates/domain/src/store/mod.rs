@@ -18,7 +18,7 @@ pub mod schema;
 mod script;
 mod sql;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -525,7 +525,21 @@ pub struct Store {
     /// What a dispatcher keeping pending tasks in memory must hear ([`Store::pending_epoch`],
     /// [`Store::take_created`]).
     news: Arc<PendingNews>,
+    /// What [`Store::submission_refs`] found stored, kept for the next submissions.
+    known: Arc<std::sync::Mutex<KnownRefs>>,
 }
+
+/// Answers of [`Store::submission_refs`] that hold for good: blobs and metered modules are
+/// content-addressed and never deleted, so a stored one stays stored (an absent one is never
+/// kept: it may be uploaded next). Each set is emptied when it would pass [`KNOWN_REFS`].
+#[derive(Debug, Default)]
+struct KnownRefs {
+    blobs: HashSet<ContentId>,
+    modules: HashMap<ContentId, (ContentId, NodeId)>,
+}
+
+/// Entries [`KnownRefs`] keeps in each set at most.
+const KNOWN_REFS: usize = 4096;
 
 /// Changes to the set of pending tasks, told after the transaction that made them commits.
 #[derive(Debug, Default)]
@@ -854,6 +868,7 @@ impl Store {
             economy: Economy::default(),
             ended: tokio::sync::broadcast::channel(ENDED_JOBS_BACKLOG).0,
             news: Arc::default(),
+            known: Arc::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -1029,6 +1044,38 @@ impl Store {
     /// order given), and `module`'s metered id and author if it was uploaded and metered
     /// before.
     pub async fn submission_refs(
+        &self,
+        inputs: &[ContentId],
+        module: ContentId,
+    ) -> Result<(Vec<ContentId>, Option<(ContentId, NodeId)>)> {
+        // A submission naming what earlier ones found stored reads nothing.
+        if let Ok(known) = self.known.lock()
+            && let Some(metered) = known.modules.get(&module)
+            && inputs.iter().all(|i| known.blobs.contains(i))
+        {
+            return Ok((Vec::new(), Some(*metered)));
+        }
+        let found = self.submission_refs_stored(inputs, module).await?;
+        if let Ok(mut known) = self.known.lock() {
+            let (missing, metered) = &found;
+            if known.blobs.len() + inputs.len() > KNOWN_REFS {
+                known.blobs.clear();
+            }
+            known
+                .blobs
+                .extend(inputs.iter().filter(|i| !missing.contains(i)).copied());
+            if let Some(metered) = metered {
+                if known.modules.len() >= KNOWN_REFS {
+                    known.modules.clear();
+                }
+                known.modules.insert(module, *metered);
+            }
+        }
+        Ok(found)
+    }
+
+    /// [`Store::submission_refs`] as stored.
+    async fn submission_refs_stored(
         &self,
         inputs: &[ContentId],
         module: ContentId,

@@ -352,6 +352,30 @@ async fn blobs_and_modules() {
                 .expect("refs"),
             (Vec::new(), None)
         );
+        // Inputs missing before are found once uploaded (an absence is never remembered),
+        // and what was found stored is known without a read, even on another handle.
+        store.put_blob(a, b"a", 6).await.expect("put a");
+        store.put_blob(c, b"c", 6).await.expect("put c");
+        assert_eq!(
+            store
+                .submission_refs(&[c, id, a, b], id)
+                .await
+                .expect("refs"),
+            (Vec::new(), Some((ContentId::of(b"metered"), node(1))))
+        );
+        assert!(
+            store
+                .known
+                .lock()
+                .is_ok_and(|k| [a, b, c, id].iter().all(|i| k.blobs.contains(i))
+                    && k.modules.contains_key(&id)),
+            "stored answers are kept"
+        );
+        let again = store.clone();
+        assert_eq!(
+            again.submission_refs(&[a, b], id).await.expect("refs"),
+            (Vec::new(), Some((ContentId::of(b"metered"), node(1))))
+        );
     }
 }
 
