@@ -443,7 +443,7 @@ async fn price(shared: &Shared, spec: &JobSpec, tasks: u64) -> ApiResult<Quote> 
         sessions.values().map(|s| u64::from(s.free())).sum()
     };
     let market = Market {
-        backlog: shared.store.backlog().await?,
+        backlog: shared.backlog().await?,
         idle,
     };
     let price_per_scu = pricing::price_per_scu(shared.config.pricing, market, spec.priority);
