@@ -694,7 +694,7 @@ fn values(rows: usize, cols: usize) -> String {
 /// A SQLite connection from a `sqlite://PATH[?PARAMS]` (or `sqlite:PATH`) URL: the path may
 /// be percent-escaped; `mode` is `ro`, `rw` (the default: the file must exist) or `rwc`
 /// (created if missing); other parameters are SQLite's own URI parameters (`immutable=1`).
-fn sqlite_connect(url: &str) -> Result<rusqlite::Connection> {
+fn sqlite_connect(url: &str, vfs: Option<&str>) -> Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
     let rest = url
         .strip_prefix("sqlite://")
@@ -706,13 +706,14 @@ fn sqlite_connect(url: &str) -> Result<rusqlite::Connection> {
         params.push("mode=rw");
     }
     let uri = format!("file:{path}?{}", params.join("&"));
-    let conn = rusqlite::Connection::open_with_flags(
-        uri,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match vfs {
+        Some(vfs) => rusqlite::Connection::open_with_flags_and_vfs(uri, flags, vfs)?,
+        None => rusqlite::Connection::open_with_flags(uri, flags)?,
+    };
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(sql::STATEMENT_CACHE);
     Ok(conn)
@@ -821,11 +822,31 @@ impl Store {
             // One connection, held directly (`db.rs`): SQLite has one writer anyway, and
             // this avoids SQLITE_BUSY.
             Backend::Sqlite => {
-                let conn = sqlite_connect(url)?;
+                // Commits write their log frames in one call (`stardust-walvfs`).
+                stardust_walvfs::register().map_err(|rc| {
+                    rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rc),
+                        Some(format!(
+                            "registering the {} VFS failed",
+                            stardust_walvfs::NAME
+                        )),
+                    )
+                })?;
+                let conn = sqlite_connect(url, Some(stardust_walvfs::NAME))?;
+                let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+                // In WAL mode a commit's sync of the log only writes it (`stardust-walvfs`): the
+                // durability of `synchronous = NORMAL`. Without WAL (a file system without
+                // shared memory) FULL would sync every commit: NORMAL then.
+                let synchronous = if mode.eq_ignore_ascii_case("wal") {
+                    "PRAGMA synchronous = FULL"
+                } else {
+                    "PRAGMA synchronous = NORMAL"
+                };
                 let backstop = format!("PRAGMA wal_autocheckpoint = {}", db::WAL_BACKSTOP_PAGES);
                 for pragma in [
-                    "PRAGMA journal_mode = WAL",
-                    "PRAGMA synchronous = NORMAL",
+                    synchronous,
+                    // Checkpoints sync with SQLITE_SYNC_FULL, told apart from commits.
+                    "PRAGMA checkpoint_fullfsync = ON",
                     "PRAGMA foreign_keys = ON",
                     // Statement journals (multi-row writes) in memory, not temporary files.
                     "PRAGMA temp_store = MEMORY",
@@ -849,7 +870,7 @@ impl Store {
                             e => Err(e),
                         })?;
                 }
-                let checkpointer = sqlite_connect(url)?;
+                let checkpointer = sqlite_connect(url, None)?;
                 checkpointer.execute_batch("PRAGMA synchronous = NORMAL")?;
                 Db::One(db::One::new(conn, checkpointer)?)
             }

@@ -300,6 +300,43 @@ async fn the_checkpointer_copies_committed_writes_into_the_database_file() {
     assert!(store.has_blob(id).await.expect("has"));
 }
 
+/// SQLite: the writer's connection goes through `stardust-walvfs` (a commit's log frames
+/// leave in one write), with the pragmas that let the VFS tell a commit's sync (written, not
+/// synced: `synchronous = NORMAL`'s promise) from a checkpoint's (synced).
+#[tokio::test]
+async fn the_sqlite_writer_writes_each_commit_once_and_syncs_only_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_sqlite(dir.path()).await.expect("sqlite");
+    let pragma = |name: &'static str| {
+        let store = &store;
+        async move {
+            query(format!("PRAGMA {name}"))
+                .fetch_one(&mut store.db.acquire().await.expect("connection"))
+                .await
+                .expect("pragma")
+                .try_get::<i64>(name)
+                .expect("value")
+        }
+    };
+    assert_eq!(
+        pragma("synchronous").await,
+        2,
+        "FULL: a commit syncs the log"
+    );
+    assert_eq!(
+        pragma("checkpoint_fullfsync").await,
+        1,
+        "a checkpoint's sync is SQLITE_SYNC_FULL, told apart from a commit's"
+    );
+    let before = stardust_walvfs::WAL_WRITES.load(std::sync::atomic::Ordering::Relaxed);
+    let id = ContentId::of(b"gathered");
+    assert!(store.put_blob(id, b"gathered", 1).await.expect("put"));
+    assert!(
+        stardust_walvfs::WAL_WRITES.load(std::sync::atomic::Ordering::Relaxed) > before,
+        "the commit went through the VFS"
+    );
+}
+
 #[tokio::test]
 async fn blobs_and_modules() {
     for (store, _dir) in backends().await {
