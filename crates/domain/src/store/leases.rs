@@ -47,6 +47,46 @@ struct Open {
     changed: bool,
 }
 
+/// Tasks written in the transaction that leases them (a new job's): their state as
+/// [`Store::open_tasks`] would read it, without the reads.
+#[derive(Debug, Default)]
+pub(crate) struct Fresh {
+    job: i64,
+    tasks: BTreeSet<i64>,
+    redundancy: i64,
+    adaptive: bool,
+}
+
+impl Fresh {
+    pub(crate) fn new(
+        job: i64,
+        tasks: impl Iterator<Item = i64>,
+        redundancy: u8,
+        adaptive: bool,
+    ) -> Self {
+        Self {
+            job,
+            tasks: tasks.collect(),
+            redundancy: i64::from(redundancy),
+            adaptive,
+        }
+    }
+
+    /// A fresh task as it was written: pending, its replicas the job's redundancy, no
+    /// holder.
+    fn open(&self, task: i64) -> Option<Open> {
+        self.tasks.contains(&task).then(|| Open {
+            state: "pending".into(),
+            replicas: self.redundancy,
+            job: self.job,
+            redundancy: self.redundancy,
+            adaptive: self.adaptive,
+            holders: Vec::new(),
+            changed: false,
+        })
+    }
+}
+
 impl Store {
     /// Up to `limit` tasks that want another replica, highest priority and oldest first.
     ///
@@ -173,19 +213,22 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut tx = self.db.begin().await?;
-        let (outcomes, script) = self.lease_in(&mut tx, wants, now, lease_ms).await?;
+        let (outcomes, script) = self
+            .lease_in(&mut tx, wants, now, lease_ms, &Fresh::default())
+            .await?;
         tx.commit_with(script).await?;
         Ok(outcomes)
     }
 
     /// [`Store::create_leases`] in `tx`: the outcomes, and the writes left to run before
-    /// the commit.
+    /// the commit. The `fresh` tasks, written in `tx`, are not read back.
     pub(super) async fn lease_in(
         &self,
         tx: &mut Tx,
         wants: &[Want],
         now: i64,
         lease_ms: i64,
+        fresh: &Fresh,
     ) -> Result<(Vec<(Leased, u8)>, Script)> {
         let mut script = Script::default();
         if wants.is_empty() {
@@ -193,7 +236,18 @@ impl Store {
         }
         let tasks: BTreeSet<i64> = wants.iter().map(|w| id_i64(w.task)).collect();
         let nodes: BTreeSet<String> = wants.iter().map(|w| w.node.to_string()).collect();
-        let mut open = self.open_tasks(tx, &tasks).await?;
+        let mut open: HashMap<i64, Open> = tasks
+            .iter()
+            .filter_map(|t| fresh.open(*t).map(|o| (*t, o)))
+            .collect();
+        let stored: BTreeSet<i64> = tasks
+            .iter()
+            .filter(|t| !open.contains_key(t))
+            .copied()
+            .collect();
+        if !stored.is_empty() {
+            open.extend(self.open_tasks(tx, &stored).await?);
+        }
         // Each node's tier and streak: (may stand alone, streak).
         let mut standing: HashMap<String, (bool, u64)> = HashMap::new();
         let nodes: Vec<&String> = nodes.iter().collect();

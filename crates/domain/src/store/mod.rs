@@ -273,6 +273,10 @@ pub struct OpenJob {
     tell: bool,
     /// The job's ledger posts (welcome, escrow), written and signed at the commit.
     ledger: Option<ledger::Chain>,
+    /// Its tasks (listed ones) as a lease round would read them: pending, no holder, the
+    /// job's redundancy and adaptive replication. Written in this transaction, so known
+    /// without reading them back.
+    fresh: leases::Fresh,
 }
 
 impl OpenJob {
@@ -301,7 +305,11 @@ impl OpenJob {
         now: i64,
         lease_ms: i64,
     ) -> Result<Vec<(Leased, u8)>> {
-        let (outcomes, mut script) = store.lease_in(&mut self.tx, wants, now, lease_ms).await?;
+        // Fresh for the first round only: what it leases, a later one reads.
+        let fresh = std::mem::take(&mut self.fresh);
+        let (outcomes, mut script) = store
+            .lease_in(&mut self.tx, wants, now, lease_ms, &fresh)
+            .await?;
         script.run(&mut self.tx).await?;
         Ok(outcomes)
     }
@@ -1321,12 +1329,19 @@ impl Store {
                 priority,
             });
         }
+        let fresh = leases::Fresh::new(
+            job,
+            created.iter().map(|t| id_i64(t.spec.task)),
+            spec.redundancy,
+            spec.adaptive,
+        );
         Ok(OpenJob {
             tx,
             job: job as JobId,
             created,
             tell,
             ledger,
+            fresh,
         })
     }
 

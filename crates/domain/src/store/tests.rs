@@ -1076,6 +1076,75 @@ async fn a_verified_task_is_paid_once_and_the_rest_of_the_escrow_refunded() {
     }
 }
 
+/// A new job's first round, leased in its own transaction from what it just wrote (its tasks
+/// are not read back), decides as a round after its commit does, which reads them: with
+/// redundancy, a node asking twice, a replica too many, and adaptive replication.
+#[tokio::test]
+async fn a_round_in_the_jobs_transaction_decides_as_one_after_its_commit() {
+    for (store, _dir) in backends().await {
+        let store = welcomed(store);
+        join(&store, &[1, 2, 3]).await;
+        for adaptive in [false, true] {
+            let mut s = spec(2, 2);
+            s.adaptive = adaptive;
+            let trials = s.expand().expect("expand");
+            let new = || NewJob {
+                owner: node(100),
+                spec: &s,
+                metered: ContentId::of(b"metered"),
+                author: node(99),
+                trials: &trials,
+                price: 0,
+            };
+            // Each task: node 1, node 1 again, node 2, node 3 (a third replica).
+            let round = |tasks: &[PendingTask]| -> Vec<Want> {
+                tasks
+                    .iter()
+                    .flat_map(|t| {
+                        [1, 1, 2, 3].map(|n| Want {
+                            task: t.spec.task,
+                            node: node(n),
+                            draw: 0.5,
+                        })
+                    })
+                    .collect()
+            };
+            let kinds = |outcomes: Vec<(Leased, u8)>| -> Vec<(String, u8)> {
+                outcomes
+                    .into_iter()
+                    .map(|(l, replicas)| match l {
+                        Leased::Yes(_) => ("yes".to_owned(), replicas),
+                        other => (format!("{other:?}"), replicas),
+                    })
+                    .collect()
+            };
+            let mut open = store.open_job(new(), 1_000).await.expect("open");
+            let tasks = open.take_tasks();
+            let inside = kinds(
+                open.create_leases(&store, &round(&tasks), 1_000, 10_000)
+                    .await
+                    .expect("leases in the job's transaction"),
+            );
+            open.commit(&store).await.expect("commit");
+
+            let open = store.open_job(new(), 2_000).await.expect("open");
+            let tasks = open.tasks().to_vec();
+            open.commit(&store).await.expect("commit");
+            let after = kinds(
+                store
+                    .create_leases(&round(&tasks), 2_000, 10_000)
+                    .await
+                    .expect("leases after the commit"),
+            );
+            assert_eq!(inside, after, "adaptive: {adaptive}");
+            if !adaptive {
+                let yes = inside.iter().filter(|(k, _)| k == "yes").count();
+                assert_eq!(yes, 4, "two replicas of each task: {inside:?}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
     for (store, _dir) in backends().await {
