@@ -14,8 +14,9 @@ use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::{
-    Backend, Leased, PendingTask, Result, Store, as_json_rows, id_i64, in_list, json, json_list,
-    json_rows, json_table, may_stand_alone_row, pad, padded, parse, terms_of,
+    Backend, Leased, PendingTask, Result, Store, as_json_rows, bound_list, bound_rows, id_i64,
+    in_list, json, json_list, json_rows, json_table, may_stand_alone_row, pad, padded, parse,
+    terms_of,
 };
 
 type Tx = super::db::Tx;
@@ -251,11 +252,12 @@ impl Store {
         // Each node's tier and streak: (may stand alone, streak).
         let mut standing: HashMap<String, (bool, u64)> = HashMap::new();
         let nodes: Vec<&String> = nodes.iter().collect();
+        let list = bound_list(self.backend, 1, false, &nodes);
         let q = query(format!(
-            "SELECT id, tier, streak FROM nodes WHERE id IN ({})",
-            json_list(self.backend, 1, false)
-        ))
-        .bind(super::to_json(&nodes));
+            "SELECT id, tier, streak FROM nodes WHERE id {}",
+            list.sql
+        ));
+        let q = list.bind(q);
         for r in q.fetch_all(tx).await? {
             let streak = r.try_get::<i64>("streak")?;
             standing.insert(
@@ -477,23 +479,20 @@ impl Store {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = json_table(
+        let rows = bound_rows(
             self.backend,
             3,
             &[("task_id", true), ("node", false)],
             false,
+            new,
         );
         let insert = format!(
             "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
-             SELECT v.task_id, v.node, 'active', $1, $2 FROM ({rows}) AS v"
+             SELECT v.task_id, v.node, 'active', $1, $2 FROM ({}) AS v",
+            rows.sql
         );
         let mut ids: HashMap<(i64, String), i64> = HashMap::with_capacity(new.len());
-        let args = |sql: String| {
-            query(sql)
-                .bind(now)
-                .bind(now.saturating_add(lease_ms))
-                .bind(super::to_json(&new))
-        };
+        let args = |sql: String| rows.bind(query(sql).bind(now).bind(now.saturating_add(lease_ms)));
         match self.backend {
             Backend::Sqlite => {
                 let q = args(format!("{insert} RETURNING id, task_id, node"));

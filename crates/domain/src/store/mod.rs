@@ -671,6 +671,105 @@ fn json_table(backend: Backend, param: usize, cols: &[JsonCol<'_>], ordered: boo
     out
 }
 
+/// A hot write's rows or a hot read's list, bound as the statement's last values: see
+/// [`bound_rows`] and [`bound_list`].
+struct Bound {
+    /// The rows' derived table, or the list's comparison (`= $N` or `IN (...)`).
+    sql: String,
+    values: Vec<sql::Value>,
+}
+
+impl Bound {
+    /// Binds the values, in order, after those bound already.
+    fn bind(self, mut q: sql::Query<'static>) -> sql::Query<'static> {
+        for v in self.values {
+            q = q.bind(v);
+        }
+        q
+    }
+
+    /// Binds the values on a queued statement.
+    fn bind_queued(self, mut q: script::Bind<'_>) {
+        for v in self.values {
+            q = q.bind(v);
+        }
+    }
+}
+
+/// A JSON value as SQLite's `->>` reads it out of an array: integers as integers, other
+/// numbers as reals, strings as text, booleans as 1 or 0, arrays and objects as their JSON.
+fn sqlite_value(v: serde_json::Value) -> sql::Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => sql::Value::Null(sql::Kind::Text),
+        J::Bool(b) => sql::Value::Int(i64::from(b)),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => sql::Value::Int(i),
+            None => sql::Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => sql::Value::Text(s),
+        other => sql::Value::Text(other.to_string()),
+    }
+}
+
+/// The rows of a hot write as a derived table bound from `$param` on ([`json_table`]'s
+/// columns). On SQLite one row is bound as its own values (`SELECT $3 AS id, $4 AS frame`):
+/// taking a JSON array apart costs a one-row statement several microseconds, most of it,
+/// and a task's round trip writes one row at a time. The rows must be the statement's last
+/// values.
+fn bound_rows<T: serde::Serialize>(
+    backend: Backend,
+    param: usize,
+    cols: &[JsonCol<'_>],
+    ordered: bool,
+    rows: &[T],
+) -> Bound {
+    if backend == Backend::Sqlite
+        && let [row] = rows
+        && let Ok(serde_json::Value::Array(values)) = serde_json::to_value(row)
+        && values.len() == cols.len()
+    {
+        let sql = cols
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| format!("${} AS {name}", param + i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Bound {
+            sql: format!("SELECT {sql}"),
+            values: values.into_iter().map(sqlite_value).collect(),
+        };
+    }
+    Bound {
+        sql: json_table(backend, param, cols, ordered),
+        values: vec![sql::Value::Text(to_json(&rows))],
+    }
+}
+
+/// A hot read's list, bound at `$param` (the statement's last value): `IN (...)` over a
+/// JSON list ([`json_list`]), or on SQLite `= $param` for one item (SQLite builds a
+/// temporary index for an `IN` subquery at each run).
+fn bound_list<T: serde::Serialize>(
+    backend: Backend,
+    param: usize,
+    int: bool,
+    items: &[T],
+) -> Bound {
+    if backend == Backend::Sqlite
+        && let [item] = items
+        && let Ok(value) = serde_json::to_value(item)
+    {
+        return Bound {
+            sql: format!("= ${param}"),
+            values: vec![sqlite_value(value)],
+        };
+    }
+    Bound {
+        sql: format!("IN ({})", json_list(backend, param, int)),
+        values: vec![sql::Value::Text(to_json(&items))],
+    }
+}
+
 /// A list bound as one parameter, `$param` (a JSON array of integers, or of strings when
 /// not `int`), as a subquery for `IN (…)`: one statement text for a list of any length.
 fn json_list(backend: Backend, param: usize, int: bool) -> String {
@@ -1205,21 +1304,6 @@ impl Store {
         // The dispatcher is told a small job's tasks (it reads a large one's).
         let tell = trials.len() <= MAX_CREATED;
         let returning = if tell { " RETURNING id, idx" } else { "" };
-        let rows = json_table(
-            self.backend,
-            3,
-            &[
-                ("idx", true),
-                ("args", false),
-                ("input", false),
-                ("seed", false),
-            ],
-            true,
-        );
-        let insert = format!(
-            "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts)
-             SELECT $1, r.idx, r.args, r.input, r.seed, 'pending', $2, 0 FROM ({rows}) AS r{returning}"
-        );
         let mut ids: HashMap<i64, i64> = HashMap::new();
         for rows in trials.chunks(TASKS_PER_INSERT) {
             // Each row: its position, its args (their JSON as a string, stored as given),
@@ -1235,11 +1319,26 @@ impl Store {
                     )
                 })
                 .collect();
-            let q = query(insert.as_str())
-                .bind(job)
-                .bind(i64::from(spec.redundancy))
-                .bind(to_json(&rows));
-            for r in q.fetch_all(&mut tx).await? {
+            let rows = bound_rows(
+                self.backend,
+                3,
+                &[
+                    ("idx", true),
+                    ("args", false),
+                    ("input", false),
+                    ("seed", false),
+                ],
+                true,
+                &rows,
+            );
+            let q = query(format!(
+                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts)
+                 SELECT $1, r.idx, r.args, r.input, r.seed, 'pending', $2, 0 FROM ({}) AS r{returning}",
+                rows.sql
+            ))
+            .bind(job)
+            .bind(i64::from(spec.redundancy));
+            for r in rows.bind(q).fetch_all(&mut tx).await? {
                 ids.insert(r.try_get("idx")?, r.try_get("id")?);
             }
         }

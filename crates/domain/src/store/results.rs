@@ -27,7 +27,7 @@ use super::script::Script;
 use super::sql::query;
 use super::{
     Backend, RecordError, Recorded, Result, Retry, Store, Submitted, TaskEnd, as_json_rows,
-    corrupt, id_i64, in_list, json, json_list, json_rows, json_table, pad, padded, parse, terms,
+    bound_list, bound_rows, corrupt, id_i64, in_list, json, json_rows, pad, padded, parse, terms,
     to_json, values,
 };
 
@@ -244,15 +244,13 @@ impl Store {
     async fn read_leases(&self, tx: &mut Tx, ids: &[i64]) -> Result<HashMap<i64, LeaseRow>> {
         let mut leases = HashMap::with_capacity(ids.len());
         {
+            let list = bound_list(self.backend, 1, true, ids);
             let q = query(as_json_rows(
                 self.backend,
-                &format!(
-                    "{LEASE_ROW} WHERE l.id IN ({})",
-                    json_list(self.backend, 1, true)
-                ),
+                &format!("{LEASE_ROW} WHERE l.id {}", list.sql),
                 &LEASE_COLS,
-            ))
-            .bind(to_json(&ids));
+            ));
+            let q = list.bind(q);
             let row = q.fetch_one(tx).await?;
             for (id, task_id, node, state, report, kind, replicas, attempts, job_id) in
                 json_rows::<LeaseCols>("lease rows", &row)?
@@ -564,19 +562,26 @@ impl Store {
     /// statements, their rows bound as one JSON value each ([`json_table`]).
     fn queue_held(&self, batch: &mut Batch<'_>, now: i64) {
         if !batch.done.is_empty() {
-            let rows = json_table(self.backend, 2, &[("id", true), ("frame", false)], false);
-            batch
+            let rows = bound_rows(
+                self.backend,
+                2,
+                &[("id", true), ("frame", false)],
+                false,
+                &batch.done,
+            );
+            let q = batch
                 .script
                 .push(&format!(
                     "UPDATE leases SET state = 'done', frame = v.frame, finished_ms = $1
-                     FROM ({rows}) AS v WHERE leases.id = v.id"
+                     FROM ({}) AS v WHERE leases.id = v.id",
+                    rows.sql
                 ))
-                .bind(now)
-                .bind(to_json(&batch.done));
+                .bind(now);
+            rows.bind_queued(q);
             batch.done.clear();
         }
         if !batch.verified.is_empty() {
-            let rows = json_table(
+            let rows = bound_rows(
                 self.backend,
                 2,
                 &[
@@ -586,28 +591,29 @@ impl Store {
                     ("report", false),
                 ],
                 false,
+                &batch.verified,
             );
-            let verified = to_json(&batch.verified);
-            batch
+            let q = batch
                 .script
                 .push(&format!(
                     "UPDATE tasks SET state = 'verified', output = v.output, fuel = v.fuel,
                      report = v.report, finished_ms = $1
-                     FROM ({rows}) AS v WHERE tasks.id = v.id"
+                     FROM ({}) AS v WHERE tasks.id = v.id",
+                    rows.sql
                 ))
-                .bind(now)
-                .bind(verified.clone());
+                .bind(now);
+            rows.bind_queued(q);
             // Counted on their jobs (each moved from pending: its lease was active).
-            let ids = json_table(self.backend, 1, &[("id", true)], false);
-            batch
-                .script
-                .push(&format!(
-                    "UPDATE jobs SET n_open = n_open - v.n, n_verified = n_verified + v.n
-                     FROM (SELECT t.job_id AS job_id, COUNT(*) AS n FROM tasks t
-                           WHERE t.id IN (SELECT i.id FROM ({ids}) AS i) GROUP BY t.job_id) AS v
-                     WHERE jobs.id = v.job_id"
-                ))
-                .bind(verified);
+            let ids: Vec<i64> = batch.verified.iter().map(|v| v.0).collect();
+            let ids = bound_list(self.backend, 1, true, &ids);
+            let q = batch.script.push(&format!(
+                "UPDATE jobs SET n_open = n_open - v.n, n_verified = n_verified + v.n
+                 FROM (SELECT t.job_id AS job_id, COUNT(*) AS n FROM tasks t
+                       WHERE t.id {} GROUP BY t.job_id) AS v
+                 WHERE jobs.id = v.job_id",
+                ids.sql
+            ));
+            ids.bind_queued(q);
             batch.verified.clear();
         }
     }

@@ -85,6 +85,14 @@ bind!(Bool, Bool, bool => identity);
 bind!(Text, Text, String => identity, &str => str::to_owned, &String => String::clone);
 bind!(Blob, Blob, Vec<u8> => identity, &[u8] => <[u8]>::to_vec, &Vec<u8> => Vec::clone);
 
+/// A value already made (its NULL carries its own type).
+impl Bind for Value {
+    const KIND: Kind = Kind::Text;
+    fn value(self) -> Value {
+        self
+    }
+}
+
 impl<T: Bind> Bind for Option<T> {
     const KIND: Kind = T::KIND;
     fn value(self) -> Value {

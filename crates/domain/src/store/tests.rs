@@ -2039,8 +2039,18 @@ async fn hot_statements_search_indexes_on_sqlite() {
         "SELECT state, owner, n_open, n_verified FROM jobs WHERE id = 1",
         "UPDATE jobs SET n_open = n_open - v.n, n_verified = n_verified + v.n
          FROM (SELECT t.job_id AS job_id, COUNT(*) AS n FROM tasks t
-               WHERE t.id IN (SELECT (j.value ->> 0) FROM json_each('[[1]]') AS j) GROUP BY t.job_id) AS v
+               WHERE t.id IN (SELECT value FROM json_each('[1, 2]')) GROUP BY t.job_id) AS v
          WHERE jobs.id = v.job_id",
+        // One row or item, bound as its own values (`bound_rows`, `bound_list`).
+        "UPDATE jobs SET n_open = n_open - v.n, n_verified = n_verified + v.n
+         FROM (SELECT t.job_id AS job_id, COUNT(*) AS n FROM tasks t
+               WHERE t.id = 1 GROUP BY t.job_id) AS v
+         WHERE jobs.id = v.job_id",
+        "UPDATE leases SET state = 'done', frame = v.frame
+         FROM (SELECT 1 AS id, 'f' AS frame) AS v WHERE leases.id = v.id",
+        "UPDATE tasks SET state = 'verified', fuel = v.fuel
+         FROM (SELECT 1 AS id, 2 AS fuel) AS v WHERE tasks.id = v.id",
+        "SELECT l.id, t.job_id FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.id = 1",
         "SELECT t.id, (SELECT group_concat(l.node, ',') FROM leases l WHERE l.task_id = t.id
          AND l.state IN ('active', 'done')) AS holders
          FROM tasks t WHERE t.state = 'pending' AND t.job_id = 1 ORDER BY t.idx LIMIT 5",
@@ -2064,13 +2074,15 @@ async fn hot_statements_search_indexes_on_sqlite() {
             let detail: String = step.try_get("detail").expect("detail");
             if detail.starts_with("SCAN") {
                 // A partial index, a bound JSON list, or the statement's own derived rows
-                // (`v`: a batch's jobs; `c`: a spot check's window of recent tasks).
+                // (`v`: a batch's jobs; `c`: a spot check's window of recent tasks; a
+                // constant row: one row bound as its own values).
                 assert!(
                     detail.contains("tasks_pending")
                         || detail.contains("tasks_verified")
                         || detail.contains("VIRTUAL TABLE")
                         || detail == "SCAN v"
-                        || detail == "SCAN c",
+                        || detail == "SCAN c"
+                        || detail == "SCAN CONSTANT ROW",
                     "{sql}\n{detail}"
                 );
             }
