@@ -1446,10 +1446,12 @@ impl Store {
 
     /// A job with its task counts.
     pub async fn job(&self, id: JobId) -> Result<Option<JobRow>> {
-        // The job with its task counts (kept on the job) in one statement.
+        // The job with its task counts (kept on the job) in one statement; its leased tasks
+        // are open ones, so a job with none open (ended) is not searched for them.
         let Some(r) = query(format!(
             "SELECT id, owner, name, spec, module, state, created_ms, finished_ms,
-             n_open, n_verified, n_failed, n_cancelled, ({LEASED} AND t.job_id = $1) AS leased
+             n_open, n_verified, n_failed, n_cancelled,
+             CASE WHEN n_open > 0 THEN ({LEASED} AND t.job_id = $1) ELSE 0 END AS leased
              FROM jobs WHERE id = $2"
         ))
         .bind(id_i64(id))
