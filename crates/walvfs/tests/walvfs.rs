@@ -33,12 +33,19 @@ fn count(c: &Connection) -> i64 {
         .expect("count")
 }
 
-// One test reads the process-wide counters (nextest runs each test in its own process; under
-// `cargo test` no other test of this file writes through the VFS while this one counts...
-// except in parallel: so the counters are read by this test alone and the others do not
-// assert on them).
+/// The counters are process-wide: under `cargo test` (threads, where nextest runs a process
+/// per test) the tests of this file take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn a_commit_is_one_write_and_no_sync_and_a_checkpoint_syncs() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let c = open(&path);
@@ -80,6 +87,7 @@ fn a_commit_is_one_write_and_no_sync_and_a_checkpoint_syncs() {
 
 #[test]
 fn committed_transactions_are_in_the_file_before_the_commit_returns() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let c = open(&path);
@@ -140,6 +148,7 @@ fn commits_survive_the_crash_of_their_process() {
 
 #[test]
 fn a_transaction_larger_than_the_gathering_spills_and_reads_back() {
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("db");
     let c = open(&path);
