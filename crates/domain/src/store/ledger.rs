@@ -56,6 +56,32 @@ pub(crate) struct Chain {
     pub compute_micro_scu: u64,
 }
 
+impl Chain {
+    /// A chain as read: the head row (`seq`, `head`, `compute_micro_scu`), the stored
+    /// balances asked for, and which of the ids asked about the ledger holds (`posted`).
+    fn read(
+        row: &super::sql::Row,
+        stored: BTreeMap<Account, i128>,
+        ids: &[&str],
+        posted: HashSet<String>,
+    ) -> Result<Self> {
+        Ok(Self {
+            seq: row.try_get::<i64>("seq")? as u64,
+            head: row.try_get("head")?,
+            deltas: BTreeMap::new(),
+            stored,
+            events: Vec::new(),
+            absent: ids
+                .iter()
+                .filter(|id| !posted.contains(**id))
+                .map(|id| (*id).to_owned())
+                .collect(),
+            ids: posted,
+            compute_micro_scu: row.try_get::<i64>("compute_micro_scu")? as u64,
+        })
+    }
+}
+
 type Tx = super::db::Tx;
 
 /// Ledger records per INSERT statement (4 parameters each).
@@ -133,20 +159,7 @@ impl Store {
             .map(|(a, k)| (*a, found.get(k).copied().map_or(0, i128::from)))
             .collect();
         let posted = present_ids("ledger ids", &row, "posted")?;
-        Ok(Chain {
-            seq: row.try_get::<i64>("seq")? as u64,
-            head: row.try_get("head")?,
-            deltas: BTreeMap::new(),
-            stored,
-            events: Vec::new(),
-            absent: ids
-                .iter()
-                .filter(|id| !posted.contains(**id))
-                .map(|id| (*id).to_owned())
-                .collect(),
-            ids: posted,
-            compute_micro_scu: row.try_get::<i64>("compute_micro_scu")? as u64,
-        })
+        Chain::read(&row, stored, ids, posted)
     }
 
     /// [`Store::chain_with`] on SQLite: a statement for the head, one for each account and
@@ -168,7 +181,6 @@ impl Store {
             stored.insert(*a, Self::balance_in(tx, *a).await?);
         }
         let mut posted = HashSet::new();
-        let mut absent = HashSet::new();
         for id in ids {
             let found = query("SELECT 1 AS one FROM ledger WHERE id = $1")
                 .bind(*id)
@@ -177,20 +189,9 @@ impl Store {
                 .is_some();
             if found {
                 posted.insert((*id).to_owned());
-            } else {
-                absent.insert((*id).to_owned());
             }
         }
-        Ok(Chain {
-            seq: row.try_get::<i64>("seq")? as u64,
-            head: row.try_get("head")?,
-            deltas: BTreeMap::new(),
-            stored,
-            events: Vec::new(),
-            absent,
-            ids: posted,
-            compute_micro_scu: row.try_get::<i64>("compute_micro_scu")? as u64,
-        })
+        Chain::read(&row, stored, ids, posted)
     }
 
     /// A balance as of `tx`.
