@@ -205,6 +205,24 @@ unsafe fn flush(f: &mut File) -> c_int {
     rc
 }
 
+/// The file's parts once what it gathered is written: what reads, resizes, syncs or measures
+/// the file must see every byte given to it. The error code if the write failed.
+///
+/// # Safety
+/// `file` is a file this VFS opened.
+unsafe fn written<'a>(
+    file: *mut ffi::sqlite3_file,
+) -> Result<(&'a mut File, *mut ffi::sqlite3_file), c_int> {
+    // SAFETY: as `parts` and `flush` require.
+    unsafe {
+        let (f, inner) = parts(file);
+        match flush(f) {
+            ffi::SQLITE_OK => Ok((f, inner)),
+            rc => Err(rc),
+        }
+    }
+}
+
 unsafe extern "C" fn open(
     vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
@@ -284,11 +302,10 @@ unsafe extern "C" fn read(
 ) -> c_int {
     // SAFETY: an open file of this VFS.
     unsafe {
-        let (f, inner) = parts(file);
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
+        let (_, inner) = match written(file) {
+            Ok(parts) => parts,
+            Err(rc) => return rc,
+        };
         methods(inner)
             .xRead
             .map_or(ffi::SQLITE_IOERR_READ, |r| r(inner, buf, amount, offset))
@@ -334,11 +351,10 @@ unsafe extern "C" fn write(
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
     // SAFETY: an open file of this VFS.
     unsafe {
-        let (f, inner) = parts(file);
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
+        let (_, inner) = match written(file) {
+            Ok(parts) => parts,
+            Err(rc) => return rc,
+        };
         methods(inner)
             .xTruncate
             .map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(inner, size))
@@ -348,11 +364,10 @@ unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_i
 unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     // SAFETY: an open file of this VFS.
     unsafe {
-        let (f, inner) = parts(file);
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
+        let (f, inner) = match written(file) {
+            Ok(parts) => parts,
+            Err(rc) => return rc,
+        };
         // A commit's sync of the log (see the module's documentation): written, not synced.
         if !f.gathered.is_null() {
             if flags & 0x0f == ffi::SQLITE_SYNC_NORMAL {
@@ -372,11 +387,10 @@ unsafe extern "C" fn file_size(
 ) -> c_int {
     // SAFETY: an open file of this VFS.
     unsafe {
-        let (f, inner) = parts(file);
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
+        let (_, inner) = match written(file) {
+            Ok(parts) => parts,
+            Err(rc) => return rc,
+        };
         methods(inner)
             .xFileSize
             .map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(inner, size))
@@ -508,11 +522,10 @@ unsafe extern "C" fn fetch(
 ) -> c_int {
     // SAFETY: an open file of this VFS.
     unsafe {
-        let (f, inner) = parts(file);
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
+        let (_, inner) = match written(file) {
+            Ok(parts) => parts,
+            Err(rc) => return rc,
+        };
         match methods(inner).xFetch {
             Some(x) => x(inner, offset, amount, out),
             None => {
