@@ -5,8 +5,9 @@
 //! assignments in one frame. Rounds run in [`run`]'s loop, woken when work or room appears;
 //! and a submission that finds nothing waiting and a node free runs its job's round itself,
 //! inside the job's own transaction ([`create_job`]): one commit makes the job and its first
-//! leases durable, and its tasks leave for a node before that commit, without waiting for the
-//! loop (their results are recorded only after it).
+//! leases durable, and its tasks leave for a node before that commit (before any of the
+//! job's rows is written: their ids are taken first), without waiting for the loop (their
+//! results are recorded only after it).
 //!
 //! Lock order: the pending cache, then `Shared::committing`, then the store's connection,
 //! then the sessions (never held while the store works).

@@ -14,9 +14,9 @@ use stardust_proto::identity::NodeId;
 use stardust_proto::task::{JobId, LeaseId, TaskId, TaskSpec};
 
 use super::{
-    Backend, Leased, PendingTask, Result, Store, as_json_rows, bound_list, bound_rows, id_i64,
-    in_list, json, json_list, json_rows, json_table, may_stand_alone_row, pad, padded, parse,
-    terms_of,
+    Backend, IdTable, Leased, PendingTask, Result, Store, as_json_rows, bound_list, bound_rows,
+    id_i64, in_list, json, json_list, json_rows, json_table, may_stand_alone_row, pad, padded,
+    parse, terms_of,
 };
 
 type Tx = super::db::Tx;
@@ -292,7 +292,7 @@ impl Store {
             outcomes.push((leased, t.replicas.clamp(0, 255) as u8));
         }
         let mut ids = self
-            .insert_leases(tx, &new, now, lease_ms)
+            .queue_leases(tx, &mut script, &new, now, lease_ms)
             .await?
             .into_iter();
         for (leased, _) in &mut outcomes {
@@ -462,70 +462,41 @@ impl Store {
         Ok(Leased::Yes(0))
     }
 
-    /// Inserts leases (one statement, the rows bound as one JSON value: [`json_table`]);
-    /// returns their ids in the order given. The new rows' ids come back as one JSON value
-    /// ([`as_json_rows`]): on PostgreSQL from the insert's `RETURNING` in a data-modifying
-    /// `WITH`; on SQLite (where `RETURNING` rows cannot be aggregated) by a second statement
-    /// in the same trip reading the rows the insert just made (ids above the last id less
-    /// the rows inserted: one writer, ascending ids). Each id is matched by its (task,
-    /// node), so a lease never takes another's id.
-    async fn insert_leases(
+    /// Takes ids for the leases `new` (task, node) and queues their insert in `script`:
+    /// their assignments can leave before the rows are written. The ids, in `new`'s order.
+    async fn queue_leases(
         &self,
         tx: &mut Tx,
+        script: &mut Script,
         new: &[(i64, String)],
         now: i64,
         lease_ms: i64,
     ) -> Result<Vec<LeaseId>> {
+        let ids = self.next_ids(tx, IdTable::Leases, new.len()).await?;
         if new.is_empty() {
             return Ok(Vec::new());
         }
+        let rows: Vec<(i64, i64, &str)> = ids
+            .iter()
+            .zip(new)
+            .map(|(id, (task, node))| (*id, *task, node.as_str()))
+            .collect();
         let rows = bound_rows(
             self.backend,
             3,
-            &[("task_id", true), ("node", false)],
+            &[("id", true), ("task_id", true), ("node", false)],
             false,
-            new,
+            &rows,
         );
-        let insert = format!(
-            "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms)
-             SELECT v.task_id, v.node, 'active', $1, $2 FROM ({}) AS v",
+        let insert = query(format!(
+            "INSERT INTO leases (id, task_id, node, state, created_ms, deadline_ms)
+             SELECT v.id, v.task_id, v.node, 'active', $1, $2 FROM ({}) AS v",
             rows.sql
-        );
-        let mut ids: HashMap<(i64, String), i64> = HashMap::with_capacity(new.len());
-        let args = |sql: String| rows.bind(query(sql).bind(now).bind(now.saturating_add(lease_ms)));
-        match self.backend {
-            Backend::Sqlite => {
-                let q = args(format!("{insert} RETURNING id, task_id, node"));
-                for r in q.fetch_all(tx).await? {
-                    ids.insert(
-                        (r.try_get("task_id")?, r.try_get("node")?),
-                        r.try_get("id")?,
-                    );
-                }
-            }
-            Backend::Postgres => {
-                let q = args(format!(
-                    "WITH made AS ({insert} RETURNING id, task_id, node) {}",
-                    as_json_rows(
-                        self.backend,
-                        "SELECT id, task_id, node FROM made",
-                        &["id", "task_id", "node"],
-                    )
-                ));
-                let made: Vec<(i64, i64, String)> =
-                    json_rows("new leases", &q.fetch_one(tx).await?)?;
-                for (id, task, node) in made {
-                    ids.insert((task, node), id);
-                }
-            }
-        }
-        new.iter()
-            .map(|k| {
-                ids.get(k)
-                    .map(|id| *id as LeaseId)
-                    .ok_or_else(|| super::corrupt("lease insert", "a lease without its id"))
-            })
-            .collect()
+        ))
+        .bind(now)
+        .bind(now.saturating_add(lease_ms));
+        script.queue(rows.bind(insert));
+        Ok(ids.into_iter().map(|id| id as LeaseId).collect())
     }
 
     /// Queues the writes of the tasks whose replication changed (a first lease decided

@@ -277,6 +277,11 @@ pub struct OpenJob {
     /// job's redundancy and adaptive replication. Written in this transaction, so known
     /// without reading them back.
     fresh: leases::Fresh,
+    /// The job's rows, its tasks' and its first round's leases, with their ids taken
+    /// ([`Store::next_ids`]): written at the commit, or before a later round reads them.
+    pending: script::Script,
+    /// Lease rounds run in the transaction.
+    rounds: u32,
 }
 
 impl OpenJob {
@@ -305,19 +310,24 @@ impl OpenJob {
         now: i64,
         lease_ms: i64,
     ) -> Result<Vec<(Leased, u8)>> {
-        // Fresh for the first round only: what it leases, a later one reads.
+        // Fresh for the first round only: what it leases, a later one reads, once what the
+        // transaction holds back is written.
         let fresh = std::mem::take(&mut self.fresh);
-        let (outcomes, mut script) = store
+        if self.rounds > 0 {
+            self.pending.run(&mut self.tx).await?;
+        }
+        self.rounds += 1;
+        let (outcomes, script) = store
             .lease_in(&mut self.tx, wants, now, lease_ms, &fresh)
             .await?;
-        script.run(&mut self.tx).await?;
+        self.pending.append(script);
         Ok(outcomes)
     }
 
     /// Commits the job and whatever joined its transaction; tells the dispatcher of its
     /// tasks (those not taken).
     pub async fn commit(self, store: &Store) -> Result<JobId> {
-        let mut script = script::Script::default();
+        let mut script = self.pending;
         if let Some(chain) = self.ledger {
             store.write_chain(&mut script, chain)?;
         }
@@ -328,6 +338,24 @@ impl OpenJob {
             store.tell_created(self.created);
         }
         Ok(self.job)
+    }
+}
+
+/// A table whose ids [`Store::next_ids`] takes.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum IdTable {
+    Jobs,
+    Tasks,
+    Leases,
+}
+
+impl IdTable {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Jobs => "jobs",
+            Self::Tasks => "tasks",
+            Self::Leases => "leases",
+        }
     }
 }
 
@@ -1267,6 +1295,11 @@ impl Store {
             price,
         } = new;
         let mut tx = self.db.begin().await?;
+        // The job's and its tasks' rows are written at the commit (or before a later read
+        // of them): their ids are taken now, so that a first lease round can name them and
+        // its assignments leave before any of the rows is written.
+        let mut pending = script::Script::default();
+        let job = self.next_ids(&mut tx, IdTable::Jobs, 1).await?[0];
         let priority = match spec.priority {
             stardust_proto::job::Priority::Low => 0i64,
             stardust_proto::job::Priority::Normal => 1,
@@ -1275,11 +1308,12 @@ impl Store {
         let deadline = spec
             .deadline_s
             .map(|s| now.saturating_add(id_i64(s).saturating_mul(1000)));
-        let row = query(
-            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms, n_open)
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
-        )
-        .bind(owner.to_string())
+        pending.queue(
+            query(
+                "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms, n_open, id)
+                 VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(owner.to_string())
         .bind(spec.name.as_str())
         .bind(to_json(spec))
         .bind(metered.to_string())
@@ -1295,20 +1329,23 @@ impl Store {
             requirements: spec.requirements.clone(),
         }))
         .bind(trials.len() as i64)
-        .fetch_one(&mut tx)
-        .await?;
-        let job: i64 = row.try_get("id")?;
+        .bind(job),
+        );
         // Many rows a statement (a statement is a round trip to the database: a sweep of
         // 20,000 tasks was 20,000 inserts), bound as one JSON array of rows that the database
         // takes apart (binding values one by one cost more than inserting them).
-        // The dispatcher is told a small job's tasks (it reads a large one's).
+        // The dispatcher is told a small job's tasks (it reads a large one's), so their ids
+        // are taken now; a large job's rows take theirs as they are written.
         let tell = trials.len() <= MAX_CREATED;
-        let returning = if tell { " RETURNING id, idx" } else { "" };
-        let mut ids: HashMap<i64, i64> = HashMap::new();
+        let mut ids: HashMap<u32, i64> = HashMap::new();
+        if tell {
+            let taken = self.next_ids(&mut tx, IdTable::Tasks, trials.len()).await?;
+            ids.extend(trials.iter().map(|t| t.index).zip(taken));
+        }
         for rows in trials.chunks(TASKS_PER_INSERT) {
             // Each row: its position, its args (their JSON as a string, stored as given),
-            // input and seed.
-            let rows: Vec<(u32, String, String, String)> = rows
+            // input, seed, and its id when taken.
+            let rows: Vec<(u32, String, String, String, Option<i64>)> = rows
                 .iter()
                 .map(|t| {
                     (
@@ -1316,31 +1353,31 @@ impl Store {
                         to_json(&t.args),
                         t.input.to_string(),
                         t.seed.to_string(),
+                        ids.get(&t.index).copied(),
                     )
                 })
                 .collect();
-            let rows = bound_rows(
-                self.backend,
-                3,
-                &[
-                    ("idx", true),
-                    ("args", false),
-                    ("input", false),
-                    ("seed", false),
-                ],
-                true,
-                &rows,
-            );
+            let cols: &[JsonCol<'_>] = &[
+                ("idx", true),
+                ("args", false),
+                ("input", false),
+                ("seed", false),
+                ("id", true),
+            ];
+            let (cols, id) = if tell {
+                (cols, ("id, ", "r.id, "))
+            } else {
+                (&cols[..4], ("", ""))
+            };
+            let rows = bound_rows(self.backend, 3, cols, true, &rows);
             let q = query(format!(
-                "INSERT INTO tasks (job_id, idx, args, input, seed, state, replicas, attempts)
-                 SELECT $1, r.idx, r.args, r.input, r.seed, 'pending', $2, 0 FROM ({}) AS r{returning}",
-                rows.sql
+                "INSERT INTO tasks ({}job_id, idx, args, input, seed, state, replicas, attempts)
+                 SELECT {}$1, r.idx, r.args, r.input, r.seed, 'pending', $2, 0 FROM ({}) AS r",
+                id.0, id.1, rows.sql
             ))
             .bind(job)
             .bind(i64::from(spec.redundancy));
-            for r in rows.bind(q).fetch_all(&mut tx).await? {
-                ids.insert(r.try_get("idx")?, r.try_get("id")?);
-            }
+            pending.queue(rows.bind(q));
         }
         let maximum = pricing::job_maximum(
             trials.len() as u64,
@@ -1407,7 +1444,7 @@ impl Store {
         let mut created = Vec::with_capacity(if tell { trials.len() } else { 0 });
         for t in trials.iter().filter(|_| tell) {
             let id = ids
-                .get(&i64::from(t.index))
+                .get(&t.index)
                 .ok_or_else(|| corrupt("task insert", "a task without its id"))?;
             created.push(PendingTask {
                 spec: TaskSpec {
@@ -1441,7 +1478,48 @@ impl Store {
             tell,
             ledger,
             fresh,
+            pending,
+            rounds: 0,
         })
+    }
+
+    /// `n` ids for rows of `table` that this transaction writes later, with these ids: the
+    /// writes can then wait in a [`script::Script`] while what names the rows (a lease's
+    /// assignment) leaves. On SQLite, the ids after the table's AUTOINCREMENT sequence: the
+    /// transaction's write lock keeps them its own, and inserting the rows moves the
+    /// sequence past them, so a table's ids may be taken again only once the rows taken
+    /// before are written. On PostgreSQL, from the table's sequence.
+    pub(super) async fn next_ids(
+        &self,
+        tx: &mut db::Tx,
+        table: IdTable,
+        n: usize,
+    ) -> Result<Vec<i64>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let name = table.name();
+        match self.backend {
+            Backend::Sqlite => {
+                let last: i64 = query(format!(
+                    "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{name}'), 0),
+                     COALESCE((SELECT MAX(id) FROM {name}), 0)) AS last"
+                ))
+                .fetch_one(tx)
+                .await?
+                .try_get("last")?;
+                Ok((1..=n as i64).map(|i| last + i).collect())
+            }
+            Backend::Postgres => query(format!(
+                "SELECT nextval(pg_get_serial_sequence('{name}', 'id')) AS id FROM generate_series(1, $1) ORDER BY 1"
+            ))
+            .bind(n as i64)
+            .fetch_all(tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect(),
+        }
     }
 
     /// A job with its task counts.

@@ -37,6 +37,16 @@ impl Script {
         Bind { query }
     }
 
+    /// Queues a statement already bound.
+    pub fn queue(&mut self, query: Query<'static>) {
+        self.queries.push(query);
+    }
+
+    /// Appends `other`'s statements, in order, after this one's.
+    pub fn append(&mut self, mut other: Script) {
+        self.queries.append(&mut other.queries);
+    }
+
     /// Runs the queued statements, in order, inside `tx`; the script is empty after.
     pub async fn run(&mut self, tx: &mut Tx) -> Result<(), StoreError> {
         for query in std::mem::take(&mut self.queries) {

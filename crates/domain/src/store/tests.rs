@@ -1145,6 +1145,127 @@ async fn a_round_in_the_jobs_transaction_decides_as_one_after_its_commit() {
     }
 }
 
+/// A job's rows and its first round's leases are written at its commit, under ids taken
+/// when they were decided. A second round in the job's transaction sees what the first
+/// leased (it is written before the round reads), and the ids never meet those that rows
+/// written at once (the dispatcher's rounds, a job of its own) take.
+#[tokio::test]
+async fn a_jobs_held_back_rows_keep_the_ids_they_were_named_by() {
+    for (store, _dir) in backends().await {
+        let store = welcomed(store);
+        join(&store, &[1, 2, 3]).await;
+        let s = spec(2, 3);
+        let trials = s.expand().expect("expand");
+        let new = || NewJob {
+            owner: node(100),
+            spec: &s,
+            metered: ContentId::of(b"metered"),
+            author: node(99),
+            trials: &trials,
+            price: 0,
+        };
+        let yes = |outcomes: &[(Leased, u8)]| -> Vec<Option<LeaseId>> {
+            outcomes
+                .iter()
+                .map(|(l, _)| match l {
+                    Leased::Yes(id) => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        };
+
+        // Two rounds in the job's transaction: node 1, then node 1 again (refused: it holds
+        // a replica already, which only the first round's rows tell) and node 2.
+        let mut open = store.open_job(new(), 1_000).await.expect("open");
+        let job = open.id();
+        let tasks = open.take_tasks();
+        let first = yes(&open
+            .create_leases(&store, &wants_of(&tasks, node(1)), 1_000, 10_000)
+            .await
+            .expect("first round"));
+        let mut again = wants_of(&tasks, node(1));
+        again.extend(wants_of(&tasks, node(2)));
+        let second = yes(&open
+            .create_leases(&store, &again, 1_000, 10_000)
+            .await
+            .expect("second round"));
+        assert!(first.iter().all(Option::is_some), "{first:?}");
+        assert_eq!(
+            second.iter().map(Option::is_some).collect::<Vec<_>>(),
+            [false, false, false, true, true, true],
+            "node 1 holds a replica of each task already: {second:?}"
+        );
+        assert_eq!(open.commit(&store).await.expect("commit"), job);
+
+        // Rows written at once in between (a job committed alone, the dispatcher's round on
+        // it), then another job with its round held back.
+        let other = store.create_job(new(), 2_000).await.expect("job");
+        let others = store.pending_tasks(10).await.expect("pending");
+        let dispatched = yes(&store
+            .create_leases(&wants_of(&others, node(3)), 2_000, 10_000)
+            .await
+            .expect("dispatcher's round"));
+        let mut open = store.open_job(new(), 3_000).await.expect("open");
+        let third = open.id();
+        let last_tasks = open.take_tasks();
+        let last = yes(&open
+            .create_leases(&store, &wants_of(&last_tasks, node(2)), 3_000, 10_000)
+            .await
+            .expect("round"));
+        open.commit(&store).await.expect("commit");
+
+        let mut jobs = vec![job, other, third];
+        jobs.dedup();
+        assert_eq!(jobs.len(), 3, "job ids: {jobs:?}");
+        let mut ids: Vec<LeaseId> = [first, second, dispatched, last]
+            .concat()
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(ids.len(), 3 + 3 + 3 + 3);
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 12, "a lease id was given twice");
+        // Each lease is the row it was named by: its task, its node.
+        let r = report(b"out", 1_000_000);
+        for (t, n, lease) in tasks
+            .iter()
+            .map(|t| (t, node(1)))
+            .chain(tasks.iter().map(|t| (t, node(2))))
+            .chain(others.iter().map(|t| (t, node(3))))
+            .chain(last_tasks.iter().map(|t| (t, node(2))))
+            .zip(ids_of(&store).await)
+            .map(|((t, n), l)| (t, n, l))
+        {
+            let holder: String = query("SELECT node FROM leases WHERE id = $1 AND task_id = $2")
+                .bind(lease as i64)
+                .bind(t.spec.task as i64)
+                .fetch_one(&mut store.db.acquire().await.expect("conn"))
+                .await
+                .expect("the lease's row")
+                .try_get("node")
+                .expect("node");
+            assert_eq!(holder, n.to_string());
+            assert!(!matches!(
+                record(&store, lease, n, t.spec.task, &r).await,
+                Recorded::Duplicate
+            ));
+        }
+        audited(&store).await;
+    }
+}
+
+/// Every lease's id, in id order.
+async fn ids_of(store: &Store) -> Vec<LeaseId> {
+    query("SELECT id FROM leases ORDER BY id")
+        .fetch_all(&mut store.db.acquire().await.expect("conn"))
+        .await
+        .expect("leases")
+        .iter()
+        .map(|r| r.try_get::<i64>("id").expect("id") as LeaseId)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
     for (store, _dir) in backends().await {
