@@ -959,6 +959,18 @@ fn welcomed(store: Store) -> Store {
     )
 }
 
+/// A new job of `owner`'s for `open_job`: module "metered", author node 99.
+fn new_job<'a>(owner: NodeId, spec: &'a JobSpec, trials: &'a [Trial], price: u64) -> NewJob<'a> {
+    NewJob {
+        owner,
+        spec,
+        metered: ContentId::of(b"metered"),
+        author: node(99),
+        trials,
+        price,
+    }
+}
+
 /// One replica of each task, for `node`.
 fn wants_of(tasks: &[PendingTask], node: NodeId) -> Vec<Want> {
     tasks
@@ -1088,14 +1100,7 @@ async fn a_round_in_the_jobs_transaction_decides_as_one_after_its_commit() {
             let mut s = spec(2, 2);
             s.adaptive = adaptive;
             let trials = s.expand().expect("expand");
-            let new = || NewJob {
-                owner: node(100),
-                spec: &s,
-                metered: ContentId::of(b"metered"),
-                author: node(99),
-                trials: &trials,
-                price: 0,
-            };
+            let new = || new_job(node(100), &s, &trials, 0);
             // Each task: node 1, node 1 again, node 2, node 3 (a third replica).
             let round = |tasks: &[PendingTask]| -> Vec<Want> {
                 tasks
@@ -1156,14 +1161,7 @@ async fn a_jobs_held_back_rows_keep_the_ids_they_were_named_by() {
         join(&store, &[1, 2, 3]).await;
         let s = spec(2, 3);
         let trials = s.expand().expect("expand");
-        let new = || NewJob {
-            owner: node(100),
-            spec: &s,
-            metered: ContentId::of(b"metered"),
-            author: node(99),
-            trials: &trials,
-            price: 0,
-        };
+        let new = || new_job(node(100), &s, &trials, 0);
         let yes = |outcomes: &[(Leased, u8)]| -> Vec<Option<LeaseId>> {
             outcomes
                 .iter()
@@ -1275,14 +1273,7 @@ async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
         let mut s = spec(1, 3);
         s.limits.fuel = 10_000_000_000;
         let trials = s.expand().expect("expand");
-        let new = || NewJob {
-            owner: alice,
-            spec: &s,
-            metered: ContentId::of(b"metered"),
-            author: node(99),
-            trials: &trials,
-            price: 1_000_000,
-        };
+        let new = || new_job(alice, &s, &trials, 1_000_000);
         let head = store.ledger_head().await.expect("head");
 
         // Leased in the job's transaction, then dropped: nothing of either remains, and the
