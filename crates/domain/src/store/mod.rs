@@ -1308,12 +1308,11 @@ impl Store {
         let deadline = spec
             .deadline_s
             .map(|s| now.saturating_add(id_i64(s).saturating_mul(1000)));
-        pending.queue(
-            query(
-                "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms, n_open, id)
-                 VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
-            .bind(owner.to_string())
+        let insert_job = query(
+            "INSERT INTO jobs (owner, name, spec, module, state, priority, redundancy, created_ms, deadline_ms, price, author, adaptive, terms, n_open, id)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(owner.to_string())
         .bind(spec.name.as_str())
         .bind(to_json(spec))
         .bind(metered.to_string())
@@ -1329,8 +1328,8 @@ impl Store {
             requirements: spec.requirements.clone(),
         }))
         .bind(trials.len() as i64)
-        .bind(job),
-        );
+        .bind(job);
+        pending.queue(insert_job);
         // Many rows a statement (a statement is a round trip to the database: a sweep of
         // 20,000 tasks was 20,000 inserts), bound as one JSON array of rows that the database
         // takes apart (binding values one by one cost more than inserting them).
