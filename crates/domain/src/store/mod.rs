@@ -350,6 +350,10 @@ pub(super) enum IdTable {
 }
 
 impl IdTable {
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::Jobs => "jobs",
@@ -563,6 +567,10 @@ pub struct Store {
     news: Arc<PendingNews>,
     /// What [`Store::submission_refs`] found stored, kept for the next submissions.
     known: Arc<std::sync::Mutex<KnownRefs>>,
+    /// SQLite: the last id [`Store::next_ids`] handed out per [`IdTable`], so that the ids
+    /// of a transaction that rolled back (its assignments may have left) are not handed out
+    /// again while this process runs.
+    taken: Arc<std::sync::Mutex<[i64; 3]>>,
 }
 
 /// Answers of [`Store::submission_refs`] that hold for good: blobs and metered modules are
@@ -1025,6 +1033,7 @@ impl Store {
             ended: tokio::sync::broadcast::channel(ENDED_JOBS_BACKLOG).0,
             news: Arc::default(),
             known: Arc::default(),
+            taken: Arc::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -1484,10 +1493,11 @@ impl Store {
 
     /// `n` ids for rows of `table` that this transaction writes later, with these ids: the
     /// writes can then wait in a [`script::Script`] while what names the rows (a lease's
-    /// assignment) leaves. On SQLite, the ids after the table's AUTOINCREMENT sequence: the
-    /// transaction's write lock keeps them its own, and inserting the rows moves the
-    /// sequence past them, so a table's ids may be taken again only once the rows taken
-    /// before are written. On PostgreSQL, from the table's sequence.
+    /// assignment) leaves. On SQLite, the ids after the table's AUTOINCREMENT sequence and
+    /// after any this process handed out before (a rolled-back transaction's ids, whose
+    /// assignments may have reached a node, are not given twice): the transaction's write
+    /// lock keeps them its own, and inserting the rows moves the sequence past them. On
+    /// PostgreSQL, from the table's sequence (never given twice).
     pub(super) async fn next_ids(
         &self,
         tx: &mut db::Tx,
@@ -1507,6 +1517,15 @@ impl Store {
                 .fetch_one(tx)
                 .await?
                 .try_get("last")?;
+                let last = {
+                    let mut taken = self
+                        .taken
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let last = last.max(taken[table.index()]);
+                    taken[table.index()] = last + n as i64;
+                    last
+                };
                 Ok((1..=n as i64).map(|i| last + i).collect())
             }
             Backend::Postgres => query(format!(
@@ -1732,16 +1751,21 @@ impl Store {
         let Some(spec) = self.task_spec(task).await? else {
             return Ok(None);
         };
-        let row = query(
-            "INSERT INTO leases (task_id, node, state, created_ms, deadline_ms, kind) VALUES ($1, $2, 'active', $3, $4, 'spot') RETURNING id",
+        // Its id as every lease's is taken (`next_ids`), never one a rolled-back round sent.
+        let mut tx = self.db.begin().await?;
+        let lease = self.next_ids(&mut tx, IdTable::Leases, 1).await?[0];
+        query(
+            "INSERT INTO leases (id, task_id, node, state, created_ms, deadline_ms, kind) VALUES ($1, $2, $3, 'active', $4, $5, 'spot')",
         )
+        .bind(lease)
         .bind(id_i64(task))
         .bind(node.to_string())
         .bind(now)
         .bind(now.saturating_add(lease_ms))
-        .fetch_one(&mut self.db.acquire().await?)
+        .execute(&mut tx)
         .await?;
-        Ok(Some((row.try_get::<i64>("id")? as LeaseId, spec)))
+        tx.commit().await?;
+        Ok(Some((lease as LeaseId, spec)))
     }
 
     /// Extends the deadlines of `node`'s active leases among `leases` to `deadline_ms`.

@@ -1287,6 +1287,14 @@ async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
             .await
             .expect("leases");
         assert!(leased.iter().all(|(l, _)| matches!(l, Leased::Yes(_))));
+        // Their assignments may have left before the commit: their ids are not given again.
+        let dropped: Vec<LeaseId> = leased
+            .iter()
+            .filter_map(|(l, _)| match l {
+                Leased::Yes(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
         drop(open);
         assert_eq!(store.ledger_head().await.expect("head"), head);
         assert!(store.pending_tasks(10).await.expect("pending").is_empty());
@@ -1320,6 +1328,10 @@ async fn a_job_and_its_first_leases_commit_together_or_not_at_all() {
                 other => panic!("not leased: {other:?}"),
             })
             .collect();
+        assert!(
+            leases.iter().all(|l| !dropped.contains(l)),
+            "a rolled-back round's lease ids given again: {dropped:?} then {leases:?}"
+        );
         assert_eq!(open.commit(&store).await.expect("commit"), job);
         assert!(store.take_created().is_empty(), "taken tasks are not told");
         let row = store.job(job).await.expect("job").expect("exists");
