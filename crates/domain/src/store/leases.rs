@@ -472,10 +472,10 @@ impl Store {
         now: i64,
         lease_ms: i64,
     ) -> Result<Vec<LeaseId>> {
-        let ids = self.next_ids(tx, IdTable::Leases, new.len()).await?;
         if new.is_empty() {
             return Ok(Vec::new());
         }
+        let ids = self.next_ids(tx, IdTable::Leases, new.len()).await?;
         let rows: Vec<(i64, i64, &str)> = ids
             .iter()
             .zip(new)

@@ -1213,6 +1213,7 @@ async fn a_jobs_held_back_rows_keep_the_ids_they_were_named_by() {
         open.commit(&store).await.expect("commit");
 
         let mut jobs = vec![job, other, third];
+        jobs.sort_unstable();
         jobs.dedup();
         assert_eq!(jobs.len(), 3, "job ids: {jobs:?}");
         let mut ids: Vec<LeaseId> = [first, second, dispatched, last]
