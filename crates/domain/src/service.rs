@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use stardust_proto::identity::{Identity, NodeId};
+use stardust_proto::identity::{Identity, NodeId, Verifiers};
 use stardust_proto::message::{DomainMessage, encode};
 use stardust_proto::task::{Hardware, LeaseId, Tier};
 use stardust_scheduler::matching::{NodeState, NodeView};
@@ -128,6 +128,9 @@ impl Session {
 /// Work leased ahead to a node that finishes tasks quickly, in milliseconds of its pace.
 pub(crate) const LEASE_DEPTH_MS: u64 = 250;
 
+/// Clients' keys kept decoded at most (~200 bytes each).
+const MAX_CLIENT_KEYS: usize = 1024;
+
 /// Leases per slot at most, when the node's queue allows (the reference node queues up to
 /// 256 a slot, and a node that does not say queues 64: see [`Session::capacity`]).
 pub(crate) const MAX_LEASE_AHEAD: u32 = 192;
@@ -226,6 +229,8 @@ pub(crate) struct Shared {
     pub sessions: Mutex<HashMap<NodeId, Session>>,
     pub wake: Notify,
     pub replay: Mutex<ReplayGuard>,
+    /// Clients' decoded keys, for their requests' signatures.
+    pub clients: Verifiers,
     pub rejections: Rejections,
     pub next_session: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
@@ -588,6 +593,7 @@ async fn serve(config: Config, identity: Identity) -> Result<Serving, StartError
         sessions: Mutex::new(HashMap::new()),
         wake: Notify::new(),
         replay: Mutex::new(ReplayGuard::default()),
+        clients: Verifiers::new(MAX_CLIENT_KEYS),
         rejections: Rejections::default(),
         next_session: AtomicU64::new(1),
         shutdown: shutdown.clone(),

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use stardust_proto::content::ContentId;
-use stardust_proto::identity::{Identity, NodeId};
+use stardust_proto::identity::{Identity, NodeId, Verifier};
 use stardust_proto::message::{
     self, Assignment, DomainMessage, Hello, Inline, MAX_INLINE_OUTPUT, NodeMessage, ResultBatch,
     TaskResult, encode,
@@ -437,6 +437,8 @@ async fn session(
         other => return Err(NodeError::Io(format!("expected welcome, got {other:?}"))),
     };
     tracing::info!(domain = %domain.short(), "connected");
+    // The domain's key, decoded once for every frame of the session.
+    let verifier = Verifier::new(domain).ok();
     // Everything not yet acknowledged goes again.
     // Results sent on this connection and when; resent if not acknowledged in time (the
     // domain may have dropped the frame under load).
@@ -554,7 +556,7 @@ async fn session(
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(io(e)),
                 };
-                let (signer, msg) = match message::decode::<DomainMessage>(&bytes, max) {
+                let (signer, msg) = match message::decode_known::<DomainMessage>(&bytes, max, verifier.as_ref()) {
                     Ok(v) => v,
                     Err(e) => {
                         tracing::warn!(error = %e, "ignoring a bad frame from the domain");

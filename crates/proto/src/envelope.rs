@@ -245,7 +245,18 @@ pub fn open_any_known<'a>(
 
 /// Parses and verifies `bytes`, requiring `expected` as its context.
 pub fn open(bytes: &[u8], expected: Context, max_len: usize) -> Result<Opened<'_>, OpenError> {
-    let opened = open_any(bytes, max_len)?;
+    open_known(bytes, expected, max_len, None)
+}
+
+/// [`open`], verifying with `known`'s decoded key when the envelope's signer is that key
+/// (as [`open_any_known`]).
+pub fn open_known<'a>(
+    bytes: &'a [u8],
+    expected: Context,
+    max_len: usize,
+    known: Option<&Verifier>,
+) -> Result<Opened<'a>, OpenError> {
+    let opened = open_any_known(bytes, max_len, known)?;
     if opened.context != expected {
         return Err(OpenError::WrongContext {
             expected,
@@ -285,6 +296,18 @@ mod tests {
         let theirs = seal(&other, Context::Node, b"{}");
         let opened = open_any_known(&theirs, DEFAULT_MAX_LEN, Some(&known)).expect("valid");
         assert_eq!(opened.signer, other.id());
+        // The context is still checked.
+        assert_eq!(
+            open_known(&env, Context::Result, DEFAULT_MAX_LEN, Some(&known)).map(|o| o.signer),
+            Err(OpenError::WrongContext {
+                expected: Context::Result,
+                found: Context::Node
+            })
+        );
+        assert_eq!(
+            open_known(&env, Context::Node, DEFAULT_MAX_LEN, Some(&known)).map(|o| o.signer),
+            Ok(id.id())
+        );
         // A flipped body byte fails either way.
         for (env, who) in [(env, "known"), (theirs, "other")] {
             let mut bad = env.clone();

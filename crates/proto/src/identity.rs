@@ -70,6 +70,70 @@ impl Verifier {
     }
 }
 
+/// Decoded keys of recent signers, for a receiver that checks signatures from keys it
+/// meets again and again (a domain's clients): each key is decoded once while it stays in.
+/// Bounded: when `max` keys are in, the next new one empties it first.
+#[derive(Debug)]
+pub struct Verifiers {
+    keys: std::sync::Mutex<std::collections::HashMap<NodeId, Verifier>>,
+    max: usize,
+}
+
+impl Verifiers {
+    /// Keeps at most `max` keys (at least one).
+    pub fn new(max: usize) -> Self {
+        Self {
+            keys: std::sync::Mutex::new(std::collections::HashMap::new()),
+            max: max.max(1),
+        }
+    }
+
+    /// [`NodeId::verify`], with `id`'s key decoded at most once while it is kept. A key that
+    /// is not a valid point is not kept.
+    pub fn verify(
+        &self,
+        id: NodeId,
+        message: &[u8],
+        signature: &[u8; 64],
+    ) -> Result<(), VerifyError> {
+        let known = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        let verifier = match known {
+            Some(v) => v,
+            None => {
+                let v = Verifier::new(id)?;
+                let mut keys = self
+                    .keys
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if keys.len() >= self.max {
+                    keys.clear();
+                }
+                keys.insert(id, v.clone());
+                v
+            }
+        };
+        verifier.verify(message, signature)
+    }
+
+    /// Keys kept now.
+    pub fn len(&self) -> usize {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no key is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Why a signature did not verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -195,6 +259,39 @@ mod tests {
         );
         assert_eq!(id.id().verify(b"", &sig), Ok(()));
         assert_eq!(id.id().verify(b"x", &sig), Err(VerifyError::BadSignature));
+    }
+
+    #[test]
+    fn verifiers_keep_valid_keys_within_their_bound() {
+        let keys = Verifiers::new(2);
+        let ids: Vec<Identity> = (1..=3u8)
+            .map(|i| Identity::from_secret_bytes(&[i; 32]))
+            .collect();
+        let sig = ids[0].sign(b"m");
+        assert_eq!(keys.verify(ids[0].id(), b"m", &sig), Ok(()));
+        // Kept: the same answers from the decoded key.
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys.verify(ids[0].id(), b"m", &sig), Ok(()));
+        assert_eq!(
+            keys.verify(ids[0].id(), b"n", &sig),
+            Err(VerifyError::BadSignature)
+        );
+        // Another key's signature does not pass for a kept key.
+        assert_eq!(
+            keys.verify(ids[1].id(), b"m", &sig),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(keys.len(), 2);
+        // Full: a new key empties it first.
+        assert_eq!(keys.verify(ids[2].id(), b"m", &ids[2].sign(b"m")), Ok(()));
+        assert_eq!(keys.len(), 1);
+        // A key that is no point is refused and not kept.
+        let bad = (0u8..=255)
+            .map(|b| NodeId::from_bytes([b; 32]))
+            .find(|id| Verifier::new(*id).is_err())
+            .expect("some byte pattern is not a point");
+        assert_eq!(keys.verify(bad, b"m", &sig), Err(VerifyError::BadPublicKey));
+        assert_eq!(keys.len(), 1);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::envelope::{self, Context, OpenError};
-use crate::identity::{Identity, NodeId};
+use crate::identity::{Identity, NodeId, Verifier};
 use crate::task::{Hardware, LeaseId, RunReport, TaskId, TaskSpec, Tier};
 
 /// A message type with its envelope context.
@@ -310,7 +310,17 @@ pub fn encode<M: Message>(identity: &Identity, message: &M) -> Vec<u8> {
 
 /// Verifies an envelope for `M`'s context and parses its body.
 pub fn decode<M: Message>(bytes: &[u8], max_len: usize) -> Result<(NodeId, M), DecodeError> {
-    let opened = envelope::open(bytes, M::CONTEXT, max_len)?;
+    decode_known(bytes, max_len, None)
+}
+
+/// [`decode`] for a receiver that expects most frames from one signer: `known`'s decoded
+/// key checks that signer's frames (the same checks and errors, less work).
+pub fn decode_known<M: Message>(
+    bytes: &[u8],
+    max_len: usize,
+    known: Option<&Verifier>,
+) -> Result<(NodeId, M), DecodeError> {
+    let opened = envelope::open_known(bytes, M::CONTEXT, max_len, known)?;
     Ok((opened.signer, parse(&opened)?))
 }
 

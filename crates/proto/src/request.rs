@@ -12,7 +12,7 @@
 //! time within [`MAX_SKEW_MS`] of its clock and each signature once.
 
 use crate::envelope::Context;
-use crate::identity::{Identity, NodeId, VerifyError};
+use crate::identity::{Identity, NodeId, Verifiers, VerifyError};
 
 /// Header carrying the signer's NodeId.
 pub const KEY_HEADER: &str = "x-stardust-key";
@@ -75,7 +75,12 @@ pub enum AuthError {
 }
 
 /// Checks a request's headers against its method, path, body and the current time; returns
-/// the signer.
+/// the signer. `keys` keeps signers' decoded keys across requests (a domain's clients sign
+/// request after request).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the three headers, the request's three parts, the clock and the key cache"
+)]
 pub fn verify(
     key: Option<&str>,
     time: Option<&str>,
@@ -84,6 +89,7 @@ pub fn verify(
     path_and_query: &str,
     body: &[u8],
     now_ms: i64,
+    keys: Option<&Verifiers>,
 ) -> Result<NodeId, AuthError> {
     let key: NodeId = key
         .and_then(|k| k.parse().ok())
@@ -99,10 +105,14 @@ pub fn verify(
     if skew > MAX_SKEW_MS {
         return Err(AuthError::Skew { skew_ms: skew });
     }
-    key.verify(&signing_bytes(method, path_and_query, time, body), &sig)
-        .map_err(|e: VerifyError| match e {
-            VerifyError::BadPublicKey | VerifyError::BadSignature => AuthError::BadSignature,
-        })?;
+    let message = signing_bytes(method, path_and_query, time, body);
+    match keys {
+        Some(keys) => keys.verify(key, &message, &sig),
+        None => key.verify(&message, &sig),
+    }
+    .map_err(|e: VerifyError| match e {
+        VerifyError::BadPublicKey | VerifyError::BadSignature => AuthError::BadSignature,
+    })?;
     Ok(key)
 }
 
@@ -112,20 +122,23 @@ mod tests {
 
     #[test]
     fn sign_then_verify_and_each_rejection() {
+        // The same answers whether the signer's key is decoded each time or kept.
+        let kept = Verifiers::new(4);
+        for keys in [None, Some(&kept), Some(&kept)] {
+            rejections(keys);
+        }
+        // The signer's key and the other one claimed, each once.
+        assert_eq!(kept.len(), 2);
+    }
+
+    fn rejections(keys: Option<&Verifiers>) {
         let id = Identity::from_secret_bytes(&[5; 32]);
         let [k, t, s] = sign(&id, "POST", "/v1/jobs", 1_000_000, b"{}");
-        let ok = verify(
-            Some(&k),
-            Some(&t),
-            Some(&s),
-            "POST",
-            "/v1/jobs",
-            b"{}",
-            1_000_500,
-        );
-        assert_eq!(ok, Ok(id.id()));
-        let v =
-            |m: &str, p: &str, b: &[u8], now| verify(Some(&k), Some(&t), Some(&s), m, p, b, now);
+        let h = |k: Option<&str>, s: Option<&str>, m: &str, p: &str, b: &[u8], now| {
+            verify(k, Some(&t), s, m, p, b, now, keys)
+        };
+        let v = |m: &str, p: &str, b: &[u8], now| h(Some(&k), Some(&s), m, p, b, now);
+        assert_eq!(v("POST", "/v1/jobs", b"{}", 1_000_500), Ok(id.id()));
         assert_eq!(
             v("GET", "/v1/jobs", b"{}", 1_000_000),
             Err(AuthError::BadSignature)
@@ -142,28 +155,18 @@ mod tests {
             v("POST", "/v1/jobs", b"{}", 1_000_000 + MAX_SKEW_MS + 1),
             Err(AuthError::Skew { .. })
         ));
+        // Another key claimed for the same signature.
+        let other = Identity::from_secret_bytes(&[6; 32]).id().to_string();
         assert_eq!(
-            verify(
-                None,
-                Some(&t),
-                Some(&s),
-                "POST",
-                "/v1/jobs",
-                b"{}",
-                1_000_000
-            ),
+            h(Some(&other), Some(&s), "POST", "/v1/jobs", b"{}", 1_000_000),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            h(None, Some(&s), "POST", "/v1/jobs", b"{}", 1_000_000),
             Err(AuthError::Header(KEY_HEADER))
         );
         assert_eq!(
-            verify(
-                Some(&k),
-                Some(&t),
-                Some("zz"),
-                "POST",
-                "/v1/jobs",
-                b"{}",
-                1_000_000
-            ),
+            h(Some(&k), Some("zz"), "POST", "/v1/jobs", b"{}", 1_000_000),
             Err(AuthError::Header(SIGNATURE_HEADER))
         );
     }

@@ -171,6 +171,7 @@ async fn authenticate(
         path,
         body,
         now,
+        Some(&shared.clients),
     )
     .map_err(|e| {
         shared.rejections.count("bad_request_signature");
