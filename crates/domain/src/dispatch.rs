@@ -542,7 +542,12 @@ impl Round {
             }
         }
         let mut sessions = shared.sessions.lock().await;
-        send_batches(shared, &mut sessions, std::mem::take(&mut self.batches));
+        send_batches(
+            shared,
+            &mut sessions,
+            std::mem::take(&mut self.batches),
+            false,
+        );
         result
     }
 
@@ -552,7 +557,22 @@ impl Round {
     async fn assign(&mut self, shared: &Shared) -> Vec<(LeaseId, NodeId)> {
         let mut sessions = shared.sessions.lock().await;
         self.give_leased(&mut sessions);
-        send_batches(shared, &mut sessions, std::mem::take(&mut self.batches));
+        let writes = send_batches(
+            shared,
+            &mut sessions,
+            std::mem::take(&mut self.batches),
+            true,
+        );
+        drop(sessions);
+        for (node, write) in writes {
+            if tokio::time::timeout(DIRECT_WRITE_TIMEOUT, write)
+                .await
+                .is_err()
+            {
+                tracing::warn!(node = %node.short(), "node not reading; its leases will expire");
+                shared.sessions.lock().await.remove(&node);
+            }
+        }
         self.assigned = true;
         self.leased
             .iter()
@@ -570,22 +590,44 @@ impl Round {
     }
 }
 
+/// How long a frame written at once may take (an idle link takes microseconds; one that
+/// does not take it holds up the submission that sends it).
+const DIRECT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Sends each node its assignments in one frame; a session whose outbox is full is dropped
-/// (its leases expire).
+/// (its leases expire). With `now`, a frame to an idle session is not queued but returned as
+/// its write, to await once `sessions` is let go ([`Outbox::write_now`]): on a request's path
+/// it leaves without waking the session's writer task.
+///
+/// [`Outbox::write_now`]: crate::outbox::Outbox::write_now
 fn send_batches(
     shared: &Shared,
     sessions: &mut HashMap<NodeId, Session>,
     batches: HashMap<NodeId, Vec<Assignment>>,
-) {
+    now: bool,
+) -> Vec<(NodeId, crate::outbox::Write)> {
+    let mut writes = Vec::new();
     for (node, tasks) in batches {
+        let Some(s) = sessions.get(&node) else {
+            continue;
+        };
         let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
-        if let Some(s) = sessions.get(&node)
-            && s.outbox.try_send(frame).is_err()
-        {
+        let frame = match now {
+            true => match s.outbox.write_now(frame) {
+                Ok(write) => {
+                    writes.push((node, write));
+                    continue;
+                }
+                Err(frame) => frame,
+            },
+            false => frame,
+        };
+        if s.outbox.try_send(frame).is_err() {
             tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");
             sessions.remove(&node);
         }
     }
+    writes
 }
 
 /// Matching and leasing passes in one dispatch round at most: a pass after the first only

@@ -19,6 +19,7 @@ mod dispatch;
 pub mod gateway;
 mod http;
 mod metrics;
+mod outbox;
 pub mod ratelimit;
 mod recorder;
 mod service;

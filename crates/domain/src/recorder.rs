@@ -53,7 +53,7 @@ pub(crate) struct Filed {
     /// Results refused before recording, with why.
     pub refused: Vec<(LeaseId, String)>,
     /// Where the node's answers go.
-    pub outbox: mpsc::Sender<Vec<u8>>,
+    pub outbox: crate::outbox::Outbox,
 }
 
 /// What recording one result came to.
@@ -157,7 +157,7 @@ fn fail(shared: &Shared, frames: Vec<Filed>) {
 
 /// The leases to acknowledge on each session (by its outbox): one `ack` frame per session
 /// for a whole batch (each frame is a signature to make and one to check).
-pub(crate) type Acks = Vec<(mpsc::Sender<Vec<u8>>, Vec<LeaseId>)>;
+pub(crate) type Acks = Vec<(crate::outbox::Outbox, Vec<LeaseId>)>;
 
 /// Sends each node one `ack` for the leases gathered in `acks`.
 pub(crate) fn send_acks(shared: &Shared, acks: Acks) {

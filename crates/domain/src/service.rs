@@ -65,7 +65,7 @@ pub(crate) struct Session {
     /// Leases this domain believes the node runs: added on assignment, removed on result,
     /// expiry or cancel, and reconciled with each heartbeat.
     pub running: HashMap<LeaseId, i64>,
-    pub outbox: mpsc::Sender<Vec<u8>>,
+    pub outbox: crate::outbox::Outbox,
 }
 
 impl Session {
@@ -766,7 +766,7 @@ mod tests {
     }
 
     fn session(tier: Tier, slots: u32) -> Session {
-        let (outbox, _) = mpsc::channel(1);
+        let (outbox, _) = crate::outbox::Outbox::detached(1);
         Session {
             id: 1,
             node: stardust_proto::identity::Identity::from_secret_bytes(&[1; 32]).id(),

@@ -7,7 +7,7 @@ mod contrib;
 mod dashboard;
 pub(crate) use dashboard::Snapshots;
 pub(crate) mod relay;
-mod session;
+pub(crate) mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

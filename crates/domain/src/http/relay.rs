@@ -90,7 +90,7 @@ impl FrameTx for RelayTx {
             .is_ok()
     }
 
-    async fn close(self) {
+    async fn close(&mut self) {
         let _ = self.link.send(Out::Close(self.session, "")).await;
     }
 }

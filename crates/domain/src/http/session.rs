@@ -29,8 +29,8 @@ use stardust_proto::message::{
     self, Assignment, DecodeError, DomainMessage, Hello, NodeMessage, Nonce, ResultBatch, encode,
 };
 use stardust_proto::task::{LeaseId, RunReport};
-use tokio::sync::mpsc;
 
+use crate::outbox::{Link, Outbox, Queue};
 use crate::service::{Session, Shared, next_session, now_ms};
 
 /// Bad frames tolerated per session before it is closed.
@@ -79,7 +79,7 @@ pub(crate) trait FrameTx: Send + 'static {
     /// Sends one frame; false when the link is gone.
     fn send(&mut self, frame: Vec<u8>) -> impl Future<Output = bool> + Send;
     /// Ends the session towards the node (called once, last).
-    fn close(self) -> impl Future<Output = ()> + Send;
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 struct WsRx(SplitStream<WebSocket>);
@@ -103,7 +103,7 @@ impl FrameTx for WsTx {
         self.0.send(Message::Binary(frame.into())).await.is_ok()
     }
 
-    async fn close(mut self) {
+    async fn close(&mut self) {
         let _ = self.0.close().await;
     }
 }
@@ -117,35 +117,36 @@ fn reject(code: &str, message: impl Into<String>) -> DomainMessage {
 
 /// Runs one node session to its end, then closes its link.
 pub(crate) async fn run(
-    mut sink: impl FrameTx,
+    sink: impl FrameTx,
     mut stream: impl FrameRx,
     shared: Arc<Shared>,
     addr: SocketAddr,
 ) {
+    let link = Link::new(sink);
     // Boxed, here and for each frame below: a session spends its life waiting for its next
     // frame, and the future it waits in should not carry room for the handshake's or a
     // frame's locals (at 100,000 sessions, each KiB is 100 MiB).
-    let Some(open) = Box::pin(handshake(&mut sink, &mut stream, &shared, addr)).await else {
+    let Some(open) = Box::pin(handshake(&link, &mut stream, &shared, addr)).await else {
         // Nothing more is read: the link's reading half goes before its close is sent
         // (a relay may reuse the session's number once it has the close).
         drop(stream);
-        sink.close().await;
+        link.lock().await.close().await;
         return;
     };
-    serve(sink, stream, shared, open).await;
+    serve(link, stream, shared, open).await;
 }
 
 /// A session past its hello.
 struct Open {
     node: NodeId,
     session_id: u64,
-    outbox: mpsc::Sender<Vec<u8>>,
-    rx: mpsc::Receiver<Vec<u8>>,
+    outbox: Outbox,
+    queue: Queue,
 }
 
 /// Challenge, hello, the node's row and resumed leases, the session registered and welcomed.
-async fn handshake(
-    sink: &mut impl FrameTx,
+async fn handshake<S: FrameTx>(
+    link: &Arc<tokio::sync::Mutex<Link<S>>>,
     stream: &mut impl FrameRx,
     shared: &Arc<Shared>,
     addr: SocketAddr,
@@ -162,7 +163,7 @@ async fn handshake(
             protocol: stardust_proto::PROTOCOL_VERSION,
         },
     );
-    if !sink.send(challenge).await {
+    if !link.lock().await.send(challenge).await {
         return None;
     }
     let max = shared.config.max_frame_bytes;
@@ -177,8 +178,8 @@ async fn handshake(
         Ok(v) => v,
         Err(e) => {
             shared.rejections.count("bad_hello");
-            sink.send(encode(&shared.identity, &reject(e.code(), e.to_string())))
-                .await;
+            let frame = encode(&shared.identity, &reject(e.code(), e.to_string()));
+            link.lock().await.send(frame).await;
             return None;
         }
     };
@@ -191,7 +192,7 @@ async fn handshake(
                 "the hello does not answer this connection's challenge",
             ),
         );
-        sink.send(frame).await;
+        link.lock().await.send(frame).await;
         return None;
     }
     if hello.slots == 0 || hello.slots > MAX_SLOTS {
@@ -199,7 +200,7 @@ async fn handshake(
             &shared.identity,
             &reject("bad_hello", format!("slots must be 1..={MAX_SLOTS}")),
         );
-        sink.send(frame).await;
+        link.lock().await.send(frame).await;
         return None;
     }
     let now = now_ms();
@@ -216,7 +217,7 @@ async fn handshake(
         Ok(Some(n)) => n.record,
         _ => Default::default(),
     };
-    let (outbox, rx) = mpsc::channel::<Vec<u8>>(shared.config.session_queue);
+    let (outbox, queue) = Outbox::new(shared.config.session_queue, Some(link.clone()));
     let session_id = next_session(shared);
     let resumed = match shared.store.active_leases(node).await {
         Ok(l) => l,
@@ -275,27 +276,25 @@ async fn handshake(
         node,
         session_id,
         outbox,
-        rx,
+        queue,
     })
 }
 
 /// Reads the session's frames until the node goes, the domain stops, or the node sent too
 /// many bad frames; then unregisters it and closes the link.
-async fn serve(mut sink: impl FrameTx, mut stream: impl FrameRx, shared: Arc<Shared>, open: Open) {
+async fn serve<S: FrameTx>(
+    link: Arc<tokio::sync::Mutex<Link<S>>>,
+    mut stream: impl FrameRx,
+    shared: Arc<Shared>,
+    open: Open,
+) {
     let Open {
         node,
         session_id,
         outbox,
-        mut rx,
+        queue,
     } = open;
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if !sink.send(frame).await {
-                break;
-            }
-        }
-        sink
-    });
+    let writer = tokio::spawn(queue.write(link.clone()));
     let mut bad = 0u32;
     // The node's key, decoded once for every frame of the session (its hello verified it).
     let verifier = Verifier::new(node).ok();
@@ -363,9 +362,8 @@ async fn serve(mut sink: impl FrameTx, mut stream: impl FrameRx, shared: Arc<Sha
     // may reuse the session's number once it has the close).
     drop(stream);
     drop(outbox);
-    if let Ok(sink) = writer.await {
-        sink.close().await;
-    }
+    let _ = writer.await;
+    link.lock().await.close().await;
     tracing::info!(node = %node.short(), session = session_id, "node disconnected");
 }
 
@@ -380,7 +378,7 @@ async fn handle_frame(
     node: NodeId,
     verifier: Option<&Verifier>,
     bytes: &[u8],
-    outbox: &mpsc::Sender<Vec<u8>>,
+    outbox: &Outbox,
 ) -> FrameResult {
     let opened = envelope::open_any_known(bytes, shared.config.max_frame_bytes, verifier)
         .map_err(|e| decode_err(e.into()))?;
@@ -473,7 +471,7 @@ async fn results(
     node: NodeId,
     envelope: &[u8],
     batch: ResultBatch,
-    outbox: &mpsc::Sender<Vec<u8>>,
+    outbox: &Outbox,
 ) -> FrameResult {
     let mut refused = Vec::new();
     let mut checked = Vec::with_capacity(batch.results.len());
