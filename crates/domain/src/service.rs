@@ -440,10 +440,28 @@ pub struct Domain {
     ended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// Worker threads of a domain pinned to one core: two, so that one busy for a while (a
-/// large upload hashed, a module metered) does not stall the rest; the core time-slices
-/// between them.
-const PINNED_WORKERS: usize = 2;
+/// Worker threads of a domain pinned to one core: one. A hand-off between two workers on
+/// one core (a recorded result waking the request that waits for it) went to the other
+/// worker about a third of the time, which then waited for the core until the first one
+/// parked: ~125 µs instead of ~20 (docs/benchmarks.md, session 18). Work that holds a
+/// thread for long (a large upload hashed, a module metered) runs on the runtime's blocking
+/// threads instead ([`off_worker`]), which share the core by time slices.
+const PINNED_WORKERS: usize = 1;
+
+/// Blocking threads of the domain's runtime at most ([`off_worker`]; more wait their turn).
+const MAX_BLOCKING_THREADS: usize = 8;
+
+/// Bytes hashed on the calling task at most; more are hashed on a blocking thread (BLAKE3
+/// takes ~0.1 ms for 64 KiB here: no worker stalls for longer).
+pub(crate) const HASH_INLINE_BYTES: usize = 64 << 10;
+
+/// Runs `f` on a blocking thread of the runtime: CPU work long enough to stall the tasks of
+/// the domain's one worker thread.
+pub(crate) async fn off_worker<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(f).await
+}
 
 /// What [`serve`] hands back: the bound address, the stop switch, the tasks to wait for.
 type Serving = (
@@ -475,6 +493,7 @@ impl Domain {
                     }
                 });
                 let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.max_blocking_threads(MAX_BLOCKING_THREADS);
                 if pinned.is_some() {
                     builder.worker_threads(PINNED_WORKERS);
                 }

@@ -135,6 +135,45 @@ async fn rest_refusals_are_typed_and_counted() {
     assert_eq!(s, 422);
     assert!(body.contains("hash_mismatch"), "{body}");
 
+    // A body large enough to be hashed off the domain's worker thread: the same checks.
+    let large = vec![5u8; 200 << 10];
+    let (s, body) = raw(
+        addr,
+        None,
+        "PUT",
+        &path,
+        &signed(&a, "PUT", &path, &large),
+        &large,
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("hash_mismatch"), "{body}");
+    let id = ContentId::of(&large);
+    let path = format!("/v1/blobs/{id}");
+    let mut other = large.clone();
+    other[100_000] ^= 1;
+    let (s, body) = raw(
+        addr,
+        None,
+        "PUT",
+        &path,
+        &signed(&a, "PUT", &path, &other),
+        &large,
+    )
+    .await;
+    assert_eq!(s, 401, "signed for other bytes: {body}");
+    let (s, body) = raw(
+        addr,
+        None,
+        "PUT",
+        &path,
+        &signed(&a, "PUT", &path, &large),
+        &large,
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    assert!(body.contains(&id.to_string()), "{body}");
+
     // Too large a body.
     let big = vec![7u8; 2 << 20];
     let id = ContentId::of(&big);

@@ -48,6 +48,16 @@ impl ApiError {
         }
     }
 
+    /// An internal failure: logged, and told as such.
+    fn internal(what: String) -> Self {
+        tracing::error!(error = %what, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the domain's log",
+        )
+    }
+
     fn not_found(what: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -152,24 +162,48 @@ async fn limit_address(
     next.run(request).await
 }
 
+/// The body's content id (BLAKE3), hashed on a blocking thread when it is large
+/// ([`crate::service::off_worker`]).
+async fn body_id(body: &Bytes) -> ApiResult<ContentId> {
+    if body.len() <= crate::service::HASH_INLINE_BYTES {
+        return Ok(ContentId::of(body));
+    }
+    let body = body.clone();
+    crate::service::off_worker(move || ContentId::of(&body))
+        .await
+        .map_err(|e| ApiError::internal(format!("hashing the body: {e}")))
+}
+
 /// Checks a signed request and refuses replays; returns the client's key.
 async fn authenticate(
     shared: &Shared,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    body: &[u8],
+    body: &Bytes,
+) -> ApiResult<NodeId> {
+    let id = body_id(body).await?;
+    authenticate_hashed(shared, method, uri, headers, id).await
+}
+
+/// [`authenticate`] with the body's content id.
+async fn authenticate_hashed(
+    shared: &Shared,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: ContentId,
 ) -> ApiResult<NodeId> {
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     let now = now_ms();
-    let key = request::verify(
+    let key = request::verify_hashed(
         h(request::KEY_HEADER),
         h(request::TIME_HEADER),
         h(request::SIGNATURE_HEADER),
         method.as_str(),
         path,
-        body,
+        body.as_bytes(),
         now,
         Some(&shared.clients),
     )
@@ -232,14 +266,15 @@ async fn put_blob(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    authenticate(&shared, &method, &uri, &headers, &body).await?;
+    let hashed = body_id(&body).await?;
+    authenticate_hashed(&shared, &method, &uri, &headers, hashed).await?;
     let id = parse_id(&id)?;
-    if !id.matches(&body) {
+    if hashed != id {
         shared.rejections.count("blob_hash_mismatch");
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "hash_mismatch",
-            format!("the bytes hash to {}, not {id}", ContentId::of(&body)),
+            format!("the bytes hash to {hashed}, not {id}"),
         ));
     }
     let created = shared.store.put_blob(id, &body, now_ms()).await?;
@@ -258,7 +293,7 @@ async fn get_blob(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    authenticate(&shared, &method, &uri, &headers, b"").await?;
+    authenticate(&shared, &method, &uri, &headers, &Bytes::new()).await?;
     let id = parse_id(&id)?;
     let bytes = shared
         .store
@@ -338,14 +373,21 @@ async fn submit(
                     ),
                 )
             })?;
-            let metered_bytes = stardust_meter::instrument(&wasm).map_err(|e| {
+            // Parsing and rewriting a module takes milliseconds: off the worker.
+            let (metered_bytes, metered) = crate::service::off_worker(move || {
+                let bytes = stardust_meter::instrument(&wasm)?;
+                let id = ContentId::of(&bytes);
+                Ok::<_, stardust_meter::MeterError>((bytes, id))
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("metering the module: {e}")))?
+            .map_err(|e| {
                 ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "invalid_module",
                     e.to_string(),
                 )
             })?;
-            let metered = ContentId::of(&metered_bytes);
             shared.store.put_blob(metered, &metered_bytes, now).await?;
             shared
                 .store
@@ -492,7 +534,7 @@ async fn account(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
-    let key = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    let key = authenticate(&shared, &method, &uri, &headers, &Bytes::new()).await?;
     let mut out = serde_json::Map::new();
     for (name, account) in [
         ("submitter", Account::Submitter(key)),
@@ -641,7 +683,7 @@ async fn get_job(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
-    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    let client = authenticate(&shared, &method, &uri, &headers, &Bytes::new()).await?;
     check_wait(query.wait_ms)?;
     // Subscribed before the first read: an end committed in between is told, not missed.
     let ends = shared.store.ended_jobs();
@@ -732,7 +774,7 @@ async fn owned_tasks(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> ApiResult<Vec<crate::store::TaskRow>> {
-    let client = authenticate(shared, method, uri, headers, b"").await?;
+    let client = authenticate(shared, method, uri, headers, &Bytes::new()).await?;
     owned_job(shared, id, client).await?;
     Ok(shared
         .store
@@ -751,7 +793,7 @@ async fn results(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
-    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    let client = authenticate(&shared, &method, &uri, &headers, &Bytes::new()).await?;
     owned_job(&shared, id, client).await?;
     let tasks = shared
         .store
@@ -790,7 +832,7 @@ async fn why(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<Value>> {
-    let client = authenticate(&shared, &method, &uri, &headers, b"").await?;
+    let client = authenticate(&shared, &method, &uri, &headers, &Bytes::new()).await?;
     let job = owned_job(&shared, id, client).await?;
     let pending: Vec<_> = shared
         .store
