@@ -285,3 +285,43 @@ async fn held_status_requests_are_bounded_per_key() {
     assert_eq!(s["state"], "queued", "{s}");
     domain.shutdown().await;
 }
+
+/// A one-slot node with nothing else to do sends each result the moment its task ends (the
+/// slot writes the frame itself): every one-task submission is answered with its output
+/// within a wait far shorter than the node's resend interval (10 s), one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_task_submissions_are_answered_one_after_another() {
+    let Running {
+        dir,
+        domain,
+        url,
+        client,
+        module,
+        input,
+    } = start(|_| {}).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
+    c.slots = 1;
+    c.bench = false;
+    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let mut one = spec(&module, &input);
+    one.sweep =
+        Some(serde_json::from_value(serde_json::json!({"grid": {"i": [7]}})).expect("sweep"));
+    // The first waits for the node to connect; the others find it idle.
+    let first = client.submit_wait(&one, 30_000).await.expect("first");
+    assert_eq!(first["job"]["state"], "completed", "{first}");
+    for n in 0..5 {
+        let done = client
+            .submit_wait(&one, 5_000)
+            .await
+            .expect("submit and wait");
+        assert_eq!(done["job"]["state"], "completed", "round {n}: {done}");
+        assert_eq!(
+            done["results"][0]["output_text"], "hello from task with 1 args: 7\nX",
+            "round {n}: {done}"
+        );
+    }
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    domain.shutdown().await;
+}

@@ -23,7 +23,7 @@ mod cache;
 pub mod policy;
 pub mod probe;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,6 +141,14 @@ struct Shared {
     running: Mutex<HashSet<LeaseId>>,
     cancelled: Mutex<HashSet<LeaseId>>,
     unacked: Mutex<BTreeMap<LeaseId, TaskResult>>,
+    /// Results sent on this connection and when; resent if not acknowledged in time (the
+    /// domain may have dropped the frame under load). Emptied at each connection, so that
+    /// everything not yet acknowledged goes again. Locked after `unacked`, never across an
+    /// await.
+    sent: std::sync::Mutex<HashMap<LeaseId, Instant>>,
+    /// The connected session's sending half, while there is one: a slot whose result is the
+    /// only one to send writes it itself (`send_now`), instead of waking the session.
+    link: std::sync::Mutex<Option<Link>>,
     work: Notify,
     results: Notify,
     paused: AtomicBool,
@@ -151,6 +159,40 @@ struct Shared {
     cache: cache::Budget,
     /// Blobs used lately, in memory (a task's input is often every task's input).
     hot: std::sync::Mutex<cache::Hot>,
+}
+
+/// A connected session's sending half, shared by the session and the slots (`send_now`).
+type Link = Arc<
+    Mutex<
+        futures_util::stream::SplitSink<
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+            Message,
+        >,
+    >,
+>;
+
+/// A std mutex's guard, poisoned or not (what it guards stays consistent: no code panics
+/// while holding one).
+fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The session's link offered to the slots while the session lasts.
+struct Connected<'a>(&'a Shared);
+
+impl<'a> Connected<'a> {
+    fn new(shared: &'a Shared, link: Link) -> Self {
+        *locked(&shared.link) = Some(link);
+        Self(shared)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        *locked(&self.0.link) = None;
+    }
 }
 
 impl Shared {
@@ -230,6 +272,8 @@ pub async fn run(
         running: Mutex::new(HashSet::new()),
         cancelled: Mutex::new(HashSet::new()),
         unacked: Mutex::new(BTreeMap::new()),
+        sent: std::sync::Mutex::new(HashMap::new()),
+        link: std::sync::Mutex::new(None),
         work: Notify::new(),
         results: Notify::new(),
         paused: AtomicBool::new(false),
@@ -440,9 +484,9 @@ async fn session(
     // The domain's key, decoded once for every frame of the session.
     let verifier = Verifier::new(domain).ok();
     // Everything not yet acknowledged goes again.
-    // Results sent on this connection and when; resent if not acknowledged in time (the
-    // domain may have dropped the frame under load).
-    let mut sent: std::collections::HashMap<LeaseId, Instant> = std::collections::HashMap::new();
+    locked(&shared.sent).clear();
+    let sink: Link = Arc::new(Mutex::new(sink));
+    let _connected = Connected::new(shared, sink.clone());
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
     let mut seq = 0u64;
     let mut told_draining = false;
@@ -455,28 +499,31 @@ async fn session(
         }
         if shared.draining.load(Ordering::Relaxed) {
             if !told_draining {
-                sink.send(Message::Binary(
-                    encode(&shared.identity, &NodeMessage::Draining).into(),
-                ))
-                .await
-                .map_err(io)?;
+                sink.lock()
+                    .await
+                    .send(Message::Binary(
+                        encode(&shared.identity, &NodeMessage::Draining).into(),
+                    ))
+                    .await
+                    .map_err(io)?;
                 told_draining = true;
             }
             let started = *drain_started.get_or_insert_with(Instant::now);
             if shared.idle().await {
-                let _ = sink.close().await;
+                let _ = sink.lock().await.close().await;
                 return Ok(SessionEnd::Drained);
             }
             if started.elapsed() > shared.config.drain_timeout {
                 // What is left comes back to the domain when its leases expire.
                 tracing::warn!("drain timed out; leaving unfinished work to lease expiry");
-                let _ = sink.close().await;
+                let _ = sink.lock().await.close().await;
                 return Ok(SessionEnd::Drained);
             }
         }
         // Send results not yet sent on this connection.
         let batch: Vec<TaskResult> = {
             let unacked = shared.unacked.lock().await;
+            let mut sent = locked(&shared.sent);
             sent.retain(|lease, at| unacked.contains_key(lease) && at.elapsed() < RESEND_AFTER);
             // Bounded in count and in inline bytes (a frame stays far below the domain's
             // 16 MiB limit).
@@ -508,9 +555,13 @@ async fn session(
             }
             gathering = None;
             let now = Instant::now();
-            sent.extend(batch.iter().map(|r| (r.lease, now)));
+            locked(&shared.sent).extend(batch.iter().map(|r| (r.lease, now)));
             let frame = encode(&shared.identity, &ResultBatch { results: batch });
-            sink.send(Message::Binary(frame.into())).await.map_err(io)?;
+            sink.lock()
+                .await
+                .send(Message::Binary(frame.into()))
+                .await
+                .map_err(io)?;
             continue;
         }
         tokio::select! {
@@ -547,7 +598,7 @@ async fn session(
                     shared.config.slots.saturating_sub(busy)
                 };
                 let hb = NodeMessage::Heartbeat { seq, running, free_slots };
-                sink.send(Message::Binary(encode(&shared.identity, &hb).into())).await.map_err(io)?;
+                sink.lock().await.send(Message::Binary(encode(&shared.identity, &hb).into())).await.map_err(io)?;
             }
             frame = StreamExt::next(&mut stream) => {
                 let bytes = match frame {
@@ -664,15 +715,49 @@ async fn worker(shared: Arc<Shared>, slot: u32) {
         }
         let started = Instant::now();
         let result = execute(&shared, &assignment).await;
-        {
+        let now = {
             let mut running = shared.running.lock().await;
+            let mut now = None;
             if let Some(result) = result
                 && !shared.cancelled.lock().await.contains(&lease)
             {
-                shared.unacked.lock().await.insert(lease, result);
-                shared.results.notify_one();
+                let mut unacked = shared.unacked.lock().await;
+                // The only result to send, and no other task to wait for: the session would
+                // send it alone at once, so this slot does, without waking the session.
+                let alone = running.len() == 1
+                    && !shared.draining.load(Ordering::Relaxed)
+                    && shared.queue.try_lock().is_ok_and(|q| q.is_empty())
+                    && {
+                        let sent = locked(&shared.sent);
+                        unacked.keys().all(|l| sent.contains_key(l))
+                    };
+                let link = alone
+                    .then(|| locked(&shared.link).clone())
+                    .flatten()
+                    .and_then(|l| l.try_lock_owned().ok());
+                if let Some(link) = link {
+                    locked(&shared.sent).insert(lease, Instant::now());
+                    now = Some((link, result.clone()));
+                } else {
+                    shared.results.notify_one();
+                }
+                unacked.insert(lease, result);
             }
             running.remove(&lease);
+            now
+        };
+        if let Some((mut link, result)) = now {
+            let frame = encode(
+                &shared.identity,
+                &ResultBatch {
+                    results: vec![result],
+                },
+            );
+            if link.send(Message::Binary(frame.into())).await.is_err() {
+                // The session ends and the next one sends it again; meanwhile, not sent.
+                locked(&shared.sent).remove(&lease);
+                shared.results.notify_one();
+            }
         }
         let rest = policy::rest_after(started.elapsed(), shared.config.cpu_limit);
         if !rest.is_zero() {
