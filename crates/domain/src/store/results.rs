@@ -243,6 +243,27 @@ impl Store {
     /// The leases `ids` (those that exist) with their tasks' columns, in one statement.
     async fn read_leases(&self, tx: &mut Tx, ids: &[i64]) -> Result<HashMap<i64, LeaseRow>> {
         let mut leases = HashMap::with_capacity(ids.len());
+        if let [id] = ids {
+            // One lease (a round trip's result): its row as it is, without the aggregate.
+            if let Some(r) = query(format!("{LEASE_ROW} WHERE l.id = $1"))
+                .bind(*id)
+                .fetch_optional(tx)
+                .await?
+            {
+                let lease = LeaseRow {
+                    task_id: r.try_get("task_id")?,
+                    node: r.try_get("node")?,
+                    state: r.try_get("state")?,
+                    report: r.try_get("report")?,
+                    kind: r.try_get("kind")?,
+                    replicas: r.try_get("replicas")?,
+                    attempts: r.try_get("attempts")?,
+                    job_id: r.try_get("job_id")?,
+                };
+                leases.insert(*id, lease);
+            }
+            return Ok(leases);
+        }
         {
             let list = bound_list(self.backend, 1, true, ids);
             let q = query(as_json_rows(
@@ -561,6 +582,41 @@ impl Store {
     /// Queues the held single-replica updates (leases done, tasks verified) as two set
     /// statements, their rows bound as one JSON value each ([`json_table`]).
     fn queue_held(&self, batch: &mut Batch<'_>, now: i64) {
+        if let [(lease, frame)] = batch.done.as_slice() {
+            // One row (a round trip's result): a plain update by id, which SQLite runs
+            // without materializing a joined row source first.
+            batch
+                .script
+                .push(
+                    "UPDATE leases SET state = 'done', frame = $1, finished_ms = $2 WHERE id = $3",
+                )
+                .bind(frame.as_str())
+                .bind(now)
+                .bind(*lease);
+            batch.done.clear();
+        }
+        if let [(task, output, fuel, report)] = batch.verified.as_slice() {
+            batch
+                .script
+                .push(
+                    "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3,
+                     finished_ms = $4 WHERE id = $5",
+                )
+                .bind(output.as_str())
+                .bind(*fuel)
+                .bind(report.as_str())
+                .bind(now)
+                .bind(*task);
+            // Counted on its job (moved from pending: its lease was active).
+            batch
+                .script
+                .push(
+                    "UPDATE jobs SET n_open = n_open - 1, n_verified = n_verified + 1
+                     WHERE id = (SELECT job_id FROM tasks WHERE id = $1)",
+                )
+                .bind(*task);
+            batch.verified.clear();
+        }
         if !batch.done.is_empty() {
             let rows = bound_rows(
                 self.backend,

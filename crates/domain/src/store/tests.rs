@@ -2173,6 +2173,12 @@ async fn hot_statements_search_indexes_on_sqlite() {
          WHERE jobs.id = v.job_id",
         "UPDATE leases SET state = 'done', frame = v.frame
          FROM (SELECT 1 AS id, 'f' AS frame) AS v WHERE leases.id = v.id",
+        // A round trip's one result (`queue_held`, `read_leases`).
+        "UPDATE leases SET state = 'done', frame = 'f', finished_ms = 2 WHERE id = 1",
+        "UPDATE tasks SET state = 'verified', output = 'o', fuel = 1, report = 'r',
+         finished_ms = 2 WHERE id = 1",
+        "UPDATE jobs SET n_open = n_open - 1, n_verified = n_verified + 1
+         WHERE id = (SELECT job_id FROM tasks WHERE id = 1)",
         "UPDATE tasks SET state = 'verified', fuel = v.fuel
          FROM (SELECT 1 AS id, 2 AS fuel) AS v WHERE tasks.id = v.id",
         "SELECT l.id, t.job_id FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.id = 1",
