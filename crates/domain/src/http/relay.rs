@@ -93,6 +93,12 @@ impl FrameTx for RelayTx {
     async fn close(&mut self) {
         let _ = self.link.send(Out::Close(self.session, "")).await;
     }
+
+    /// A relayed session's frames share its gateway's link with other nodes' frames: a
+    /// submission does not wait on that link, its frames are queued.
+    fn writes_at_once(&self) -> bool {
+        false
+    }
 }
 
 /// A relayed session's inbound frames: a bounded queue that takes no memory while empty (a

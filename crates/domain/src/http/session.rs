@@ -80,6 +80,13 @@ pub(crate) trait FrameTx: Send + 'static {
     fn send(&mut self, frame: Vec<u8>) -> impl Future<Output = bool> + Send;
     /// Ends the session towards the node (called once, last).
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Whether a frame on a request's path may be written at once by its sender
+    /// ([`crate::outbox::Outbox::write_now`]): a link of the session's own, whose write
+    /// does not wait on other nodes' frames.
+    fn writes_at_once(&self) -> bool {
+        true
+    }
 }
 
 struct WsRx(SplitStream<WebSocket>);
@@ -122,11 +129,12 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     addr: SocketAddr,
 ) {
+    let at_once = sink.writes_at_once();
     let link = Link::new(sink);
     // Boxed, here and for each frame below: a session spends its life waiting for its next
     // frame, and the future it waits in should not carry room for the handshake's or a
     // frame's locals (at 100,000 sessions, each KiB is 100 MiB).
-    let Some(open) = Box::pin(handshake(&link, &mut stream, &shared, addr)).await else {
+    let Some(open) = Box::pin(handshake(&link, at_once, &mut stream, &shared, addr)).await else {
         // Nothing more is read: the link's reading half goes before its close is sent
         // (a relay may reuse the session's number once it has the close).
         drop(stream);
@@ -147,6 +155,7 @@ struct Open {
 /// Challenge, hello, the node's row and resumed leases, the session registered and welcomed.
 async fn handshake<S: FrameTx>(
     link: &Arc<tokio::sync::Mutex<Link<S>>>,
+    at_once: bool,
     stream: &mut impl FrameRx,
     shared: &Arc<Shared>,
     addr: SocketAddr,
@@ -217,7 +226,7 @@ async fn handshake<S: FrameTx>(
         Ok(Some(n)) => n.record,
         _ => Default::default(),
     };
-    let (outbox, queue) = Outbox::new(shared.config.session_queue, Some(link.clone()));
+    let (outbox, queue) = Outbox::new(shared.config.session_queue, at_once.then(|| link.clone()));
     let session_id = next_session(shared);
     let resumed = match shared.store.active_leases(node).await {
         Ok(l) => l,
