@@ -320,6 +320,19 @@ async fn one_task_submissions_are_answered_one_after_another() {
             done["results"][0]["output_text"], "hello from task with 1 args: 7\nX",
             "round {n}: {done}"
         );
+        // Answered from what recording the result wrote (without reading it back): the same
+        // as reading the job and its results afterwards.
+        let job = done["job_id"].as_u64().expect("job id");
+        assert_eq!(
+            client.job(job).await.expect("job"),
+            done["job"],
+            "round {n}"
+        );
+        assert_eq!(
+            client.results(job).await.expect("results")["results"],
+            done["results"],
+            "round {n}"
+        );
     }
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), node).await;

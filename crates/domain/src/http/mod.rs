@@ -434,12 +434,41 @@ async fn submit(
         let deadline =
             tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
         // Not read now: the job was created after `ends` subscribed, so its end is told.
-        let row = wait_until_ended(&shared, job, owner, None, ends, deadline).await?;
+        let (row, tasks) = match wait_until_ended(&shared, job, owner, None, ends, deadline).await?
+        {
+            // A job of one task, ended by its verification: as its ending transaction wrote
+            // it, without reading it back.
+            End::Sole(sole) => {
+                let row = JobRow {
+                    id: job,
+                    owner,
+                    name: spec.name.clone(),
+                    spec: spec.clone(),
+                    module: metered,
+                    state: "completed".into(),
+                    created_ms: now,
+                    finished_ms: Some(sole.finished_ms),
+                    counts: crate::store::Counts {
+                        total: 1,
+                        verified: 1,
+                        ..Default::default()
+                    },
+                };
+                let output = (sole.output.len() <= INLINE_OUTPUT).then(|| sole.output.clone());
+                (row, Some(vec![(sole.task.clone(), output)]))
+            }
+            End::Read(row) => (*row, None),
+        };
         if ended(&row.state) && row.counts.total <= SUBMIT_RESULTS {
-            let tasks = shared
-                .store
-                .tasks_with_outputs(job, 0, SUBMIT_RESULTS as u32, INLINE_OUTPUT)
-                .await?;
+            let tasks = match tasks {
+                Some(tasks) => tasks,
+                None => {
+                    shared
+                        .store
+                        .tasks_with_outputs(job, 0, SUBMIT_RESULTS as u32, INLINE_OUTPUT)
+                        .await?
+                }
+            };
             answer["results"] = json!(result_entries(tasks));
         }
         answer["job"] = job_json(&row);
@@ -694,7 +723,10 @@ async fn get_job(
         None
     };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(query.wait_ms);
-    let job = wait_until_ended(&shared, id, client, Some(job), ends, deadline).await?;
+    let job = match wait_until_ended(&shared, id, client, Some(job), ends, deadline).await? {
+        End::Read(job) => *job,
+        End::Sole(_) => owned_job(&shared, id, client).await?,
+    };
     Ok(axum::Json(job_json(&job)))
 }
 
@@ -710,6 +742,13 @@ fn check_wait(wait_ms: u64) -> ApiResult<()> {
     Ok(())
 }
 
+/// How a waited-for job was found ended: read back, or told with its one task
+/// ([`crate::store::Ended::sole`]).
+enum End {
+    Read(Box<JobRow>),
+    Sole(std::sync::Arc<crate::store::SoleTask>),
+}
+
 /// Job `id` (`client`'s, last read as `job`, or not read yet) once it has ended, or as it
 /// is at `deadline`. `ends` was subscribed before `job` was read (or created), so an end in
 /// between is not missed.
@@ -717,17 +756,20 @@ async fn wait_until_ended(
     shared: &Shared,
     id: u64,
     client: NodeId,
-    mut job: Option<crate::store::JobRow>,
-    mut ends: tokio::sync::broadcast::Receiver<stardust_proto::task::JobId>,
+    mut job: Option<JobRow>,
+    mut ends: tokio::sync::broadcast::Receiver<crate::store::Ended>,
     deadline: tokio::time::Instant,
-) -> ApiResult<crate::store::JobRow> {
+) -> ApiResult<End> {
     while !job.as_ref().is_some_and(|j| ended(&j.state)) {
         let told = tokio::select! {
             told = ends.recv() => told,
             () = tokio::time::sleep_until(deadline) => break,
         };
         match told {
-            Ok(j) if j != id => continue,
+            Ok(e) if e.job != id => continue,
+            Ok(crate::store::Ended {
+                sole: Some(sole), ..
+            }) => return Ok(End::Sole(sole)),
             // It ended, or ends were missed (lagged): read again.
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 job = Some(owned_job(shared, id, client).await?);
@@ -736,8 +778,8 @@ async fn wait_until_ended(
         }
     }
     match job {
-        Some(j) => Ok(j),
-        None => owned_job(shared, id, client).await,
+        Some(j) => Ok(End::Read(Box::new(j))),
+        None => Ok(End::Read(Box::new(owned_job(shared, id, client).await?))),
     }
 }
 

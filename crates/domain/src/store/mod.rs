@@ -217,6 +217,28 @@ pub struct JobRow {
     pub counts: Counts,
 }
 
+/// A job's end, told once the transaction that ended it committed ([`Store::ended_jobs`]).
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// The job.
+    pub job: JobId,
+    /// For a job of one task that its task's verification ended: that task as the
+    /// transaction wrote it, so that a submission waiting for the job answers without
+    /// reading it back. The job is `completed`, with one task, verified.
+    pub sole: Option<std::sync::Arc<SoleTask>>,
+}
+
+/// The one task of a job that its verification ended ([`Ended::sole`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoleTask {
+    /// The task, as [`Store::tasks_with_outputs`] would read it.
+    pub task: TaskRow,
+    /// Its output, which came inside the result.
+    pub output: Vec<u8>,
+    /// When the job ended (its task's `finished_ms`).
+    pub finished_ms: i64,
+}
+
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TaskRow {
@@ -561,7 +583,7 @@ pub struct Store {
     signer: Option<Arc<Identity>>,
     economy: Economy,
     /// Jobs that ended, told after their transaction committed ([`Store::ended_jobs`]).
-    ended: tokio::sync::broadcast::Sender<JobId>,
+    ended: tokio::sync::broadcast::Sender<Ended>,
     /// What a dispatcher keeping pending tasks in memory must hear ([`Store::pending_epoch`],
     /// [`Store::take_created`]).
     news: Arc<PendingNews>,
@@ -1042,7 +1064,7 @@ impl Store {
     /// Jobs that end from now on (completed, failed or cancelled), each told once after the
     /// transaction that ended it committed: what waits for a job re-reads it then, instead of
     /// polling.
-    pub fn ended_jobs(&self) -> tokio::sync::broadcast::Receiver<JobId> {
+    pub fn ended_jobs(&self) -> tokio::sync::broadcast::Receiver<Ended> {
         self.ended.subscribe()
     }
 
@@ -1090,7 +1112,10 @@ impl Store {
     fn tell_ended(&self, jobs: impl IntoIterator<Item = i64>) {
         for job in jobs {
             // No subscriber is fine: nobody waits.
-            let _ = self.ended.send(job as JobId);
+            let _ = self.ended.send(Ended {
+                job: job as JobId,
+                sole: None,
+            });
         }
     }
 
@@ -1947,7 +1972,7 @@ impl Store {
                 .execute(tx)
                 .await?;
         }
-        let Some((state, _)) = Self::job_ending(tx, job).await? else {
+        let Some((state, _, _)) = Self::job_ending(tx, job).await? else {
             return Ok(false);
         };
         let ended = query("UPDATE jobs SET state = $1, finished_ms = $2 WHERE id = $3 AND state IN ('queued', 'running')")
@@ -1968,12 +1993,15 @@ impl Store {
     pub(crate) async fn job_ending(
         tx: &mut db::Tx,
         job: i64,
-    ) -> Result<Option<(&'static str, NodeId)>> {
+    ) -> Result<Option<(&'static str, NodeId, i64)>> {
         // The counts kept on the job (written in the transactions that end its tasks).
-        let row = query("SELECT state, owner, n_open, n_verified FROM jobs WHERE id = $1")
-            .bind(job)
-            .fetch_one(tx)
-            .await?;
+        let row = query(
+            "SELECT state, owner, n_open, n_verified, n_verified + n_failed + n_cancelled AS ended
+             FROM jobs WHERE id = $1",
+        )
+        .bind(job)
+        .fetch_one(tx)
+        .await?;
         let state: String = row.try_get("state")?;
         if !matches!(state.as_str(), "queued" | "running") || row.try_get::<i64>("n_open")? > 0 {
             return Ok(None);
@@ -1986,6 +2014,7 @@ impl Store {
         Ok(Some((
             end,
             parse("job owner", &row.try_get::<String>("owner")?)?,
+            row.try_get::<i64>("ended")?,
         )))
     }
 

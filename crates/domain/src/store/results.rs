@@ -26,9 +26,9 @@ use super::ledger::{Chain, Post};
 use super::script::Script;
 use super::sql::query;
 use super::{
-    Backend, RecordError, Recorded, Result, Retry, Store, Submitted, TaskEnd, as_json_rows,
-    bound_list, bound_rows, corrupt, id_i64, in_list, json, json_rows, pad, padded, parse, terms,
-    to_json, values,
+    Backend, Ended, RecordError, Recorded, Result, Retry, SoleTask, Store, Submitted, TaskEnd,
+    TaskRow, as_json_rows, bound_list, bound_rows, corrupt, id_i64, in_list, json, json_rows, pad,
+    padded, parse, terms, to_json, values,
 };
 
 type Tx = super::db::Tx;
@@ -68,6 +68,9 @@ struct Batch<'a> {
     /// statements ([`Store::flush`]) before anything reads those rows.
     done: Vec<(i64, String)>,
     verified: Vec<(i64, String, i64, String)>,
+    /// A batch of one result that verified a single-replica task, with its output inline:
+    /// that task, its job, as [`SoleTask`] tells it should the job end here.
+    sole: Option<(i64, SoleTask)>,
 }
 
 impl Batch<'_> {
@@ -84,6 +87,7 @@ impl Batch<'_> {
             touched: HashSet::new(),
             done: Vec::new(),
             verified: Vec::new(),
+            sole: None,
         }
     }
 }
@@ -98,6 +102,15 @@ struct LeaseRow {
     replicas: i64,
     attempts: i64,
     job_id: i64,
+    /// More of its task, read for a batch of one result ([`Store::read_leases`]).
+    task: Option<TaskCols>,
+}
+
+/// A task's columns that answering its job's submission needs ([`SoleTask`]).
+struct TaskCols {
+    idx: i64,
+    args: String,
+    reason: Option<String>,
 }
 
 /// A lease with its task's columns, as [`Store::read_leases`] reads them. A single
@@ -105,6 +118,12 @@ struct LeaseRow {
 const LEASE_ROW: &str = "SELECT l.id, l.task_id, l.node, l.state,
      COALESCE(l.report, CASE WHEN l.state = 'done' THEN t.report END) AS report,
      l.kind, t.replicas, t.attempts, t.job_id
+     FROM leases l JOIN tasks t ON t.id = l.task_id";
+
+/// [`LEASE_ROW`] with the task's columns a sole task's answer needs ([`TaskCols`]).
+const LEASE_ROW_AND_TASK: &str = "SELECT l.id, l.task_id, l.node, l.state,
+     COALESCE(l.report, CASE WHEN l.state = 'done' THEN t.report END) AS report,
+     l.kind, t.replicas, t.attempts, t.job_id, t.idx, t.args, t.reason
      FROM leases l JOIN tasks t ON t.id = l.task_id";
 
 /// [`LEASE_ROW`]'s columns, in order, for [`as_json_rows`].
@@ -225,7 +244,7 @@ impl Store {
                 outcome => out.push(outcome),
             }
         }
-        let (ended, script) = self.close_batch(&mut tx, batch, now).await?;
+        let (ended, sole, script) = self.close_batch(&mut tx, batch, now).await?;
         tx.commit_with(script).await?;
         // A failed attempt or a task wanting more replicas may be pending again.
         if out.iter().any(|o| {
@@ -236,7 +255,16 @@ impl Store {
         }) {
             self.tell_pending_changed();
         }
-        self.tell_ended(ended);
+        match sole {
+            Some((job, sole)) => {
+                self.tell_ended(ended.into_iter().filter(|j| *j != job));
+                let _ = self.ended.send(Ended {
+                    job: job as JobId,
+                    sole: Some(std::sync::Arc::new(sole)),
+                });
+            }
+            None => self.tell_ended(ended),
+        }
         Ok(out)
     }
 
@@ -245,7 +273,7 @@ impl Store {
         let mut leases = HashMap::with_capacity(ids.len());
         if let [id] = ids {
             // One lease (a round trip's result): its row as it is, without the aggregate.
-            if let Some(r) = query(format!("{LEASE_ROW} WHERE l.id = $1"))
+            if let Some(r) = query(format!("{LEASE_ROW_AND_TASK} WHERE l.id = $1"))
                 .bind(*id)
                 .fetch_optional(tx)
                 .await?
@@ -259,6 +287,11 @@ impl Store {
                     replicas: r.try_get("replicas")?,
                     attempts: r.try_get("attempts")?,
                     job_id: r.try_get("job_id")?,
+                    task: Some(TaskCols {
+                        idx: r.try_get("idx")?,
+                        args: r.try_get("args")?,
+                        reason: r.try_get("reason")?,
+                    }),
                 };
                 leases.insert(*id, lease);
             }
@@ -285,6 +318,7 @@ impl Store {
                     replicas,
                     attempts,
                     job_id,
+                    task: None,
                 };
                 leases.insert(id, lease);
             }
@@ -359,7 +393,7 @@ impl Store {
                     .remove(&id_i64(lease))
             }
         };
-        let Some(row) = row else {
+        let Some(mut row) = row else {
             return Err(RecordError::NotLeased(lease));
         };
         if row.node != pre.node {
@@ -480,6 +514,26 @@ impl Store {
                         id_i64(accepted.fuel_used),
                         single_report.take().unwrap_or_else(|| to_json(&accepted)),
                     ));
+                    // A batch of one result (its task's columns were read with its lease),
+                    // its output inline: what its job's end tells, should it end here.
+                    if let (Some(cols), Some(bytes)) = (row.task.take(), output) {
+                        let sole = SoleTask {
+                            task: TaskRow {
+                                id: task,
+                                index: u32::try_from(cols.idx).unwrap_or(u32::MAX),
+                                args: json("task args", &cols.args)?,
+                                state: "verified".into(),
+                                replicas: u32::from(replicas),
+                                attempts,
+                                reason: cols.reason,
+                                report: Some(accepted.clone()),
+                                finished_ms: Some(now),
+                            },
+                            output: bytes.to_vec(),
+                            finished_ms: now,
+                        };
+                        batch.sole = Some((job, sole));
+                    }
                 } else {
                     query(
                         "UPDATE tasks SET state = 'verified', output = $1, fuel = $2, report = $3, finished_ms = $4 WHERE id = $5",
@@ -682,7 +736,7 @@ impl Store {
         tx: &mut Tx,
         mut batch: Batch<'_>,
         now: i64,
-    ) -> Result<(Vec<i64>, Script)> {
+    ) -> Result<(Vec<i64>, Option<(i64, SoleTask)>, Script)> {
         self.queue_held(&mut batch, now);
         let frames: Vec<(ContentId, &[u8])> = batch.frames.drain().collect();
         for rows in frames.chunks(FRAMES_PER_INSERT) {
@@ -733,12 +787,24 @@ impl Store {
         }
         let jobs = std::mem::take(&mut batch.jobs);
         let mut ended = Vec::new();
+        let mut sole = None;
         if !jobs.is_empty() {
             // Whether a job is done reads its tasks' states: the writes so far go first.
             batch.script.run(tx).await?;
             for job in jobs {
-                if self.end_job_if_done(tx, &mut batch, job, now).await? {
-                    ended.push(job);
+                let Some(tasks) = self.end_job_if_done(tx, &mut batch, job, now).await? else {
+                    continue;
+                };
+                ended.push(job);
+                // Its one task, verified here: the job's end is told with it.
+                if tasks == 1
+                    && let Some((j, task)) = batch.sole.take()
+                {
+                    if j == job {
+                        sole = Some((j, task));
+                    } else {
+                        batch.sole = Some((j, task));
+                    }
                 }
             }
         }
@@ -746,22 +812,23 @@ impl Store {
         if let Some(chain) = batch.chain {
             self.write_chain(&mut script, chain)?;
         }
-        Ok((ended, script))
+        Ok((ended, sole, script))
     }
 
     /// Ends `job` when none of its tasks is pending or running — completed when one was
     /// verified, failed otherwise — and refunds what is left of its escrow to its submitter
-    /// through the batch's chain; returns whether it ended it. Queued: the job's update.
+    /// through the batch's chain; returns its number of tasks when it ended it. Queued: the
+    /// job's update.
     async fn end_job_if_done(
         &self,
         tx: &mut Tx,
         batch: &mut Batch<'_>,
         job: i64,
         now: i64,
-    ) -> Result<bool> {
+    ) -> Result<Option<i64>> {
         // (On PostgreSQL the job's row is locked already: `lock_batch`.)
-        let Some((state, owner)) = Self::job_ending(tx, job).await? else {
-            return Ok(false);
+        let Some((state, owner, tasks)) = Self::job_ending(tx, job).await? else {
+            return Ok(None);
         };
         batch
             .script
@@ -784,7 +851,7 @@ impl Store {
             // writer): its refund's id is new.
             self.post_valid(tx, chain, post, now, true).await?;
         }
-        Ok(true)
+        Ok(Some(tasks))
     }
 
     /// Updates a node's reputation record with `outcome` (written when the batch closes);

@@ -2161,7 +2161,8 @@ async fn hot_statements_search_indexes_on_sqlite() {
          LIMIT 64",
         "SELECT node, report FROM leases WHERE task_id = 1 AND state = 'done' ORDER BY id",
         "SELECT COUNT(*) AS n FROM leases WHERE task_id = 1 AND state = 'active'",
-        "SELECT state, owner, n_open, n_verified FROM jobs WHERE id = 1",
+        "SELECT state, owner, n_open, n_verified, n_verified + n_failed + n_cancelled AS ended
+         FROM jobs WHERE id = 1",
         "UPDATE jobs SET n_open = n_open - v.n, n_verified = n_verified + v.n
          FROM (SELECT t.job_id AS job_id, COUNT(*) AS n FROM tasks t
                WHERE t.id IN (SELECT value FROM json_each('[1, 2]')) GROUP BY t.job_id) AS v
@@ -2365,4 +2366,84 @@ async fn statements_run_with_new_values_are_not_compiled_again_on_sqlite() {
             .expect("select");
     }
     assert!(super::sql::reprepared() > before, "the counter counts");
+}
+
+/// A job of one task that its verification ends is told with that task as the transaction
+/// wrote it (`Ended::sole`): the same as reading it back. A larger job, or a result whose
+/// output did not come inline, is told without it.
+#[tokio::test]
+async fn a_one_task_jobs_end_is_told_with_its_task() {
+    for (store, _dir) in backends().await {
+        let mut ends = store.ended_jobs();
+        let output = b"out put".to_vec();
+        let r = report(&output, 9);
+        let one = job(&store, 1, 1).await;
+        let task = store.pending_tasks(10).await.expect("pending")[0].spec.task;
+        let lease = store
+            .lease(task, node(1), 1_000, 10_000)
+            .await
+            .expect("lease")
+            .expect("leased");
+        let submitted = Submitted {
+            lease,
+            node: node(1),
+            task,
+            report: &r,
+            envelope: b"envelope",
+            output: Some(&output),
+        };
+        store
+            .record_result(submitted, RETRY, 2_000)
+            .await
+            .expect("record");
+        let told = ends.recv().await.expect("told");
+        assert_eq!(told.job, one);
+        let sole = told.sole.expect("told with its task");
+        let read = store
+            .tasks_with_outputs(one, 0, 10, 1 << 20)
+            .await
+            .expect("tasks");
+        assert_eq!(read, vec![(sole.task.clone(), Some(sole.output.clone()))]);
+        let j = store.job(one).await.expect("job").expect("exists");
+        assert_eq!(j.state, "completed");
+        assert_eq!(j.finished_ms, Some(sole.finished_ms));
+        assert_eq!((j.counts.total, j.counts.verified), (1, 1));
+
+        // Two tasks: the second's end is told without a task.
+        let two = job(&store, 1, 2).await;
+        let pending = store.pending_tasks(10).await.expect("pending");
+        for p in pending.iter().filter(|p| p.spec.job == two) {
+            let lease = store
+                .lease(p.spec.task, node(1), 1_000, 10_000)
+                .await
+                .expect("lease")
+                .expect("leased");
+            let submitted = Submitted {
+                lease,
+                node: node(1),
+                task: p.spec.task,
+                report: &r,
+                envelope: b"envelope",
+                output: Some(&output),
+            };
+            store
+                .record_result(submitted, RETRY, 3_000)
+                .await
+                .expect("record");
+        }
+        let told = ends.recv().await.expect("told");
+        assert_eq!((told.job, told.sole.is_none()), (two, true));
+
+        // One task whose output was uploaded, not inline: told without it.
+        let three = job(&store, 1, 1).await;
+        let task = store.pending_tasks(10).await.expect("pending")[0].spec.task;
+        let lease = store
+            .lease(task, node(1), 1_000, 10_000)
+            .await
+            .expect("lease")
+            .expect("leased");
+        record(&store, lease, node(1), task, &r).await;
+        let told = ends.recv().await.expect("told");
+        assert_eq!((told.job, told.sole.is_none()), (three, true));
+    }
 }
