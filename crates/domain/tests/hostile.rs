@@ -137,40 +137,27 @@ async fn rest_refusals_are_typed_and_counted() {
 
     // A body large enough to be hashed off the domain's worker thread: the same checks.
     let large = vec![5u8; 200 << 10];
-    let (s, body) = raw(
-        addr,
-        None,
-        "PUT",
-        &path,
-        &signed(&a, "PUT", &path, &large),
-        &large,
-    )
-    .await;
+    let put = async |path: &str, signed_over: &[u8]| {
+        raw(
+            addr,
+            None,
+            "PUT",
+            path,
+            &signed(&a, "PUT", path, signed_over),
+            &large,
+        )
+        .await
+    };
+    let (s, body) = put(&path, &large).await;
     assert_eq!(s, 422, "{body}");
     assert!(body.contains("hash_mismatch"), "{body}");
     let id = ContentId::of(&large);
-    let path = format!("/v1/blobs/{id}");
+    let right = format!("/v1/blobs/{id}");
     let mut other = large.clone();
     other[100_000] ^= 1;
-    let (s, body) = raw(
-        addr,
-        None,
-        "PUT",
-        &path,
-        &signed(&a, "PUT", &path, &other),
-        &large,
-    )
-    .await;
+    let (s, body) = put(&right, &other).await;
     assert_eq!(s, 401, "signed for other bytes: {body}");
-    let (s, body) = raw(
-        addr,
-        None,
-        "PUT",
-        &path,
-        &signed(&a, "PUT", &path, &large),
-        &large,
-    )
-    .await;
+    let (s, body) = put(&right, &large).await;
     assert_eq!(s, 201, "{body}");
     assert!(body.contains(&id.to_string()), "{body}");
 

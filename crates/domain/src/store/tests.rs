@@ -2368,6 +2368,27 @@ async fn statements_run_with_new_values_are_not_compiled_again_on_sqlite() {
     assert!(super::sql::reprepared() > before, "the counter counts");
 }
 
+/// Leases `task` to node 1 and records `r` for it, with `output` inline when given.
+async fn lease_and_record(store: &Store, task: TaskId, r: &RunReport, output: Option<&[u8]>) {
+    let lease = store
+        .lease(task, node(1), 1_000, 10_000)
+        .await
+        .expect("lease")
+        .expect("leased");
+    let submitted = Submitted {
+        lease,
+        node: node(1),
+        task,
+        report: r,
+        envelope: b"envelope",
+        output,
+    };
+    store
+        .record_result(submitted, RETRY, 2_000)
+        .await
+        .expect("record");
+}
+
 /// A job of one task that its verification ends is told with that task as the transaction
 /// wrote it (`Ended::sole`): the same as reading it back. A larger job, or a result whose
 /// output did not come inline, is told without it.
@@ -2379,23 +2400,7 @@ async fn a_one_task_jobs_end_is_told_with_its_task() {
         let r = report(&output, 9);
         let one = job(&store, 1, 1).await;
         let task = store.pending_tasks(10).await.expect("pending")[0].spec.task;
-        let lease = store
-            .lease(task, node(1), 1_000, 10_000)
-            .await
-            .expect("lease")
-            .expect("leased");
-        let submitted = Submitted {
-            lease,
-            node: node(1),
-            task,
-            report: &r,
-            envelope: b"envelope",
-            output: Some(&output),
-        };
-        store
-            .record_result(submitted, RETRY, 2_000)
-            .await
-            .expect("record");
+        lease_and_record(&store, task, &r, Some(&output)).await;
         let told = ends.recv().await.expect("told");
         assert_eq!(told.job, one);
         let sole = told.sole.expect("told with its task");
@@ -2413,23 +2418,7 @@ async fn a_one_task_jobs_end_is_told_with_its_task() {
         let two = job(&store, 1, 2).await;
         let pending = store.pending_tasks(10).await.expect("pending");
         for p in pending.iter().filter(|p| p.spec.job == two) {
-            let lease = store
-                .lease(p.spec.task, node(1), 1_000, 10_000)
-                .await
-                .expect("lease")
-                .expect("leased");
-            let submitted = Submitted {
-                lease,
-                node: node(1),
-                task: p.spec.task,
-                report: &r,
-                envelope: b"envelope",
-                output: Some(&output),
-            };
-            store
-                .record_result(submitted, RETRY, 3_000)
-                .await
-                .expect("record");
+            lease_and_record(&store, p.spec.task, &r, Some(&output)).await;
         }
         let told = ends.recv().await.expect("told");
         assert_eq!((told.job, told.sole.is_none()), (two, true));
@@ -2437,12 +2426,7 @@ async fn a_one_task_jobs_end_is_told_with_its_task() {
         // One task whose output was uploaded, not inline: told without it.
         let three = job(&store, 1, 1).await;
         let task = store.pending_tasks(10).await.expect("pending")[0].spec.task;
-        let lease = store
-            .lease(task, node(1), 1_000, 10_000)
-            .await
-            .expect("lease")
-            .expect("leased");
-        record(&store, lease, node(1), task, &r).await;
+        lease_and_record(&store, task, &r, None).await;
         let told = ends.recv().await.expect("told");
         assert_eq!((told.job, told.sole.is_none()), (three, true));
     }
