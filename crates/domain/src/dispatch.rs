@@ -612,15 +612,16 @@ fn send_batches(
             continue;
         };
         let frame = encode(&shared.identity, &DomainMessage::Assign { tasks });
-        let frame = match now {
-            true => match s.outbox.write_now(frame) {
+        let frame = if now {
+            match s.outbox.write_now(frame) {
                 Ok(write) => {
                     writes.push((node, write));
                     continue;
                 }
                 Err(frame) => frame,
-            },
-            false => frame,
+            }
+        } else {
+            frame
         };
         if s.outbox.try_send(frame).is_err() {
             tracing::warn!(node = %node.short(), "node outbox full; its leases will expire");

@@ -147,7 +147,7 @@ struct Shared {
     /// await.
     sent: std::sync::Mutex<HashMap<LeaseId, Instant>>,
     /// The connected session's sending half, while there is one: a slot whose result is the
-    /// only one to send writes it itself (`send_now`), instead of waking the session.
+    /// only one to send writes it itself (see `worker`), instead of waking the session.
     link: std::sync::Mutex<Option<Link>>,
     work: Notify,
     results: Notify,
@@ -161,7 +161,7 @@ struct Shared {
     hot: std::sync::Mutex<cache::Hot>,
 }
 
-/// A connected session's sending half, shared by the session and the slots (`send_now`).
+/// A connected session's sending half, shared by the session and the slots (`worker`).
 type Link = Arc<
     Mutex<
         futures_util::stream::SplitSink<
