@@ -440,13 +440,14 @@ pub struct Domain {
     ended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// Worker threads of a domain pinned to one core: one. A hand-off between two workers on
-/// one core (a recorded result waking the request that waits for it) went to the other
-/// worker about a third of the time, which then waited for the core until the first one
-/// parked: ~125 µs instead of ~20 (docs/benchmarks.md, session 18). Work that holds a
-/// thread for long (a large upload hashed, a module metered) runs on the runtime's blocking
-/// threads instead ([`off_worker`]), which share the core by time slices.
-const PINNED_WORKERS: usize = 1;
+/// Worker threads of a domain pinned to one core: two; the core time-slices between them.
+/// One worker serialises every step of every session: a storm of connections took half as
+/// long again (5,000 nodes: 3.8 s against 2.5; 100,000 through gateways: 409 s, heartbeats
+/// up to 120 s late meanwhile), and the round trip was no faster once its assignment and
+/// answer no longer waited on other tasks (docs/benchmarks.md, session 18). Work that
+/// holds a thread for long (a large upload hashed, a module metered) runs on the runtime's
+/// blocking threads ([`off_worker`]), so it holds neither worker.
+const PINNED_WORKERS: usize = 2;
 
 /// Blocking threads of the domain's runtime at most ([`off_worker`]; more wait their turn).
 const MAX_BLOCKING_THREADS: usize = 8;
@@ -456,7 +457,7 @@ const MAX_BLOCKING_THREADS: usize = 8;
 pub(crate) const HASH_INLINE_BYTES: usize = 64 << 10;
 
 /// Runs `f` on a blocking thread of the runtime: CPU work long enough to stall the tasks of
-/// the domain's one worker thread.
+/// a worker thread.
 pub(crate) async fn off_worker<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
