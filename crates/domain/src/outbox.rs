@@ -4,9 +4,10 @@
 //! ([`Queue::write`]). A frame that is on a request's path (a new job's assignment) may be
 //! written at once instead ([`Outbox::write_now`]): when the link is idle and nothing is
 //! queued, the sender takes the link and writes the frame itself, which saves waking the
-//! writer task (40–100 µs before the frame left, when the domain ran two worker threads on
-//! its core). Only a node's own WebSocket is written so: a relayed session's link is its
-//! gateway's, shared with other nodes' frames, and a submission does not wait on it.
+//! writer task (40–100 µs before the frame left: the woken writer often ran on the domain's
+//! other worker thread, which waited for the core they share). Only a node's own WebSocket
+//! is written so: a relayed session's link is its gateway's, shared with other nodes'
+//! frames, and a submission does not wait on it.
 //!
 //! Order: a frame counts as queued from before it enters the queue until the writer has
 //! written it, and the writer writes holding the link. A sender that holds the link and sees
