@@ -52,11 +52,7 @@ async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_fo
     assert_eq!(assigned.len(), 1);
     drop(silent);
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
-    c.slots = 2;
-    c.bench = false;
-    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let node = common::node(&url, dir.path(), 2, None);
     let s = tokio::time::timeout(Duration::from_secs(30), client.wait(lapsed, |_| {}))
         .await
         .expect("the lapsed task is run by the other node")
@@ -90,8 +86,7 @@ async fn new_jobs_are_dispatched_without_reading_them_back_and_lapsed_work_is_fo
     // A larger job: more than one round's worth, all of it served.
     common::sweep_completes(&client, &module, &input, 300).await;
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    node.stop().await;
     domain.shutdown().await;
 }
 

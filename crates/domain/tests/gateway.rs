@@ -53,12 +53,12 @@ async fn a_node_behind_a_gateway_runs_a_job_and_goes_when_the_gateway_does() {
     })
     .await;
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
-    c.gateway = Some(format!("http://{}", gateway.addr()));
-    c.slots = 2;
-    c.bench = false;
-    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let node = common::node(
+        &url,
+        dir.path(),
+        2,
+        Some(format!("http://{}", gateway.addr())),
+    );
     eventually("the node's session is relayed", async || {
         gateway.sessions() == 1
     })
@@ -102,8 +102,7 @@ async fn a_node_behind_a_gateway_runs_a_job_and_goes_when_the_gateway_does() {
             && counter(domain.addr(), "stardust_gateways_connected").await == 0
     })
     .await;
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    node.stop().await;
     domain.shutdown().await;
 }
 
@@ -414,12 +413,12 @@ async fn a_gateway_relinks_after_its_domain_restarts_and_its_node_comes_back() {
     let mut gc = GatewayConfig::new(url.clone());
     gc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let gateway = Gateway::start(gc, key(30)).await.expect("gateway");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
-    c.gateway = Some(format!("http://{}", gateway.addr()));
-    c.slots = 2;
-    c.bench = false;
-    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let node = common::node(
+        &url,
+        dir.path(),
+        2,
+        Some(format!("http://{}", gateway.addr())),
+    );
     common::sweep_completes(&client, &module, &input, 4).await;
 
     // The domain stops and comes back on the same address and database.
@@ -433,8 +432,7 @@ async fn a_gateway_relinks_after_its_domain_restarts_and_its_node_comes_back() {
     assert_eq!(gateway.sessions(), 1);
     common::sweep_completes(&client, &module, &input, 6).await;
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    node.stop().await;
     gateway.shutdown().await;
     second.shutdown().await;
 }

@@ -83,11 +83,7 @@ async fn a_status_request_waits_for_its_own_job_to_end_and_no_longer() {
     );
 
     // A node comes and runs job a: the held request is answered with its end.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
-    c.slots = 2;
-    c.bench = false;
-    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let node = common::node(&url, dir.path(), 2, None);
     let s = tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
         .expect("the held request is answered when the job ends")
@@ -121,8 +117,7 @@ async fn a_status_request_waits_for_its_own_job_to_end_and_no_longer() {
         other => panic!("another key's wait must be refused: {other:?}"),
     }
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    node.stop().await;
     domain.shutdown().await;
 }
 
@@ -162,11 +157,7 @@ async fn a_submission_may_wait_for_its_job_and_answer_with_its_results() {
     assert!(a.get("results").is_none(), "{a}");
 
     // With a node: answered when the job ends, with each task's verified output.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
-    c.slots = 2;
-    c.bench = false;
-    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let node = common::node(&url, dir.path(), 2, None);
     let done = tokio::time::timeout(
         Duration::from_secs(30),
         client.submit_wait(&spec(&module, &input), 30_000),
@@ -197,8 +188,7 @@ async fn a_submission_may_wait_for_its_job_and_answer_with_its_results() {
         done["results"]
     );
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    node.stop().await;
     domain.shutdown().await;
 }
 
@@ -299,11 +289,7 @@ async fn one_task_submissions_are_answered_one_after_another() {
         module,
         input,
     } = start(|_| {}).await;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut c = stardust_node::Config::new(url.clone(), dir.path().join("node"));
-    c.slots = 1;
-    c.bench = false;
-    let node = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    let node = common::node(&url, dir.path(), 1, None);
     let mut one = spec(&module, &input);
     one.sweep =
         Some(serde_json::from_value(serde_json::json!({"grid": {"i": [7]}})).expect("sweep"));
@@ -334,7 +320,6 @@ async fn one_task_submissions_are_answered_one_after_another() {
             "round {n}"
         );
     }
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), node).await;
+    node.stop().await;
     domain.shutdown().await;
 }

@@ -219,3 +219,29 @@ pub async fn postgres_database(what: &str) -> Option<String> {
     let (base, _) = admin.rsplit_once('/').expect("URL with a database");
     Some(format!("{base}/{name}"))
 }
+
+/// A node run by the real node library (key 1, its data under `dir/node`), connected to the
+/// domain at `url` or, with `gateway`, through that gateway; [`Node::stop`] drains it.
+pub struct Node {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), stardust_node::NodeError>>,
+}
+
+/// Starts a [`Node`] of `slots` slots (its reference benchmark skipped).
+pub fn node(url: &str, dir: &std::path::Path, slots: u32, gateway: Option<String>) -> Node {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut c = stardust_node::Config::new(url.to_string(), dir.join("node"));
+    c.gateway = gateway;
+    c.slots = slots;
+    c.bench = false;
+    let task = tokio::spawn(stardust_node::run(c, key(1), stopped));
+    Node { stop, task }
+}
+
+impl Node {
+    /// Asks the node to stop and waits for it, 10 s at most.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
