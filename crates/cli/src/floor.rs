@@ -15,6 +15,11 @@
 //! Each is measured with the code the domain, node and client use (the store's SQLite in
 //! its configuration, `Identity::sign`, `NodeId::verify`), and the floor is their sum. The
 //! statements, JSON, HTTP and the sandbox run come on top.
+//!
+//! Then the same path is measured whole, through processes: round trips of the real client
+//! and a real node process through a bare domain ([`crate::bare`]) that makes those steps
+//! and one durable commit, over the domain's HTTP and WebSocket stack, and nothing else.
+//! Its p50 is what any domain's round trip on this machine stays above.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -33,6 +38,9 @@ pub struct Args {
     /// Measurements of each step (the median is reported).
     #[arg(long, default_value_t = 2000)]
     iterations: u32,
+    /// Round trips through the bare domain (0: none).
+    #[arg(long, default_value_t = 2000)]
+    round_trips: u32,
     /// Print one JSON object as the last stdout line.
     #[arg(long)]
     json: bool,
@@ -53,6 +61,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         .zip(each)
         .map(|((_, times), us)| f64::from(*times) * us)
         .sum();
+    let bare = if args.round_trips > 0 {
+        let mut us = crate::bare::round_trips(args.round_trips.min(1_000_000) as usize)?;
+        us.sort_by(f64::total_cmp);
+        Some((median(us.clone()), us[(us.len() - 1) * 99 / 100]))
+    } else {
+        None
+    };
     if args.json {
         println!(
             "{}",
@@ -65,6 +80,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                 "path": PATH.iter().map(|(s, t)| serde_json::json!({"step": s, "times": t})).collect::<Vec<_>>(),
                 "floor_us": floor,
                 "target_us": TARGET_US,
+                "round_trips": args.round_trips,
+                "bare_p50_us": bare.map(|b| b.0),
+                "bare_p99_us": bare.map(|b| b.1),
             })
         );
     } else {
@@ -78,6 +96,12 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         println!(
             "floor {floor:.0} µs before any statement, JSON, HTTP or sandbox run (target {TARGET_US:.0} µs)"
         );
+        if let Some((p50, p99)) = bare {
+            println!(
+                "{} round trips through a bare domain (these steps, HTTP, WebSocket, the node's sandbox run; no job, lease or ledger): p50 {p50:.0} µs, p99 {p99:.0} µs (target {TARGET_US:.0} µs)",
+                args.round_trips
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bare;
 mod bench;
 mod client;
 mod config;

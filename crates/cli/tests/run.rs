@@ -405,7 +405,15 @@ fn bench_throughput_smoke() {
 
 #[test]
 fn bench_floor_smoke() {
-    let json = last_json_of(&["bench", "floor", "--iterations", "20", "--json"]);
+    let json = last_json_of(&[
+        "bench",
+        "floor",
+        "--iterations",
+        "20",
+        "--round-trips",
+        "30",
+        "--json",
+    ]);
     let step = |name: &str| {
         let us = json[format!("{name}_us")].as_f64().unwrap_or(-1.0);
         assert!(us > 0.0 && us < 100_000.0, "{name}: {json}");
@@ -428,6 +436,12 @@ fn bench_floor_smoke() {
     );
     assert_eq!(json["path"][0]["times"], 4, "{json}");
     assert_eq!(json["target_us"], 500.0, "{json}");
+    // Round trips of the real client and a real node process through the bare domain: each
+    // came back with its task's output (the bench fails otherwise), and they were timed.
+    assert_eq!(json["round_trips"], 30, "{json}");
+    let p50 = json["bare_p50_us"].as_f64().expect("bare_p50_us");
+    let p99 = json["bare_p99_us"].as_f64().expect("bare_p99_us");
+    assert!(p50 > 0.0 && p99 >= p50, "{json}");
 }
 
 /// Whether process `pid` is gone (or a zombie nobody reaped).

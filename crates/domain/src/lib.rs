@@ -27,4 +27,4 @@ pub mod store;
 mod tls;
 
 pub use config::{Config, Cores, Rate};
-pub use service::{Domain, StartError, now_ms};
+pub use service::{Domain, StartError, now_ms, runtime};

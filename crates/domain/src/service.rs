@@ -24,7 +24,7 @@ use stardust_proto::task::{Hardware, LeaseId, Tier};
 use stardust_scheduler::matching::{NodeState, NodeView};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 
-use crate::config::Config;
+use crate::config::{Config, Cores};
 use crate::ratelimit::Limiter;
 use crate::store::{Economy, Retry, Store, StoreError};
 
@@ -471,6 +471,42 @@ type Serving = (
     Vec<tokio::task::JoinHandle<()>>,
 );
 
+/// The domain's runtime, built on the calling thread as [`Domain::start`] builds it: with
+/// SQLite (`sqlite`) and [`Cores::Auto`], the thread and every thread it starts from now on
+/// are pinned to one core, which runs two workers ([`PINNED_WORKERS`]). For what must run as
+/// a domain runs (`stardust bench floor`'s bare domain); call it on a thread of its own.
+pub fn runtime(cores: Cores, sqlite: bool) -> Result<tokio::runtime::Runtime, StartError> {
+    let core = cores
+        .pick(sqlite, &crate::cores::allowed())
+        .map_err(StartError::Cores)?;
+    runtime_on(core).map_err(StartError::Runtime)
+}
+
+/// [`runtime`] on `core` (none: unpinned); a core that cannot be pinned is warned about and
+/// left unpinned.
+fn runtime_on(core: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let pinned = core.filter(|&c| match crate::cores::pin(c) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(core = c, error = %e, "cannot pin the domain to a core; it runs where the system puts it");
+            false
+        }
+    });
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.max_blocking_threads(MAX_BLOCKING_THREADS);
+    if pinned.is_some() {
+        builder.worker_threads(PINNED_WORKERS);
+    }
+    let runtime = builder
+        .thread_name("stardust-domain")
+        .enable_all()
+        .build()?;
+    if let Some(core) = pinned {
+        tracing::info!(core, "the domain runs on one core");
+    }
+    Ok(runtime)
+}
+
 impl Domain {
     /// Opens storage, binds the listener and starts serving, on a thread and runtime of
     /// the domain's own.
@@ -486,28 +522,13 @@ impl Domain {
         std::thread::Builder::new()
             .name("stardust-domain".into())
             .spawn(move || {
-                let pinned = core.filter(|&c| match crate::cores::pin(c) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(core = c, error = %e, "cannot pin the domain to a core; it runs where the system puts it");
-                        false
-                    }
-                });
-                let mut builder = tokio::runtime::Builder::new_multi_thread();
-                builder.max_blocking_threads(MAX_BLOCKING_THREADS);
-                if pinned.is_some() {
-                    builder.worker_threads(PINNED_WORKERS);
-                }
-                let runtime = match builder.thread_name("stardust-domain").enable_all().build() {
+                let runtime = match runtime_on(core) {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = started_tx.send(Err(StartError::Runtime(e)));
                         return;
                     }
                 };
-                if let Some(core) = pinned {
-                    tracing::info!(core, "the domain runs on one core");
-                }
                 runtime.block_on(async move {
                     match serve(config, identity).await {
                         Ok((addr, stop, tasks)) => {
