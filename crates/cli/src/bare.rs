@@ -49,8 +49,9 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Round trips made before the measured ones (the node fetches and compiles the module).
 const WARMUP: usize = 20;
 
-/// The round trips' times, µs, in the order they were made.
-pub fn round_trips(n: usize) -> anyhow::Result<Vec<f64>> {
+/// The round trips' times, µs, in the order they were made; the bare domain's threads run
+/// on `cores` as `stardust domain --cores` would place the domain's.
+pub fn round_trips(n: usize, cores: stardust_domain::Cores) -> anyhow::Result<Vec<f64>> {
     let dir = tempfile::tempdir().context("a temporary directory")?;
     let wasm = stardust_meter::instrument(&wat::parse_str(MODULE)?)?;
     let module = ContentId::of(&wasm);
@@ -62,7 +63,7 @@ pub fn round_trips(n: usize) -> anyhow::Result<Vec<f64>> {
     let domain = std::thread::Builder::new()
         .name("stardust-bare".into())
         .spawn(move || -> anyhow::Result<()> {
-            let runtime = stardust_domain::runtime(stardust_domain::Cores::Auto, true)?;
+            let runtime = stardust_domain::runtime(cores, true)?;
             runtime.block_on(serve(&data, blobs, started_tx, stopped))
         })
         .context("starting the bare domain's thread")?;

@@ -34,7 +34,8 @@ pub enum Command {
     Scale(crate::scale::Args),
     /// What a single-task round trip must spend on this machine before any of its own work:
     /// the signatures, verifications, commit and loopback hops on its critical path, each
-    /// measured here, and their sum.
+    /// measured here, and their sum; then round trips of the real client and a real node
+    /// through a bare domain that makes only those steps.
     Floor(crate::floor::Args),
     /// One simulator process of `bench scale` (internal).
     #[command(hide = true)]

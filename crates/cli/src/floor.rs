@@ -41,6 +41,9 @@ pub struct Args {
     /// Round trips through the bare domain (0: none).
     #[arg(long, default_value_t = 2000)]
     round_trips: u32,
+    /// Processor cores the bare domain runs on, as `stardust domain --cores` takes them.
+    #[arg(long, default_value = "auto")]
+    cores: stardust_domain::Cores,
     /// Print one JSON object as the last stdout line.
     #[arg(long)]
     json: bool,
@@ -62,7 +65,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         .map(|((_, times), us)| f64::from(*times) * us)
         .sum();
     let bare = if args.round_trips > 0 {
-        let mut us = crate::bare::round_trips(args.round_trips.min(1_000_000) as usize)?;
+        let mut us =
+            crate::bare::round_trips(args.round_trips.min(1_000_000) as usize, args.cores)?;
         us.sort_by(f64::total_cmp);
         Some((median(us.clone()), us[(us.len() - 1) * 99 / 100]))
     } else {
@@ -83,6 +87,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                 "round_trips": args.round_trips,
                 "bare_p50_us": bare.map(|b| b.0),
                 "bare_p99_us": bare.map(|b| b.1),
+                "cores": args.cores.to_string(),
             })
         );
     } else {

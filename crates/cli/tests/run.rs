@@ -412,6 +412,8 @@ fn bench_floor_smoke() {
         "20",
         "--round-trips",
         "30",
+        "--cores",
+        "all",
         "--json",
     ]);
     let step = |name: &str| {
@@ -442,6 +444,7 @@ fn bench_floor_smoke() {
     let p50 = json["bare_p50_us"].as_f64().expect("bare_p50_us");
     let p99 = json["bare_p99_us"].as_f64().expect("bare_p99_us");
     assert!(p50 > 0.0 && p99 >= p50, "{json}");
+    assert_eq!(json["cores"], "all", "{json}");
 }
 
 /// Whether process `pid` is gone (or a zombie nobody reaped).
