@@ -40,9 +40,6 @@ use stardust_proto::request;
 use stardust_proto::task::{LeaseId, TaskSpec};
 use tokio::sync::{oneshot, watch};
 
-/// A module that does nothing: the round trip, not the task, is measured.
-const MODULE: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
-
 /// How long a submission waits for its result, and the node for its connection.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -53,7 +50,7 @@ const WARMUP: usize = 20;
 /// on `cores` as `stardust domain --cores` would place the domain's.
 pub fn round_trips(n: usize, cores: stardust_domain::Cores) -> anyhow::Result<Vec<f64>> {
     let dir = tempfile::tempdir().context("a temporary directory")?;
-    let wasm = stardust_meter::instrument(&wat::parse_str(MODULE)?)?;
+    let wasm = stardust_meter::instrument(&crate::bench::trivial_module()?)?;
     let module = ContentId::of(&wasm);
     let input = ContentId::of(&[]);
     let blobs = HashMap::from([(module, Bytes::from(wasm)), (input, Bytes::new())]);
@@ -108,7 +105,7 @@ pub fn round_trips(n: usize, cores: stardust_domain::Cores) -> anyhow::Result<Ve
             "module": module.to_string(),
             "input": input.to_string(),
             "args": ["{i}"],
-            "limits": {"fuel": 1_000_000, "memory_bytes": 1 << 20, "wall_ms": 10_000, "output_bytes": 1024},
+            "limits": crate::bench::trivial_limits(),
             "sweep": {"grid": {"i": [0]}},
         }))?;
         let mut times = Vec::with_capacity(n);
@@ -142,6 +139,9 @@ struct Bare {
     /// The node's sending half, while it is connected.
     link: tokio::sync::Mutex<Option<SplitSink<WebSocket, Message>>>,
     connected: watch::Sender<bool>,
+    /// Why the node's last session ended (told to submissions that find no node or lose
+    /// it).
+    ended: std::sync::Mutex<Option<String>>,
     /// Submissions waiting for their lease's result.
     waiting: std::sync::Mutex<HashMap<LeaseId, oneshot::Sender<TaskResult>>>,
     next_lease: AtomicU64,
@@ -167,6 +167,7 @@ async fn serve(
         blobs,
         link: tokio::sync::Mutex::new(None),
         connected,
+        ended: std::sync::Mutex::default(),
         waiting: std::sync::Mutex::default(),
         next_lease: AtomicU64::new(1),
     });
@@ -191,6 +192,14 @@ async fn serve(
 
 fn refuse(status: StatusCode, why: impl std::fmt::Display) -> Response {
     (status, why.to_string()).into_response()
+}
+
+/// `why`, and why the node's last session ended if one did.
+fn unserved(bare: &Bare, status: StatusCode, why: &str) -> Response {
+    match locked(&bare.ended).as_deref() {
+        Some(ended) => refuse(status, format!("{why} ({ended})")),
+        None => refuse(status, why),
+    }
 }
 
 fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -267,11 +276,18 @@ async fn submit(
     };
     if !sent {
         locked(&bare.waiting).remove(&lease);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "no node connected");
+        return unserved(&bare, StatusCode::SERVICE_UNAVAILABLE, "no node connected");
     }
-    let Ok(Ok(result)) = tokio::time::timeout(WAIT, rx).await else {
-        locked(&bare.waiting).remove(&lease);
-        return refuse(StatusCode::GATEWAY_TIMEOUT, "no result in time");
+    let result = match tokio::time::timeout(WAIT, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => {
+            let why = "the node's session ended before the result";
+            return unserved(&bare, StatusCode::BAD_GATEWAY, why);
+        }
+        Err(_) => {
+            locked(&bare.waiting).remove(&lease);
+            return unserved(&bare, StatusCode::GATEWAY_TIMEOUT, "no result in time");
+        }
     };
     let output = result.output.map(|o| o.0).unwrap_or_default();
     axum::Json(json!({
@@ -294,10 +310,16 @@ async fn submit(
 
 async fn connect(State(bare): State<Arc<Bare>>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| async move {
-        if let Err(e) = session(&bare, socket).await {
-            tracing::debug!(error = %e, "the bare domain's node session ended");
-        }
+        let why = match session(&bare, socket).await {
+            Ok(()) => "the node disconnected".to_string(),
+            // Expected when the bench stops its node.
+            Err(e) => format!("{e:#}"),
+        };
+        tracing::debug!(why, "the bare domain's node session ended");
         *bare.link.lock().await = None;
+        *locked(&bare.ended) = Some(why);
+        // Their results cannot come now: the submissions waiting for them are told at once.
+        locked(&bare.waiting).clear();
     })
 }
 

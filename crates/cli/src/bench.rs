@@ -56,6 +56,19 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The benchmarks' trivial task: a module that does nothing, so that what is measured is
+/// the lifecycle around it.
+pub(crate) fn trivial_module() -> anyhow::Result<Vec<u8>> {
+    Ok(wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "_start")))"#,
+    )?)
+}
+
+/// The limits the benchmarks' trivial tasks are submitted with.
+pub(crate) fn trivial_limits() -> serde_json::Value {
+    serde_json::json!({"fuel": 1_000_000, "memory_bytes": 1 << 20, "wall_ms": 10_000, "output_bytes": 1024})
+}
+
 /// Set by `stardust bench` on the processes it starts, to its own process id: they exit
 /// when their parent is no longer that process (the bench is gone, even killed by a signal
 /// that left it no time to reap them; [`Kill`] covers every other way out).
@@ -153,8 +166,7 @@ fn sandbox(kernels: &Path, quick: bool, json: bool) -> anyhow::Result<ExitCode> 
     };
 
     // 1. Instantiate + run a trivial module, pooled.
-    let trivial =
-        wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)?;
+    let trivial = trivial_module()?;
     let prepared = sandbox.load(&stardust_meter::instrument(&trivial)?)?;
     let empty: Arc<[u8]> = Arc::from(&b""[..]);
     let task = Task {
@@ -389,7 +401,7 @@ pub mod throughput {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let module = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)?;
+            let module = super::trivial_module()?;
             let module = client.put_blob(module).await?;
             let input = client.put_blob(Vec::new()).await?;
             let spec = |n: u32| -> anyhow::Result<stardust_proto::job::JobSpec> {
@@ -399,7 +411,7 @@ pub mod throughput {
                     "args": ["{i}"],
                     "redundancy": args.redundancy,
                     "adaptive": !args.fixed_replication,
-                    "limits": {"fuel": 1_000_000, "memory_bytes": 1 << 20, "wall_ms": 10_000, "output_bytes": 1024},
+                    "limits": super::trivial_limits(),
                     "sweep": {"grid": {"i": (0..n).collect::<Vec<_>>()}},
                 }))?)
             };

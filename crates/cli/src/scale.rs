@@ -378,14 +378,14 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        let module = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)?;
+        let module = crate::bench::trivial_module()?;
         let module = client.put_blob(module).await?;
         let input = client.put_blob(Vec::new()).await?;
         let spec: stardust_proto::job::JobSpec = serde_json::from_value(json!({
             "module": module.to_string(),
             "input": input.to_string(),
             "args": ["{i}"],
-            "limits": {"fuel": 1_000_000, "memory_bytes": 1 << 20, "wall_ms": 10_000, "output_bytes": 1024},
+            "limits": crate::bench::trivial_limits(),
             "sweep": {"grid": {"i": (0..args.tasks).collect::<Vec<_>>()}},
         }))?;
         let served_t = Instant::now();
